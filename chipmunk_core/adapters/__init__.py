@@ -1,0 +1,86 @@
+"""One adapter per model family: how to find its blocks, its token grid and its text, and how to
+compute one of its blocks through Chipmunk. Adapters import ComfyUI lazily (only when asked about
+a model), so the core stays importable without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..config import FAMILY_NAMES
+from ..state import ModelCall
+from . import flux
+
+
+class FamilyAdapter:
+    family = ""
+    model_class = ("", "")  # (module, class name) of the diffusion model ComfyUI builds
+    text_first = True
+
+    def matches(self, diffusion_model) -> bool:
+        module_name, class_name = self.model_class
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            return False
+        return isinstance(diffusion_model, cls)
+
+    def block_keys(self, diffusion_model) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    def layer_index(self, diffusion_model, kind: str, index: int) -> int:
+        raise NotImplementedError
+
+    def geometry(self, diffusion_model, args: tuple) -> tuple[tuple[int, ...], int]:
+        """(token grid of the generated image/video, text length) from DIFFUSION_MODEL's args."""
+        raise NotImplementedError
+
+    def run_block(self, diffusion_model, kind: str, index: int, args: dict, call: ModelCall):
+        """The block's output dict, or None to let the stock block run (always-dense layers)."""
+        raise NotImplementedError
+
+
+class FluxAdapter(FamilyAdapter):
+    family = "flux"
+    model_class = ("comfy.ldm.flux.model", "Flux")
+    text_first = True
+
+    def block_keys(self, diffusion_model):
+        return ([("double_block", i) for i in range(len(diffusion_model.double_blocks))]
+                + [("single_block", i) for i in range(len(diffusion_model.single_blocks))])
+
+    def layer_index(self, diffusion_model, kind, index):
+        return index if kind == "double_block" else len(diffusion_model.double_blocks) + index
+
+    def geometry(self, diffusion_model, args):
+        x, context = args[0], args[2]
+        patch = diffusion_model.patch_size
+        height, width = x.shape[-2:]
+        return ((height + patch // 2) // patch, (width + patch // 2) // patch), context.shape[1]
+
+    def run_block(self, diffusion_model, kind, index, args, call):
+        layer = call.layer(self.layer_index(diffusion_model, kind, index))
+        if layer is None:
+            return None
+        if kind == "double_block":
+            call.text_len = args["txt"].shape[1]
+            return flux.double_block(diffusion_model.double_blocks[index], args, layer, self.text_first)
+        return flux.single_block(diffusion_model.single_blocks[index], args, layer, call.text_len, self.text_first)
+
+
+ADAPTERS = [FluxAdapter()]
+
+
+def adapter_named(family: str) -> FamilyAdapter:
+    return next(a for a in ADAPTERS if a.family == family)
+
+
+def adapter_for(diffusion_model) -> FamilyAdapter:
+    """The adapter serving this diffusion model, or a ValueError naming the supported families."""
+    for adapter in ADAPTERS:
+        if adapter.matches(diffusion_model):
+            return adapter
+    supported = ", ".join(FAMILY_NAMES[a.family] for a in ADAPTERS)
+    raise ValueError(f"Chipmunk Accelerate supports {supported} models; this model is "
+                     f"{type(diffusion_model).__name__}. Connect a supported model to Chipmunk Accelerate "
+                     f"or remove the node.")

@@ -1,0 +1,22 @@
+"""Reading a linear layer's weights the way ComfyUI's own ops would use them.
+
+ComfyUI may keep weights off the GPU (low-VRAM offload), in fp8 with a per-tensor scale, or with
+LoRA patches applied on the fly through ``weight_function``; ``comfy.ops.cast_bias_weight`` resolves
+all of those for an input. Layers that are plain ``torch.nn.Linear`` are read directly.
+"""
+
+from __future__ import annotations
+
+
+def linear_weights(module, like):
+    """(weight, bias) of ``module`` in ``like``'s dtype and device, LoRA and fp8 scale applied."""
+    if hasattr(module, "weight_function"):
+        import comfy.ops
+        weight, bias = comfy.ops.cast_bias_weight(module, like)[:2]
+    else:
+        weight = module.weight.to(like)
+        bias = None if module.bias is None else module.bias.to(like)
+    scale = getattr(module, "scale_weight", None)
+    if scale is not None:
+        weight = weight * scale.to(device=weight.device, dtype=weight.dtype)
+    return weight, bias

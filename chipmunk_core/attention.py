@@ -1,0 +1,67 @@
+"""Sparse-delta attention for one layer: the delta cache, the key lists, and the two kinds of step.
+
+Dense step: full attention O, key scores per query group, S_g = forced keys + top-k + random keys,
+and the cache C = O - A_S (A_S: attention with the softmax taken over S_g only).
+Sparse step: O ~= C + A_S from the current q, k, v. Exact on the dense step by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .config import ChipmunkConfig
+from .layout import JointLayout
+
+
+class SparseDeltaAttention:
+    """Per-layer, per-conditioning state; q/k/v are [B, H, N, D] and results [B, N, H * D]."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.indices = None
+        self.counts = None
+        self.delta = None  # [B, N, H, D] buffer, token order
+        self.lse = None
+        self.signature = None
+
+    @staticmethod
+    def _signature(q):
+        return (tuple(q.shape), q.dtype, q.device)
+
+    def ready_for(self, q) -> bool:
+        return self.delta is not None and self.signature == self._signature(q)
+
+    def nbytes(self) -> int:
+        tensors = (self.indices, self.counts, self.delta, self.lse)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, generator) -> torch.Tensor:
+        batch, heads, n_tokens, head_dim = q.shape
+        out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+        lse_hint = self.lse if self.ready_for(q) else None
+        scores, lse = kernels.attention_with_column_sums(
+            q, k, v, layout.query_order, config.query_group, out.transpose(1, 2), lse_hint)
+        self.indices, self.counts = kernels.build_index_lists(
+            scores, keep_count=round(config.attention_keep * n_tokens),
+            random_count=round(config.attention_random_fraction * n_tokens),
+            forced=layout.text_positions, generator=generator, pad_to=config.selection_tile)
+        del scores
+        if self.delta is None or self.signature != self._signature(q):
+            self.delta = torch.empty_like(out)
+        kernels.column_sparse_attention(
+            q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
+            base=out.transpose(1, 2), out=self.delta.transpose(1, 2), sign=-1.0)
+        self.lse = lse
+        self.signature = self._signature(q)
+        return out.view(batch, n_tokens, heads * head_dim)
+
+    def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
+        batch, heads, n_tokens, head_dim = q.shape
+        out = torch.empty_like(self.delta)
+        kernels.column_sparse_attention(
+            q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
+            base=self.delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)
+        return out.view(batch, n_tokens, heads * head_dim)

@@ -1,0 +1,103 @@
+"""The one frozen configuration object of a Chipmunk-patched model, and the per-family defaults.
+
+Sparsity is what the user thinks in: the fraction of attention keys (per query group) or MLP hidden
+units (per token block) that a sparse step does NOT recompute. The random fractions are part of
+what is recomputed (so HunyuanVideo's 0.94 = 0.05 top-k + 0.01 random keys kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+FAMILIES = ("flux", "hunyuan_video", "wan21")
+FAMILY_NAMES = {"flux": "FLUX", "hunyuan_video": "HunyuanVideo", "wan21": "WAN2.1"}
+
+
+@dataclass(frozen=True)
+class ChipmunkConfig:
+    family: str
+    attention_sparsity: float
+    mlp_sparsity: float
+    dense_warmup_steps: int
+    dense_interval: int  # 0: no periodic dense refresh after the warm-up
+    first_dense_layers: int
+    attention_random_fraction: float = 0.0
+    mlp_random_fraction: float = 0.0
+    # Extra dense refresh steps given as fractions of the run (HunyuanVideo's {10, 40} of 50).
+    dense_at_fractions: tuple[float, ...] = ()
+    # Static keys around each query voxel (in tokens per axis, t/h/w); () = none.
+    local_window: tuple[int, ...] = ()
+    query_group: int = 192
+    mlp_block: int = 128
+    selection_tile: int = 64
+
+    def __post_init__(self):
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family must be one of {', '.join(FAMILIES)}, not {self.family!r}")
+        for name in ("attention_sparsity", "mlp_sparsity"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                problems.append(f"{name} must be in [0, 1) (0 = dense), got {value}")
+        for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dense_warmup_steps < 1:
+            problems.append("dense_warmup_steps must be at least 1: the caches are built on a dense step")
+        for name in ("query_group", "mlp_block"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                problems.append(f"{name} must be a positive multiple of 16, got {value}")
+        if problems:
+            raise ValueError("Invalid Chipmunk settings: " + "; ".join(problems))
+
+    @property
+    def attention_keep(self) -> float:
+        return 1.0 - self.attention_sparsity
+
+    @property
+    def mlp_keep(self) -> float:
+        return 1.0 - self.mlp_sparsity
+
+    @property
+    def sparse_attention(self) -> bool:
+        return self.attention_sparsity > 0.0
+
+    @property
+    def sparse_mlp(self) -> bool:
+        return self.mlp_sparsity > 0.0
+
+    def replace(self, **changes) -> "ChipmunkConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        schedule = f"dense steps: first {self.dense_warmup_steps}"
+        if self.dense_interval:
+            schedule += f", every {self.dense_interval}"
+        if self.dense_at_fractions:
+            schedule += ", at " + "/".join(f"{f:.0%}" for f in self.dense_at_fractions)
+        return (f"{FAMILY_NAMES.get(self.family, self.family)}: attention sparsity {self.attention_sparsity:g}, "
+                f"MLP sparsity {self.mlp_sparsity:g}, {schedule}, first {self.first_dense_layers} layers dense")
+
+
+# Reference settings (method.md): keep fractions there are 1 - sparsity here.
+FAMILY_DEFAULTS = {
+    "flux": ChipmunkConfig(
+        family="flux", attention_sparsity=0.835, mlp_sparsity=0.70, mlp_random_fraction=0.05,
+        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2),
+    "hunyuan_video": ChipmunkConfig(
+        family="hunyuan_video", attention_sparsity=0.94, attention_random_fraction=0.01, mlp_sparsity=0.0,
+        dense_warmup_steps=2, dense_interval=0, dense_at_fractions=(0.2, 0.8), first_dense_layers=2),
+    "wan21": ChipmunkConfig(
+        family="wan21", attention_sparsity=0.89, attention_random_fraction=0.01, mlp_sparsity=0.0,
+        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, local_window=(4, 6, 8)),
+}
+
+
+def resolve_config(family: str, **overrides) -> ChipmunkConfig:
+    """The family's defaults with the given fields replaced (None values are ignored)."""
+    if family not in FAMILY_DEFAULTS:
+        raise ValueError(f"Chipmunk supports {', '.join(FAMILY_NAMES.values())}; got model family {family!r}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return FAMILY_DEFAULTS[family].replace(**changes)

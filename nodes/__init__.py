@@ -1,0 +1,5 @@
+"""ComfyUI glue: node schemas and the hooks that route a model's blocks through Chipmunk."""
+
+from .accelerate import ChipmunkAccelerate
+
+NODES = [ChipmunkAccelerate]
