@@ -28,11 +28,11 @@ class SparseDeltaAttention:
         self.signature = None
 
     @staticmethod
-    def _signature(q):
-        return (tuple(q.shape), q.dtype, q.device)
+    def _signature(q, k):
+        return (tuple(q.shape), k.shape[2], q.dtype, q.device)
 
-    def ready_for(self, q) -> bool:
-        return self.delta is not None and self.signature == self._signature(q)
+    def ready_for(self, q, k) -> bool:
+        return self.delta is not None and self.signature == self._signature(q, k)
 
     def nbytes(self) -> int:
         tensors = (self.indices, self.counts, self.delta, self.lse)
@@ -41,21 +41,22 @@ class SparseDeltaAttention:
     def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, generator) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
         out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
-        lse_hint = self.lse if self.ready_for(q) else None
+        lse_hint = self.lse if self.ready_for(q, k) else None
         scores, lse = kernels.attention_with_column_sums(
             q, k, v, layout.query_order, config.query_group, out.transpose(1, 2), lse_hint)
+        n_keys = k.shape[2]
         self.indices, self.counts = kernels.build_index_lists(
-            scores, keep_count=round(config.attention_keep * n_tokens),
-            random_count=round(config.attention_random_fraction * n_tokens),
-            forced=layout.text_positions, generator=generator, pad_to=config.selection_tile)
+            scores, keep_count=round(config.attention_keep * n_keys),
+            random_count=round(config.attention_random_fraction * n_keys),
+            forced=layout.forced_below(n_keys), generator=generator, pad_to=config.selection_tile)
         del scores
-        if self.delta is None or self.signature != self._signature(q):
+        if self.delta is None or self.delta.shape != out.shape or self.delta.dtype != out.dtype:
             self.delta = torch.empty_like(out)
         kernels.column_sparse_attention(
             q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
             base=out.transpose(1, 2), out=self.delta.transpose(1, 2), sign=-1.0)
         self.lse = lse
-        self.signature = self._signature(q)
+        self.signature = self._signature(q, k)
         return out.view(batch, n_tokens, heads * head_dim)
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:

@@ -11,6 +11,7 @@ index table.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -56,49 +57,101 @@ def tile_order(grid: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([tiled, rest])
 
 
+def local_window_keys(grid: tuple[int, ...], tile: tuple[int, ...], window: tuple[int, ...]) -> torch.Tensor:
+    """Per whole tile: the raster positions of the box around it, widened by ``window`` per axis.
+
+    Returns int64 [tiles, F] padded with -1 (boxes are clipped at the grid's edges).
+    """
+    counts = [g // t for g, t in zip(grid, tile)]
+    raster = torch.arange(math.prod(grid), dtype=torch.int64).reshape(grid)
+    boxes = []
+    for corner in itertools.product(*(range(c) for c in counts)):
+        box = tuple(slice(max(0, i * t - w // 2), min(g, (i + 1) * t + w - w // 2))
+                    for i, t, w, g in zip(corner, tile, window, grid))
+        boxes.append(raster[box].reshape(-1))
+    width = max((b.numel() for b in boxes), default=0)
+    out = torch.full((len(boxes), width), -1, dtype=torch.int64)
+    for row, box in enumerate(boxes):
+        out[row, : box.numel()] = box
+    return out
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    """How a model lays out one attention sequence: the generated grid, text length and order."""
+
+    grid: tuple[int, ...]
+    text_len: int
+    text_first: bool  # [text, image] (FLUX) or [image, text] (HunyuanVideo)
+    grid_first: bool = True  # generated tokens open the image stream; extra (reference) tokens follow
+
+
 @dataclass(frozen=True)
 class JointLayout:
     """Where the image/video and text tokens sit in one attention sequence, and their groups.
 
     ``query_order`` (int32, on the device) is the permutation handed to the attention kernels;
-    ``text_positions`` (int64) are the key columns every query group always keeps; ``image_order``
-    is the permutation of the image stream alone (for MLPs that see only image tokens).
+    ``image_order`` the permutation of the image stream alone (for MLPs that see only image
+    tokens); ``forced_keys`` the key columns every query group always keeps: the text tokens
+    ([F]) or, with a local window, per query group ([G, F], -1 padded).
     """
 
     n_tokens: int
     query_order: torch.Tensor
     image_order: torch.Tensor
-    text_positions: torch.Tensor
+    forced_keys: torch.Tensor
     tile: tuple[int, ...]
+
+    def forced_below(self, n_keys: int) -> torch.Tensor:
+        """Forced keys restricted to the first ``n_keys`` columns (masked-out text is dropped)."""
+        if n_keys >= self.n_tokens:
+            return self.forced_keys
+        if self.forced_keys.dim() == 1:
+            return self.forced_keys[self.forced_keys < n_keys]
+        return torch.where(self.forced_keys < n_keys, self.forced_keys, -1)
 
 
 @functools.lru_cache(maxsize=32)
-def _layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bool, group: int,
-            device: str) -> JointLayout:
+def _layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bool, grid_first: bool,
+            group: int, window: tuple[int, ...], device: str) -> JointLayout:
     grid_tokens = math.prod(grid) if grid else 0
     if grid_tokens > image_len:
         raise ValueError(f"token grid {grid} holds {grid_tokens} tokens but the image stream has {image_len}")
+    grid_start = 0 if grid_first else image_len - grid_tokens
     tile = choose_tile(grid, group) if grid_tokens else ()
     grid_part = tile_order(grid, tile) if grid_tokens else torch.empty(0, dtype=torch.int64)
-    image_order = torch.cat([grid_part, torch.arange(grid_tokens, image_len, dtype=torch.int64)])
+    others = torch.cat([torch.arange(0, grid_start), torch.arange(grid_start + grid_tokens, image_len)])
+    image_order = torch.cat([grid_part + grid_start, others.to(torch.int64)])
     image_start = text_len if text_first else 0
     text_start = 0 if text_first else image_len
     text_positions = torch.arange(text_start, text_start + text_len, dtype=torch.int64)
     query_order = torch.cat([image_order + image_start, text_positions])
+    forced = text_positions
+    if window and grid_tokens:
+        raw = local_window_keys(grid, tile, window)
+        local = torch.where(raw >= 0, raw + image_start + grid_start, -1)
+        n_groups = math.ceil((image_len + text_len) / group)
+        forced = torch.full((n_groups, local.shape[1] + text_len), -1, dtype=torch.int64)
+        forced[: local.shape[0], : local.shape[1]] = local
+        forced[:, local.shape[1]:] = text_positions
     return JointLayout(
         n_tokens=image_len + text_len,
         query_order=query_order.to(device=device, dtype=torch.int32),
         image_order=image_order.to(device=device, dtype=torch.int32),
-        text_positions=text_positions.to(device),
+        forced_keys=forced.to(device),
         tile=tile,
     )
 
 
 def joint_layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bool, group: int,
-                 device) -> JointLayout:
-    """Layout of a [text, image] (``text_first``) or [image, text] sequence; cached per shape."""
-    return _layout(int(text_len), tuple(int(g) for g in grid), int(image_len), bool(text_first), int(group),
-                   str(torch.device(device)))
+                 device, grid_first: bool = True, window: tuple[int, ...] = ()) -> JointLayout:
+    """Layout of a [text, image] (``text_first``) or [image, text] sequence; cached per shape.
+
+    ``grid_first``: the generated image's tokens open the image stream (extra tokens such as
+    reference latents follow); otherwise they close it.
+    """
+    return _layout(int(text_len), tuple(int(g) for g in grid), int(image_len), bool(text_first), bool(grid_first),
+                   int(group), tuple(int(w) for w in window), str(torch.device(device)))
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from .attention import SparseDeltaAttention
 from .config import ChipmunkConfig
-from .layout import joint_layout
+from .layout import SequenceShape, joint_layout
 from .mlp import SparseDeltaMLP
 from .schedule import DenseSchedule, step_index
 
@@ -77,14 +77,13 @@ class SamplingRun:
             caches = self._caches[signature] = CondCaches(uuids)
         return caches
 
-    def begin_call(self, x: torch.Tensor, transformer_options: dict, grid: tuple[int, ...],
-                   text_len: int) -> "ModelCall":
+    def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
         step = step_index(transformer_options.get("sample_sigmas"), transformer_options.get("sigmas"))
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
         caches = self.caches_for(uuids, x)
         dense = self.schedule.is_dense(step)
         self.stats["dense calls" if dense else "sparse calls"] += 1
-        return ModelCall(self, step, dense, caches, grid, text_len)
+        return ModelCall(self, step, dense, caches, shape)
 
     def end_call(self, call: "ModelCall"):
         self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes() for c in self._caches.values()))
@@ -103,21 +102,49 @@ class SamplingRun:
         self._generators.clear()
 
 
+def _key_padding_prefix(mask: torch.Tensor, n_keys: int) -> int | None:
+    if mask.dim() != 3 or mask.shape[1] != 1 or mask.shape[2] != n_keys:
+        return None
+    keep = mask if mask.dtype == torch.bool else mask > -1e4
+    rows = keep[:, 0]
+    n_valid = int(rows[0].sum())
+    expected = torch.arange(n_keys, device=mask.device) < n_valid
+    if n_valid == 0 or not bool((rows == expected).all()):
+        return None
+    return n_valid
+
+
 class ModelCall:
     """One call of the diffusion model within a run: its step, and whether that step is dense."""
 
-    def __init__(self, run: SamplingRun, step: int, dense: bool, caches: CondCaches, grid: tuple[int, ...],
-                 text_len: int):
+    def __init__(self, run: SamplingRun, step: int, dense: bool, caches: CondCaches, shape: SequenceShape):
         self.run = run
         self.config = run.config
         self.step = step
         self.dense = dense
         self.caches = caches
-        self.grid = grid
-        self.text_len = text_len  # refined by the first block that sees the text stream
+        self.shape = shape
+        self.text_len = shape.text_len  # refined by the first block that sees the text stream
+        self._mask_prefix: dict[tuple, int | None] = {}
 
-    def layout(self, text_len: int, image_len: int, text_first: bool, device):
-        return joint_layout(text_len, self.grid, image_len, text_first, self.config.query_group, device)
+    def layout(self, text_len: int, image_len: int, device):
+        shape = self.shape
+        return joint_layout(text_len, shape.grid, image_len, shape.text_first, self.config.query_group, device,
+                            grid_first=shape.grid_first, window=self.config.local_window)
+
+    def keys_kept_by(self, mask, n_keys: int) -> int | None:
+        """How many leading keys an attention mask keeps, or None if Chipmunk cannot serve it.
+
+        Chipmunk serves no mask and key-padding masks (HunyuanVideo pads its text and masks the
+        padding): additive [1 or B, 1, N] masks, 0 on a prefix of the keys and very negative after
+        it, the same for every batch row. Anything else runs dense through the user's backend.
+        """
+        if mask is None:
+            return n_keys
+        key = (id(mask), n_keys)
+        if key not in self._mask_prefix:
+            self._mask_prefix[key] = _key_padding_prefix(mask, n_keys)
+        return self._mask_prefix[key]
 
     def layer(self, index: int) -> "LayerCall | None":
         """The Chipmunk view of a layer, or None for the always-dense first layers."""
@@ -134,8 +161,8 @@ class LayerCall:
         self.index = index
         self.config = call.config
 
-    def _dense_now(self, state, tensor, kind: str) -> bool:
-        dense = self.call.dense or not state.ready_for(tensor)
+    def _dense_now(self, state, kind: str, *tensors) -> bool:
+        dense = self.call.dense or not state.ready_for(*tensors)
         self.call.run.stats[f"{kind} {'dense' if dense else 'sparse'}"] += 1
         return dense
 
@@ -151,20 +178,23 @@ class LayerCall:
         previous = transformer_options.get("optimized_attention_override")
 
         def override(func, q, k, v, heads, *args, **kwargs):
-            if kwargs.get("mask") is not None or args:
+            key_axis = -2 if kwargs.get("skip_reshape") else 1
+            n_keys = None if args else self.call.keys_kept_by(kwargs.get("mask"), k.shape[key_axis])
+            if n_keys is None:
                 if previous is not None:
                     return previous(func, q, k, v, heads, *args, **kwargs)
                 return func(q, k, v, heads, *args, **kwargs)
-            return self._attention(q, k, v, heads, layout, kwargs)
+            return self._attention(q, k, v, heads, n_keys, layout, kwargs)
 
         return {**transformer_options, "optimized_attention_override": override}
 
-    def _attention(self, q, k, v, heads, layout, kwargs):
+    def _attention(self, q, k, v, heads, n_keys, layout, kwargs):
         if not kwargs.get("skip_reshape", False):
             batch, n_tokens, width = q.shape
             q, k, v = (t.view(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        k, v = k[:, :, :n_keys], v[:, :, :n_keys]
         state = self.call.caches.attention_state(self.index)
-        if self._dense_now(state, q, "attention"):
+        if self._dense_now(state, "attention", q, k):
             out = state.dense_step(q, k, v, layout, self.config, self.call.run.generator(q.device))
         else:
             out = state.sparse_step(q, k, v, layout, self.config)
@@ -180,7 +210,7 @@ class LayerCall:
         return self.call.caches.mlp_state(self.index, stream)
 
     def mlp_is_dense(self, state: SparseDeltaMLP, x) -> bool:
-        return self._dense_now(state, x, "mlp")
+        return self._dense_now(state, "mlp", x)
 
     def generator(self, device) -> torch.Generator:
         return self.call.run.generator(device)

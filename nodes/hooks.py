@@ -78,8 +78,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     diffusion_model = executor.class_obj
     adapter = adapter_named(run.config.family)
-    grid, text_len = adapter.geometry(diffusion_model, args)
-    call = run.begin_call(args[0], options, grid, text_len)
+    call = run.begin_call(args[0], options, adapter.geometry(diffusion_model, args))
     call_options = {**options, CALL_KEY: ActiveCall(call, adapter, diffusion_model)}
     if args and args[-1] is options:
         args = args[:-1] + (call_options,)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 from ..config import FAMILY_NAMES
+from ..layout import SequenceShape
 from ..state import ModelCall
 from . import flux
 
@@ -15,15 +16,15 @@ from . import flux
 class FamilyAdapter:
     family = ""
     model_class = ("", "")  # (module, class name) of the diffusion model ComfyUI builds
-    text_first = True
 
     def matches(self, diffusion_model) -> bool:
+        """Exact class match: subclasses (VACE, camera, audio variants...) change the forward pass."""
         module_name, class_name = self.model_class
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):
             return False
-        return isinstance(diffusion_model, cls)
+        return type(diffusion_model) is cls
 
     def block_keys(self, diffusion_model) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -31,9 +32,14 @@ class FamilyAdapter:
     def layer_index(self, diffusion_model, kind: str, index: int) -> int:
         raise NotImplementedError
 
-    def geometry(self, diffusion_model, args: tuple) -> tuple[tuple[int, ...], int]:
-        """(token grid of the generated image/video, text length) from DIFFUSION_MODEL's args."""
+    def geometry(self, diffusion_model, args: tuple) -> SequenceShape:
+        """The attention sequence's shape, from the DIFFUSION_MODEL wrapper's args."""
         raise NotImplementedError
+
+    @staticmethod
+    def patch_grid(spatial_shape, patch_size) -> tuple[int, ...]:
+        """Token grid after the patch embedding (ComfyUI rounds odd sizes to the nearest patch)."""
+        return tuple((s + p // 2) // p for s, p in zip(spatial_shape, patch_size))
 
     def run_block(self, diffusion_model, kind: str, index: int, args: dict, call: ModelCall):
         """The block's output dict, or None to let the stock block run (always-dense layers)."""
@@ -43,7 +49,6 @@ class FamilyAdapter:
 class FluxAdapter(FamilyAdapter):
     family = "flux"
     model_class = ("comfy.ldm.flux.model", "Flux")
-    text_first = True
 
     def block_keys(self, diffusion_model):
         return ([("double_block", i) for i in range(len(diffusion_model.double_blocks))]
@@ -55,20 +60,34 @@ class FluxAdapter(FamilyAdapter):
     def geometry(self, diffusion_model, args):
         x, context = args[0], args[2]
         patch = diffusion_model.patch_size
-        height, width = x.shape[-2:]
-        return ((height + patch // 2) // patch, (width + patch // 2) // patch), context.shape[1]
+        return SequenceShape(self.patch_grid(x.shape[-2:], (patch, patch)), context.shape[1], text_first=True)
 
     def run_block(self, diffusion_model, kind, index, args, call):
+        if kind == "double_block":
+            call.text_len = args["txt"].shape[1]  # the text stream as the blocks see it
         layer = call.layer(self.layer_index(diffusion_model, kind, index))
         if layer is None:
             return None
         if kind == "double_block":
-            call.text_len = args["txt"].shape[1]
-            return flux.double_block(diffusion_model.double_blocks[index], args, layer, self.text_first)
-        return flux.single_block(diffusion_model.single_blocks[index], args, layer, call.text_len, self.text_first)
+            return flux.double_block(diffusion_model.double_blocks[index], args, layer)
+        return flux.single_block(diffusion_model.single_blocks[index], args, layer)
 
 
-ADAPTERS = [FluxAdapter()]
+class HunyuanVideoAdapter(FluxAdapter):
+    """HunyuanVideo reuses FLUX's blocks with the joint order flipped to [video, text]."""
+
+    family = "hunyuan_video"
+    model_class = ("comfy.ldm.hunyuan_video.model", "HunyuanVideo")
+
+    def geometry(self, diffusion_model, args):
+        x, context = args[0], args[2]
+        patch = diffusion_model.patch_size
+        # Reference latents (image-to-video variants) are prepended to the video tokens.
+        return SequenceShape(self.patch_grid(x.shape[-len(patch):], patch), context.shape[1], text_first=False,
+                             grid_first=False)
+
+
+ADAPTERS = [FluxAdapter(), HunyuanVideoAdapter()]
 
 
 def adapter_named(family: str) -> FamilyAdapter:

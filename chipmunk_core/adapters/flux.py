@@ -49,7 +49,7 @@ def _two_layer_mlp(layer: LayerCall, stream: str, sequential, x, row_order):
     return state.sparse_step(x, w1, b1, w2, row_order, layer.config, layer.generator(x.device))
 
 
-def double_block(block, args: dict, layer: LayerCall, text_first: bool) -> dict:
+def double_block(block, args: dict, layer: LayerCall) -> dict:
     apply_mod, attention = _comfy()
     img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
     dims_img, dims_txt = args.get("modulation_dims_img"), args.get("modulation_dims_txt")
@@ -63,9 +63,10 @@ def double_block(block, args: dict, layer: LayerCall, text_first: bool) -> dict:
 
     img_q, img_k, img_v = qkv(block.img_norm1, block.img_attn, img, img_mod1, dims_img)
     txt_q, txt_k, txt_v = qkv(block.txt_norm1, block.txt_attn, txt, txt_mod1, dims_txt)
+    text_first = layer.call.shape.text_first
     first, second = ((txt_q, txt_k, txt_v), (img_q, img_k, img_v)) if text_first else \
         ((img_q, img_k, img_v), (txt_q, txt_k, txt_v))
-    layout = layer.call.layout(txt.shape[1], img.shape[1], text_first, img.device)
+    layout = layer.call.layout(txt.shape[1], img.shape[1], img.device)
     options = layer.attention_options(args["transformer_options"], layout)
     joint = attention(*(torch.cat((a, b), dim=2) for a, b in zip(first, second)),
                       pe=pe, mask=_mask(args), transformer_options=options)
@@ -86,14 +87,15 @@ def double_block(block, args: dict, layer: LayerCall, text_first: bool) -> dict:
     return {"img": img, "txt": txt}
 
 
-def single_block(block, args: dict, layer: LayerCall, text_len: int, text_first: bool) -> dict:
+def single_block(block, args: dict, layer: LayerCall) -> dict:
     apply_mod, attention = _comfy()
     x, vec, pe = args["img"], args["vec"], args["pe"]
     dims = args.get("modulation_dims")
     mod, _ = block.modulation(vec)
     x_in = apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, dims)
     width, hidden = block.hidden_size, block.mlp_hidden_dim
-    layout = layer.call.layout(text_len, x.shape[1] - text_len, text_first, x.device)
+    text_len = layer.call.text_len
+    layout = layer.call.layout(text_len, x.shape[1] - text_len, x.device)
     state = layer.mlp_state("fused")
     sparse_mlp = state is not None and not layer.mlp_is_dense(state, x_in)
 
