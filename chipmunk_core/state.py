@@ -126,6 +126,7 @@ class ModelCall:
         self.shape = shape
         self.text_len = shape.text_len  # refined by the first block that sees the text stream
         self._mask_prefix: dict[tuple, int | None] = {}
+        self.extras: dict = {}  # family-specific per-call values (see FamilyAdapter.call_extras)
 
     def layout(self, text_len: int, image_len: int, device):
         shape = self.shape

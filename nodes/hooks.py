@@ -79,6 +79,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     diffusion_model = executor.class_obj
     adapter = adapter_named(run.config.family)
     call = run.begin_call(args[0], options, adapter.geometry(diffusion_model, args))
+    call.extras = adapter.call_extras(diffusion_model, args)
     call_options = {**options, CALL_KEY: ActiveCall(call, adapter, diffusion_model)}
     if args and args[-1] is options:
         args = args[:-1] + (call_options,)

@@ -10,7 +10,7 @@ import importlib
 from ..config import FAMILY_NAMES
 from ..layout import SequenceShape
 from ..state import ModelCall
-from . import flux
+from . import flux, wan
 
 
 class FamilyAdapter:
@@ -40,6 +40,10 @@ class FamilyAdapter:
     def patch_grid(spatial_shape, patch_size) -> tuple[int, ...]:
         """Token grid after the patch embedding (ComfyUI rounds odd sizes to the nearest patch)."""
         return tuple((s + p // 2) // p for s, p in zip(spatial_shape, patch_size))
+
+    def call_extras(self, diffusion_model, args: tuple) -> dict:
+        """Per-call values the blocks need that ComfyUI does not pass to a block patch."""
+        return {}
 
     def run_block(self, diffusion_model, kind: str, index: int, args: dict, call: ModelCall):
         """The block's output dict, or None to let the stock block run (always-dense layers)."""
@@ -87,7 +91,37 @@ class HunyuanVideoAdapter(FluxAdapter):
                              grid_first=False)
 
 
-ADAPTERS = [FluxAdapter(), HunyuanVideoAdapter()]
+class Wan21Adapter(FamilyAdapter):
+    """WAN2.1 (text- and image-to-video): sparse self-attention over the video tokens only."""
+
+    family = "wan21"
+    model_class = ("comfy.ldm.wan.model", "WanModel")
+
+    def block_keys(self, diffusion_model):
+        return [("double_block", i) for i in range(len(diffusion_model.blocks))]
+
+    def layer_index(self, diffusion_model, kind, index):
+        return index
+
+    def geometry(self, diffusion_model, args):
+        x, time_dim_concat = args[0], args[4]
+        frames = x.shape[2] + (0 if time_dim_concat is None else time_dim_concat.shape[2])
+        grid = self.patch_grid((frames, *x.shape[3:]), diffusion_model.patch_size)
+        # A reference latent (when the model has one) is prepended to the video tokens.
+        return SequenceShape(grid, 0, text_first=False, grid_first=False)
+
+    def call_extras(self, diffusion_model, args):
+        clip_fea = args[3]
+        return {"context_img_len": None if clip_fea is None else clip_fea.shape[-2]}
+
+    def run_block(self, diffusion_model, kind, index, args, call):
+        layer = call.layer(index)
+        if layer is None:
+            return None
+        return wan.attention_block(diffusion_model.blocks[index], args, layer, call.extras["context_img_len"])
+
+
+ADAPTERS = [FluxAdapter(), HunyuanVideoAdapter(), Wan21Adapter()]
 
 
 def adapter_named(family: str) -> FamilyAdapter:

@@ -34,7 +34,7 @@ def _mask(args: dict):
     return args.get("attn_mask", args.get("attention_mask"))
 
 
-def _two_layer_mlp(layer: LayerCall, stream: str, sequential, x, row_order):
+def two_layer_mlp(layer: LayerCall, stream: str, sequential, x, row_order):
     """Linear -> activation -> Linear, sparse-delta where the layer's MLP is Chipmunk's."""
     fc1, act, fc2 = sequential[0], sequential[1], sequential[2]
     state = layer.mlp_state(stream)
@@ -76,7 +76,7 @@ def double_block(block, args: dict, layer: LayerCall) -> dict:
 
     img = img + apply_mod(block.img_attn.proj(img_attn), img_mod1.gate, None, dims_img)
     img_in = apply_mod(block.img_norm2(img), (1 + img_mod2.scale), img_mod2.shift, dims_img)
-    img = img + apply_mod(_two_layer_mlp(layer, "img", block.img_mlp, img_in, layout.image_order),
+    img = img + apply_mod(two_layer_mlp(layer, "img", block.img_mlp, img_in, layout.image_order),
                           img_mod2.gate, None, dims_img)
 
     txt += apply_mod(block.txt_attn.proj(txt_attn), txt_mod1.gate, None, dims_txt)
