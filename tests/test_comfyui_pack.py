@@ -1,0 +1,140 @@
+"""The pack inside a real ComfyUI: import, node schema, and real workflows on tiny models.
+
+Two ways in (fixtures in conftest.py): a ComfyUI server subprocess driven over HTTP, as a user's
+front end drives it, and ComfyUI imported into this process for fast direct sampling. Tests
+marked ``chipmunk_node`` need the pack's ChipmunkAccelerate node; the rest check the harness
+itself (tiny checkpoints, dev conditioning node, stock workflows) and hold without it.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import requests
+import torch
+
+from harness.paths import PACK_NAME, REPO_ROOT
+from harness.prompts import (ACCELERATE_NODE, CONDITIONING_NODE, SAVE_NODE_ID,
+                             flux_text_to_image, widget_defaults)
+
+pytestmark = pytest.mark.comfyui
+
+# Settings that make every layer of the shallow tiny FLUX go sparse after one dense step; only
+# the ones the node declares are used, so the node can grow or drop inputs.
+SPARSE_EVERY_LAYER = {"preset": "custom", "dense_warmup_steps": 1, "first_dense_layers": 0}
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+
+
+def accelerate_inputs(declared: dict, overrides: dict) -> dict:
+    return {**declared, **{k: v for k, v in overrides.items() if k in declared}}
+
+
+def assert_finite_latent(latent: torch.Tensor, shape: tuple) -> None:
+    assert tuple(latent.shape) == shape
+    assert torch.isfinite(latent).all(), "latent has NaN or Inf"
+    assert latent.float().std() > 0, "latent is constant"
+
+
+# --- server: loading and schema ------------------------------------------------------------
+def test_pack_and_dev_nodes_import_without_failure(comfy_server):
+    # ComfyUI lists custom-node packages as "<t> seconds[ (IMPORT FAILED)]: <path>". (Its own
+    # optional extras, e.g. the audio nodes without torchaudio, fail in another format.)
+    log = comfy_server.log_text()
+    failed = re.findall(r"seconds \(IMPORT FAILED\): (.*)$", log, re.M)
+    assert not failed, f"custom nodes failed to import: {failed}\n{comfy_server.log_tail()}"
+    for name in (PACK_NAME, "chipmunk_dev_nodes"):
+        assert re.search(rf"seconds: \S*/{re.escape(name)}\s*$", log, re.M), (
+            f"{name} missing from ComfyUI's custom node import list\n{comfy_server.log_tail()}")
+
+
+def test_dev_conditioning_node_is_listed(comfy_server):
+    info = comfy_server.object_info(CONDITIONING_NODE)
+    assert info["output"] == ["CONDITIONING"]
+    assert set(info["input"]["required"]["family"][0]) == {"flux", "hunyuan_video", "wan"}
+
+
+@pytest.mark.chipmunk_node
+def test_accelerate_is_listed_with_sparsity_sliders(comfy_server):
+    info = comfy_server.object_info(ACCELERATE_NODE)
+    assert info, f"{ACCELERATE_NODE} is not in /object_info"
+    assert info["output"] == ["MODEL"]
+    required = info["input"]["required"]
+    assert required["model"][0] == "MODEL"
+    for name in ("attention_sparsity", "mlp_sparsity"):
+        kind, options = required[name]
+        assert kind == "FLOAT", name
+        assert options.get("display") == "slider", f"{name} is not shown as a slider: {options}"
+        assert 0.0 <= options["min"] <= options["default"] <= options["max"] <= 1.0, options
+
+
+def test_bundled_workflows_are_served_as_templates(comfy_server):
+    if not WORKFLOWS:
+        pytest.skip("the pack bundles no workflows/*.json yet")
+    listed = comfy_server.get_json("/workflow_templates").get(PACK_NAME, [])
+    for path in WORKFLOWS:
+        assert path.stem in listed, f"{path.name} not listed under {PACK_NAME}: {listed}"
+        response = requests.get(
+            f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{path.name}", timeout=30)
+        assert response.ok, f"{path.name}: HTTP {response.status_code}"
+        assert response.json() == json.loads(path.read_text())
+
+
+# --- server: workflows on the tiny full-width FLUX ----------------------------------------
+def test_dense_flux_workflow_runs_through_stock_loader(comfy_server, tiny_checkpoints):
+    prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=1, steps=2)
+    entry = comfy_server.run_prompt(prompt)
+    assert_finite_latent(comfy_server.read_latent(entry, SAVE_NODE_ID), (1, 16, 32, 32))
+
+
+@pytest.mark.chipmunk_node
+@pytest.mark.parametrize("overrides", [{}, SPARSE_EVERY_LAYER],
+                         ids=["node-defaults", "sparse-every-layer"])
+def test_accelerated_flux_workflow_gives_finite_latent(comfy_server, tiny_checkpoints, overrides):
+    declared = widget_defaults(comfy_server.object_info(ACCELERATE_NODE))
+    prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=2, steps=4,
+                                chipmunk=accelerate_inputs(declared, overrides))
+    entry = comfy_server.run_prompt(prompt)
+    assert_finite_latent(comfy_server.read_latent(entry, SAVE_NODE_ID), (1, 16, 32, 32))
+
+
+# --- in process: the tiny models themselves -------------------------------------------------
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan_t2v", "wan_i2v"])
+def test_tiny_checkpoint_is_detected_and_samples(comfy_inprocess, tiny_checkpoints, family):
+    model = comfy_inprocess.tiny_models.verify_checkpoint(tiny_checkpoints[family], family)
+    cond_family = "wan" if family.startswith("wan") else family
+    latent = comfy_inprocess.empty_latent(cond_family, width=64, height=64, frames=5)
+    out = comfy_inprocess.ksampler(
+        model, comfy_inprocess.conditioning(cond_family, seed=1),
+        comfy_inprocess.conditioning(cond_family, seed=2), latent, steps=1, cfg=2.0)
+    assert_finite_latent(out, tuple(latent["samples"].shape))
+
+
+def test_narrow_flux_samples_reproducibly(comfy_inprocess, narrow_flux):
+    positive = comfy_inprocess.conditioning("flux", seed=1, context_width=64)
+    negative = comfy_inprocess.conditioning("flux", seed=2, context_width=64)
+    runs = [comfy_inprocess.ksampler(narrow_flux, positive, negative,
+                                     comfy_inprocess.empty_latent("flux", 128, 128),
+                                     seed=3, steps=2, cfg=2.0) for _ in range(2)]
+    assert_finite_latent(runs[0], (1, 16, 16, 16))
+    assert torch.equal(runs[0], runs[1])
+
+
+# --- in process: the pack's node ------------------------------------------------------------
+@pytest.mark.chipmunk_node
+def test_pack_registers_accelerate_when_imported_like_comfyui(chipmunk_pack_nodes):
+    assert ACCELERATE_NODE in chipmunk_pack_nodes, sorted(chipmunk_pack_nodes)
+
+
+@pytest.mark.chipmunk_node
+def test_accelerated_narrow_flux_samples_finite(comfy_inprocess, chipmunk_pack_nodes,
+                                                narrow_flux):
+    node = chipmunk_pack_nodes[ACCELERATE_NODE]
+    declared = widget_defaults({"input": node.INPUT_TYPES()})
+    (patched,) = comfy_inprocess.run_node(
+        node, model=narrow_flux, **accelerate_inputs(declared, SPARSE_EVERY_LAYER))
+    out = comfy_inprocess.ksampler(
+        patched, comfy_inprocess.conditioning("flux", seed=1, context_width=64),
+        comfy_inprocess.conditioning("flux", seed=2, context_width=64),
+        comfy_inprocess.empty_latent("flux", 256, 256), seed=4, steps=4, cfg=2.0)
+    assert_finite_latent(out, (1, 16, 32, 32))

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Start a real ComfyUI with this pack loaded straight from the working tree (nothing is copied).
+#
+#   tools/start.sh [--checkpoint FILE | --models DIR] [--port N] [--listen ADDR] [COMFYUI ARGS...]
+#
+# Runs tools/setup_env.sh first, then ComfyUI's main.py from the checkout it prepared. The pack and
+# the development nodes (tools/dev_nodes: random conditioning for models without text encoders)
+# are linked from <repo>/.run/custom_nodes and loaded through <repo>/.run/extra_model_paths.yaml.
+#
+# Models: the ComfyUI checkout's own models/ folders as usual, plus <repo>/.run/models. With
+#   --checkpoint FILE (or CHIPMUNK_CHECKPOINT)  FILE's folder is added to diffusion_models;
+#   --models DIR (or CHIPMUNK_MODELS_DIR)       a ComfyUI-style models folder (diffusion_models/,
+#                                               text_encoders/, vae/, ...) is added;
+#   neither                                     a tiny random FLUX (chipmunk-tiny-flux.safetensors)
+#                                               is built once in <repo>/.run/models/diffusion_models
+#                                               so the bundled tiny workflow runs.
+# Environment: CHIPMUNK_PORT (8188), CHIPMUNK_LISTEN (127.0.0.1), and those of setup_env.sh
+# (CHIPMUNK_VENV, CHIPMUNK_COMFYUI_DIR). Without CUDA, ComfyUI runs with --cpu.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CHIPMUNK_VENV:-$REPO/.venv}"
+COMFYUI_DIR="${CHIPMUNK_COMFYUI_DIR:-$HOME/.cache/comfyui-chipmunk/ComfyUI}"
+PORT="${CHIPMUNK_PORT:-8188}"
+LISTEN="${CHIPMUNK_LISTEN:-127.0.0.1}"
+CHECKPOINT="${CHIPMUNK_CHECKPOINT:-}"
+MODELS_DIR="${CHIPMUNK_MODELS_DIR:-}"
+PACK_NAME="ComfyUI-Chipmunk"
+
+comfy_args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --checkpoint) CHECKPOINT="$2"; shift 2 ;;
+        --models)     MODELS_DIR="$2"; shift 2 ;;
+        --port)       PORT="$2"; shift 2 ;;
+        --listen)     LISTEN="$2"; shift 2 ;;
+        -h | --help)  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *)            comfy_args+=("$1"); shift ;;
+    esac
+done
+
+bash "$REPO/tools/setup_env.sh"
+PY="$VENV/bin/python"
+if [[ ! -f "$COMFYUI_DIR/main.py" ]]; then
+    echo "[start] no ComfyUI checkout at $COMFYUI_DIR (see the setup_env.sh warning above)" >&2
+    exit 1
+fi
+
+run_dir="$REPO/.run"
+custom_nodes="$run_dir/custom_nodes"
+tiny_models="$run_dir/models/diffusion_models"
+mkdir -p "$custom_nodes" "$tiny_models"
+ln -sfn "$REPO" "$custom_nodes/$PACK_NAME"
+ln -sfn "$REPO/tools/dev_nodes" "$custom_nodes/chipmunk_dev_nodes"
+
+diffusion_models=("$tiny_models")
+if [[ -n "$CHECKPOINT" ]]; then
+    [[ -f "$CHECKPOINT" ]] || { echo "[start] checkpoint not found: $CHECKPOINT" >&2; exit 1; }
+    diffusion_models+=("$(cd "$(dirname "$CHECKPOINT")" && pwd)")
+    echo "[start] model: $(basename "$CHECKPOINT") (choose it in Load Diffusion Model)" >&2
+fi
+if [[ -n "$MODELS_DIR" ]]; then
+    [[ -d "$MODELS_DIR" ]] || { echo "[start] models folder not found: $MODELS_DIR" >&2; exit 1; }
+    MODELS_DIR="$(cd "$MODELS_DIR" && pwd)"
+fi
+if [[ -z "$CHECKPOINT" && -z "$MODELS_DIR" ]]; then
+    "$PY" "$REPO/tools/tiny_models.py" --comfyui "$COMFYUI_DIR" --out "$tiny_models" \
+        --family flux >/dev/null
+    echo "[start] no checkpoint given: using the tiny random FLUX in $tiny_models" >&2
+fi
+
+config="$run_dir/extra_model_paths.yaml"
+{
+    echo "chipmunk_dev:"
+    echo "  custom_nodes: |"
+    echo "    $custom_nodes"
+    echo "  diffusion_models: |"
+    printf '    %s\n' "${diffusion_models[@]}"
+    if [[ -n "$MODELS_DIR" ]]; then
+        echo "chipmunk_models:"
+        echo "  base_path: $MODELS_DIR"
+        for kind in checkpoints diffusion_models text_encoders clip clip_vision vae loras; do
+            echo "  $kind: $kind"
+        done
+    fi
+} >"$config"
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    comfy_args=(--cpu "${comfy_args[@]}")
+fi
+
+echo "[start] ComfyUI $COMFYUI_DIR on http://$LISTEN:$PORT with $PACK_NAME from $REPO" >&2
+cd "$COMFYUI_DIR"
+exec "$PY" main.py --listen "$LISTEN" --port "$PORT" --disable-api-nodes \
+    --extra-model-paths-config "$config" "${comfy_args[@]}"
