@@ -12,12 +12,14 @@ import torch
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
+from .memory import to_compute, to_storage
 
 
 class SparseDeltaAttention:
     """Per-layer, per-conditioning state; q/k/v are [B, H, N, D] and results [B, N, H * D]."""
 
-    def __init__(self):
+    def __init__(self, storage: torch.device | None = None):
+        self.storage = storage  # where the delta cache lives (None: with the computation)
         self.reset()
 
     def reset(self):
@@ -50,19 +52,25 @@ class SparseDeltaAttention:
             random_count=round(config.attention_random_fraction * n_keys),
             forced=layout.forced_below(n_keys), generator=generator, pad_to=config.selection_tile)
         del scores
-        if self.delta is None or self.delta.shape != out.shape or self.delta.dtype != out.dtype:
-            self.delta = torch.empty_like(out)
+        delta = self.delta if self._delta_reusable(out) else torch.empty_like(out)
         kernels.column_sparse_attention(
             q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
-            base=out.transpose(1, 2), out=self.delta.transpose(1, 2), sign=-1.0)
+            base=out.transpose(1, 2), out=delta.transpose(1, 2), sign=-1.0)
+        self.delta = to_storage(delta, self.storage or delta.device)
         self.lse = lse
         self.signature = self._signature(q, k)
         return out.view(batch, n_tokens, heads * head_dim)
 
+    def _delta_reusable(self, out) -> bool:
+        """The old delta buffer can take the new cache in place (same shape, on the device)."""
+        delta = self.delta
+        return delta is not None and delta.shape == out.shape and delta.dtype == out.dtype and delta.device == out.device
+
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
-        out = torch.empty_like(self.delta)
+        delta = to_compute(self.delta, q.device)
+        out = torch.empty_like(delta)
         kernels.column_sparse_attention(
             q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
-            base=self.delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)
+            base=delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)
         return out.view(batch, n_tokens, heads * head_dim)

@@ -15,6 +15,7 @@ import torch
 from .. import kernels
 from ..kernels.mlp_reference import ACTIVATIONS
 from .config import ChipmunkConfig
+from .memory import to_compute, to_storage
 
 ACTIVATION = "gelu_tanh"
 
@@ -35,7 +36,8 @@ def block_means(t: torch.Tensor, row_order: torch.Tensor, block: int) -> torch.T
 class SparseDeltaMLP:
     """Per-layer, per-conditioning MLP caches; x is [B, N, Din]."""
 
-    def __init__(self):
+    def __init__(self, storage: torch.device | None = None):
+        self.storage = storage  # where the hidden/output caches live (None: with the computation)
         self.reset()
 
     def reset(self):
@@ -54,13 +56,13 @@ class SparseDeltaMLP:
     def dense_step(self, x, pre_activation, row_order, config: ChipmunkConfig) -> torch.Tensor:
         """Record a dense step from fc1's output; returns the activation for the caller's fc2."""
         hidden = ACTIVATIONS[ACTIVATION](pre_activation)
-        self.hidden = hidden.clone()
+        self.hidden = to_storage(hidden.clone(), self.storage or hidden.device)
         self.block_mean = block_means(pre_activation, row_order, config.mlp_block)
         self.signature = (tuple(x.shape), x.dtype, x.device)
         return hidden
 
     def store_output(self, y: torch.Tensor):
-        self.out = y.clone()
+        self.out = to_storage(y.clone(), self.storage or y.device)
 
     def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, generator) -> torch.Tensor:
         """The MLP output (a new tensor) after recomputing the chosen units of every row block."""
@@ -71,10 +73,13 @@ class SparseDeltaMLP:
             (current - self.block_mean).abs(), keep_count=round(config.mlp_keep * n_units),
             random_count=round(config.mlp_random_fraction * n_units), generator=generator,
             pad_to=config.selection_tile)
-        kernels.sparse_mlp_delta(x, w1, b1, w2, indices, counts, row_order, config.mlp_block,
-                                 self.hidden, self.out, ACTIVATION)
+        hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
+        kernels.sparse_mlp_delta(x, w1, b1, w2, indices, counts, row_order, config.mlp_block, hidden, out, ACTIVATION)
+        if hidden is not self.hidden:  # caches kept off the device: write the updates back
+            self.hidden.copy_(hidden, non_blocking=True)
+            self.out.copy_(out, non_blocking=True)
         chosen = indices.long()
         recomputed = torch.arange(chosen.shape[-1], device=chosen.device) < counts[..., None]
         refreshed = torch.where(recomputed, current.gather(2, chosen), self.block_mean.gather(2, chosen))
         self.block_mean.scatter_(2, chosen, refreshed)
-        return self.out.clone()
+        return out.clone()

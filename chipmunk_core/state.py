@@ -10,6 +10,7 @@ change of shape or device starts a fresh set instead of reusing a stale one.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from .attention import SparseDeltaAttention
 from .config import ChipmunkConfig
 from .layout import SequenceShape, joint_layout
+from .memory import ModelDims, cache_bytes, place_caches
 from .mlp import SparseDeltaMLP
 from .schedule import DenseSchedule, step_index
 
@@ -26,16 +28,22 @@ logger = logging.getLogger(__name__)
 class CondCaches:
     """The delta caches of every Chipmunk layer for one conditioning signature."""
 
-    def __init__(self, uuids: tuple):
+    def __init__(self, uuids: tuple, storage: torch.device | None = None, estimate: int = 0):
         self.uuids = uuids
+        self.storage = storage
+        self.estimate = estimate
         self.attention: dict[int, SparseDeltaAttention] = {}
         self.mlp: dict[tuple[int, str], SparseDeltaMLP] = {}
 
     def attention_state(self, layer: int) -> SparseDeltaAttention:
-        return self.attention.setdefault(layer, SparseDeltaAttention())
+        if layer not in self.attention:
+            self.attention[layer] = SparseDeltaAttention(self.storage)
+        return self.attention[layer]
 
     def mlp_state(self, layer: int, stream: str) -> SparseDeltaMLP:
-        return self.mlp.setdefault((layer, stream), SparseDeltaMLP())
+        if (layer, stream) not in self.mlp:
+            self.mlp[(layer, stream)] = SparseDeltaMLP(self.storage)
+        return self.mlp[(layer, stream)]
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.attention.values()) + sum(s.nbytes() for s in self.mlp.values())
@@ -50,8 +58,12 @@ class CondCaches:
 class SamplingRun:
     """State of one sampling run of a Chipmunk-patched model."""
 
-    def __init__(self, config: ChipmunkConfig, total_steps: int, seed: int | None):
+    def __init__(self, config: ChipmunkConfig, total_steps: int, seed: int | None, dims: ModelDims | None = None,
+                 free_memory=None):
+        """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free."""
         self.config = config
+        self.dims = dims
+        self.free_memory = free_memory
         self.schedule = DenseSchedule(config, total_steps)
         self.seed = int(seed or 0)
         self._generators: dict[str, torch.Generator] = {}
@@ -67,20 +79,34 @@ class SamplingRun:
             self._generators[key] = gen
         return self._generators[key]
 
-    def caches_for(self, uuids: tuple, x: torch.Tensor) -> CondCaches:
+    def caches_for(self, uuids: tuple, x: torch.Tensor, shape: SequenceShape, dtype: torch.dtype) -> CondCaches:
         signature = (uuids, tuple(x.shape), x.dtype, str(x.device))
         caches = self._caches.get(signature)
         if caches is None:
             # A conditioning now batched differently, or at another shape: its old caches are stale.
             for old in [s for s, c in self._caches.items() if set(c.uuids) & set(uuids)]:
                 self._caches.pop(old).reset()
-            caches = self._caches[signature] = CondCaches(uuids)
+            caches = self._caches[signature] = self._new_caches(uuids, x, shape, dtype)
         return caches
 
-    def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
+    def _new_caches(self, uuids, x, shape: SequenceShape, dtype) -> CondCaches:
+        if self.dims is None:
+            return CondCaches(uuids)
+        n_tokens = math.prod(shape.grid) + shape.text_len
+        needed = cache_bytes(self.config, self.dims, x.shape[0], n_tokens, dtype)
+        free = self.free_memory(x.device) if self.free_memory else None
+        storage = place_caches(needed, free, x.device)
+        free_text = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
+        logger.info("Chipmunk caches for %d conditioning(s) x %d tokens: %.2f GiB (device free: %s) -> kept on %s",
+                    len(uuids), n_tokens, needed / 2**30, free_text, storage)
+        return CondCaches(uuids, storage, needed)
+
+    def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape,
+                   dtype: torch.dtype | None = None) -> "ModelCall":
+        """``dtype``: the precision the blocks compute in (caches are stored in it)."""
         step = step_index(transformer_options.get("sample_sigmas"), transformer_options.get("sigmas"))
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
-        caches = self.caches_for(uuids, x)
+        caches = self.caches_for(uuids, x, shape, dtype or x.dtype)
         dense = self.schedule.is_dense(step)
         self.stats["dense calls" if dense else "sparse calls"] += 1
         return ModelCall(self, step, dense, caches, shape)
@@ -93,7 +119,8 @@ class SamplingRun:
                 f"{sorted(self.schedule.dense_steps)}; model calls {self.stats['dense calls']} dense / "
                 f"{self.stats['sparse calls']} sparse; layer attention {self.stats['attention dense']} dense / "
                 f"{self.stats['attention sparse']} sparse, MLP {self.stats['mlp dense']} dense / "
-                f"{self.stats['mlp sparse']} sparse; peak cache {self.peak_cache_bytes / 2**30:.2f} GiB")
+                f"{self.stats['mlp sparse']} sparse; peak cache {self.peak_cache_bytes / 2**30:.2f} GiB "
+                f"(estimated {sum(c.estimate for c in self._caches.values()) / 2**30:.2f} GiB)")
 
     def release(self):
         for caches in self._caches.values():

@@ -53,6 +53,7 @@ def install(model, adapter: FamilyAdapter, config: ChipmunkConfig):
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
+    import comfy.model_management
     import comfy.model_patcher
 
     guider = executor.class_obj
@@ -61,7 +62,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     options = guider.model_options["transformer_options"]
     sigmas = args[3]
     seed = kwargs.get("seed", args[7] if len(args) > 7 else None)
-    run = SamplingRun(options[CONFIG_KEY], total_steps=len(sigmas) - 1, seed=seed)
+    config = options[CONFIG_KEY]
+    diffusion_model = guider.model_patcher.get_model_object("diffusion_model")
+    run = SamplingRun(config, total_steps=len(sigmas) - 1, seed=seed,
+                      dims=adapter_named(config.family).dims(diffusion_model),
+                      free_memory=comfy.model_management.get_free_memory)
     options[RUN_KEY] = run
     try:
         return executor(*args, **kwargs)

@@ -9,6 +9,7 @@ import importlib
 
 from ..config import FAMILY_NAMES
 from ..layout import SequenceShape
+from ..memory import ModelDims
 from ..state import ModelCall
 from . import flux, wan
 
@@ -30,6 +31,10 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def layer_index(self, diffusion_model, kind: str, index: int) -> int:
+        raise NotImplementedError
+
+    def dims(self, diffusion_model) -> ModelDims:
+        """The dimensions the caches are sized by."""
         raise NotImplementedError
 
     def geometry(self, diffusion_model, args: tuple) -> SequenceShape:
@@ -60,6 +65,13 @@ class FluxAdapter(FamilyAdapter):
 
     def layer_index(self, diffusion_model, kind, index):
         return index if kind == "double_block" else len(diffusion_model.double_blocks) + index
+
+    def dims(self, diffusion_model):
+        width, heads = diffusion_model.hidden_size, diffusion_model.num_heads
+        blocks = list(diffusion_model.single_blocks) or list(diffusion_model.double_blocks)
+        mlp_hidden = blocks[0].mlp_hidden_dim if diffusion_model.single_blocks else blocks[0].img_mlp[0].out_features
+        return ModelDims(len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks), heads,
+                         width // heads, mlp_hidden, width)
 
     def geometry(self, diffusion_model, args):
         x, context = args[0], args[2]
@@ -102,6 +114,10 @@ class Wan21Adapter(FamilyAdapter):
 
     def layer_index(self, diffusion_model, kind, index):
         return index
+
+    def dims(self, diffusion_model):
+        return ModelDims(len(diffusion_model.blocks), diffusion_model.num_heads,
+                         diffusion_model.dim // diffusion_model.num_heads, diffusion_model.ffn_dim, diffusion_model.dim)
 
     def geometry(self, diffusion_model, args):
         x, time_dim_concat = args[0], args[4]
