@@ -56,7 +56,9 @@ class SparseDeltaAttention:
         kernels.column_sparse_attention(
             q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
             base=out.transpose(1, 2), out=delta.transpose(1, 2), sign=-1.0)
-        self.delta = to_storage(delta, self.storage or delta.device)
+        storage = self.storage or delta.device
+        self.delta = to_storage(delta, storage)
+        self.indices, self.counts = to_storage(self.indices, storage), to_storage(self.counts, storage)
         self.lse = lse
         self.signature = self._signature(q, k)
         return out.view(batch, n_tokens, heads * head_dim)
@@ -69,8 +71,9 @@ class SparseDeltaAttention:
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
         delta = to_compute(self.delta, q.device)
+        indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
         out = torch.empty_like(delta)
         kernels.column_sparse_attention(
-            q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
+            q, k, v, indices, counts, layout.query_order, config.query_group,
             base=delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)
         return out.view(batch, n_tokens, heads * head_dim)
