@@ -17,6 +17,7 @@ import torch
 from harness.paths import PACK_NAME, REPO_ROOT
 from harness.prompts import (ACCELERATE_NODE, CONDITIONING_NODE, SAVE_NODE_ID,
                              flux_text_to_image, widget_defaults)
+from harness.server import ComfyServerError
 
 pytestmark = pytest.mark.comfyui
 
@@ -96,6 +97,20 @@ def test_accelerated_flux_workflow_gives_finite_latent(comfy_server, tiny_checkp
                                 chipmunk=accelerate_inputs(declared, overrides))
     entry = comfy_server.run_prompt(prompt)
     assert_finite_latent(comfy_server.read_latent(entry, SAVE_NODE_ID), (1, 16, 32, 32))
+
+
+def test_rejected_prompt_error_names_node_and_input(comfy_server):
+    prompt = flux_text_to_image("no-such-model.safetensors")
+    with pytest.raises(ComfyServerError, match=r"node loader \(UNETLoader\).*unet_name"):
+        comfy_server.queue_prompt(prompt)
+
+
+def test_failing_prompt_error_names_node_and_exception(comfy_server, tiny_checkpoints):
+    # WAN-shaped conditioning has no pooled_output, which FLUX needs: fails inside the sampler.
+    prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=5, steps=1)
+    prompt["positive"]["inputs"]["family"] = "wan"
+    with pytest.raises(ComfyServerError, match=r"execution_error in node sampler \(KSampler\)"):
+        comfy_server.run_prompt(prompt)
 
 
 # --- in process: the tiny models themselves -------------------------------------------------

@@ -39,7 +39,12 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-pip_install() { "$PY" -m pip install --disable-pip-version-check --no-input --quiet "$@"; }
+# Some pip set-ups warn once per missing index folder ("WARNING: Location ... is ignored"):
+# noise, filtered out; everything else pip says is kept.
+pip_install() {
+    "$PY" -m pip install --disable-pip-version-check --no-input --quiet "$@" \
+        2> >(grep -v '^WARNING: Location .* is ignored' >&2)
+}
 
 # --- 2. torch ----------------------------------------------------------------------------------
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then

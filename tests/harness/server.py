@@ -92,7 +92,8 @@ class ComfyServer:
         self._log_file = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), cwd=self.comfyui_dir, env=env,
                                         stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT,
+                                        preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._raise_if_dead("while starting")
@@ -184,6 +185,17 @@ class ComfyServer:
 
         (path,) = self.output_files(entry, node_id, "latents")
         return load_file(str(path))["latent_tensor"]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the test process dies, so that a
+    killed test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def format_rejection(response: requests.Response) -> str:
