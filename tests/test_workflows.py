@@ -1,0 +1,244 @@
+"""The example workflows: the ones bundled for users (workflows/) and the tiny-model ones the tests
+and the launcher run (tests/workflows/).
+
+The file-level checks need nothing but the JSON. The rest use one real ComfyUI server with the
+pack loaded (``comfy_server`` in conftest.py): ComfyUI must list and serve the bundled workflows as
+templates, every workflow must convert (tests/workflow_convert.py) into a prompt that is valid
+against the server's real node definitions, and the tiny workflows must run end to end on the
+tiny checkpoints, with Chipmunk's sparse steps changing the result against the same graph with the
+node bypassed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+import workflow_convert as wc
+from harness.paths import PACK_NAME, REPO_ROOT, tiny_models_module
+from harness.prompts import ACCELERATE_NODE, CONDITIONING_NODE
+
+BUNDLED_DIR = REPO_ROOT / "workflows"
+TINY_DIR = REPO_ROOT / "tests" / "workflows"
+BUNDLED = sorted(BUNDLED_DIR.glob("*.json"))
+TINY = sorted(TINY_DIR.glob("*.json"))
+EXPECTED_BUNDLED = {"flux1_dev_text_to_image", "hunyuan_video_text_to_video", "wan21_text_to_video",
+                    "wan21_image_to_video"}
+# Latent each tiny workflow saves: FLUX 128x128 image; video 128x128, 17 frames (5 latent frames).
+TINY_LATENT_SHAPES = {"tiny_flux": (1, 16, 16, 16), "tiny_hunyuan_video": (1, 16, 5, 16, 16),
+                      "tiny_wan21": (1, 16, 5, 16, 16)}
+AUTO_PRESET = "auto (per model)"
+LOADERS = {"UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader", "CLIPVisionLoader"}
+SAMPLERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"}
+NODE_KEYS = {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties"}
+TOP_KEYS = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config",
+            "extra", "version"}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def ids(paths):
+    return [p.stem for p in paths]
+
+
+def nodes_of(workflow: dict, node_type: str) -> list[dict]:
+    return [n for n in workflow["nodes"] if n["type"] == node_type]
+
+
+def upstream(workflow: dict, node: dict, input_name: str) -> dict | None:
+    graph = wc.Graph(workflow)
+    link = graph.input_link(node, input_name)
+    return None if link is None else graph.nodes[graph.links[link][0]]
+
+
+def downstream(workflow: dict, node: dict, slot: int = 0) -> list[tuple[dict, str]]:
+    graph = wc.Graph(workflow)
+    out = []
+    for link in node["outputs"][slot].get("links") or []:
+        target = graph.nodes[graph.links[link][2]]
+        out.append((target, target["inputs"][graph.links[link][3]]["name"]))
+    return out
+
+
+# --- the files themselves ----------------------------------------------------------------------
+def test_the_expected_workflows_are_bundled():
+    assert set(ids(BUNDLED)) == EXPECTED_BUNDLED
+    assert set(ids(TINY)) == set(TINY_LATENT_SHAPES)
+
+
+@pytest.mark.parametrize("path", BUNDLED + TINY, ids=ids(BUNDLED + TINY))
+def test_workflow_is_in_the_front_ends_ui_format(path):
+    workflow = load(path)
+    assert TOP_KEYS <= set(workflow), TOP_KEYS - set(workflow)
+    assert workflow["version"] == 0.4
+    node_ids = [n["id"] for n in workflow["nodes"]]
+    assert len(set(node_ids)) == len(node_ids), "duplicate node ids"
+    assert sorted(n["order"] for n in workflow["nodes"]) == list(range(len(node_ids)))
+    for node in workflow["nodes"]:
+        assert NODE_KEYS <= set(node), f"node {node['id']} lacks {NODE_KEYS - set(node)}"
+        assert node["mode"] == 0, f"node {node['id']} ({node['type']}) is muted or bypassed"
+        name = node["properties"].get("Node name for S&R")
+        assert name in (None, node["type"]), f"node {node['id']}: S&R name {name!r}"
+    for group in workflow["groups"]:
+        assert len(group["bounding"]) == 4
+
+
+@pytest.mark.parametrize("path", BUNDLED + TINY, ids=ids(BUNDLED + TINY))
+def test_chipmunk_sits_between_loader_and_sampler(path):
+    workflow = load(path)
+    (chipmunk,) = nodes_of(workflow, ACCELERATE_NODE)
+    source = upstream(workflow, chipmunk, "model")
+    if source["type"] == "ModelSamplingSD3":  # HunyuanVideo and WAN: loader -> shift -> Chipmunk
+        source = upstream(workflow, source, "model")
+    assert source["type"] == "UNETLoader", source["type"]
+    consumers = downstream(workflow, chipmunk)
+    assert consumers and all(node["type"] in SAMPLERS and name == "model" for node, name in consumers), [
+        (node["type"], name) for node, name in consumers]
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=ids(BUNDLED))
+def test_bundled_workflow_uses_auto_preset_and_explains_it(path):
+    workflow = load(path)
+    (note,) = nodes_of(workflow, "Note")
+    text = note["widgets_values"][0]
+    (chipmunk,) = nodes_of(workflow, ACCELERATE_NODE)
+    assert chipmunk["widgets_values"][0] == AUTO_PRESET
+    assert "README" in text and "dense" in text and AUTO_PRESET in text
+    for loader in (n for n in workflow["nodes"] if n["type"] in LOADERS):
+        for value in loader["widgets_values"]:
+            if isinstance(value, str) and value.endswith(".safetensors"):
+                assert value in text, f"the note does not say where {value} goes"
+    assert not re.search(r"(/tmp/|/work/|/home/|/root/|[A-Z]:\\)", json.dumps(workflow)), "machine path"
+
+
+@pytest.mark.parametrize("path", TINY, ids=ids(TINY))
+def test_tiny_workflow_loads_a_tiny_checkpoint(path):
+    workflow = load(path)
+    names = set(tiny_models_module().CHECKPOINT_NAMES.values())
+    (loader,) = nodes_of(workflow, "UNETLoader")
+    assert loader["widgets_values"][0] in names
+    assert nodes_of(workflow, CONDITIONING_NODE) and nodes_of(workflow, "SaveLatent")
+
+
+# --- against a real server ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+@pytest.mark.comfyui
+@pytest.mark.chipmunk_node
+def test_comfyui_lists_and_serves_exactly_the_bundled_workflows(comfy_server):
+    listed = comfy_server.get_json("/workflow_templates").get(PACK_NAME)
+    assert sorted(listed or []) == sorted(ids(BUNDLED)), "tests/workflows must not show up as templates"
+    for path in BUNDLED:
+        response = requests.get(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{path.name}",
+                                timeout=30)
+        assert response.status_code == 200, f"{path.name}: HTTP {response.status_code}"
+        assert response.json() == load(path)
+
+
+@pytest.mark.comfyui
+@pytest.mark.chipmunk_node
+@pytest.mark.parametrize("path", BUNDLED + TINY, ids=ids(BUNDLED + TINY))
+def test_workflow_converts_to_a_valid_prompt(object_info, path):
+    workflow = load(path)
+    assert wc.ui_link_problems(workflow, object_info) == []
+    prompt = wc.to_prompt(workflow, object_info)
+    assert wc.prompt_problems(prompt, object_info) == []
+    executing = [n for n in workflow["nodes"] if n["type"] not in wc.VIRTUAL_NODES]
+    assert len(prompt) == len(executing)
+
+
+def set_widget(workflow: dict, node_type: str, index: int, value) -> dict:
+    workflow = copy.deepcopy(workflow)
+    nodes_of(workflow, node_type)[0]["widgets_values"][index] = value
+    return workflow
+
+
+def retarget_link(workflow: dict, node_type: str, input_name: str, source_type: str) -> dict:
+    """Feed ``node_type.input_name`` from output 0 of the first ``source_type`` node instead."""
+    workflow = copy.deepcopy(workflow)
+    (target,) = nodes_of(workflow, node_type)
+    source = nodes_of(workflow, source_type)[0]
+    link_id = wc.Graph(workflow).input_link(target, input_name)
+    for link in workflow["links"]:
+        if link[0] == link_id:
+            link[1:3] = [source["id"], 0]
+    return workflow
+
+
+BROKEN = {
+    "combo-value": (lambda w: set_widget(w, "KSampler", 4, "no_such_sampler"), "is not one of"),
+    "below-minimum": (lambda w: set_widget(w, "KSampler", 2, 0), "below the minimum"),
+    "above-maximum": (lambda w: set_widget(w, ACCELERATE_NODE, 1, 1.5), "above the maximum"),
+    "wrong-type": (lambda w: set_widget(w, "EmptySD3LatentImage", 0, "128"), "is not an integer"),
+    "link-type": (lambda w: retarget_link(w, "KSampler", "positive", "EmptySD3LatentImage"),
+                  "CONDITIONING input fed by EmptySD3LatentImage"),
+}
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("breakage", sorted(BROKEN))
+def test_validation_catches_a_broken_workflow(object_info, breakage):
+    """The checks above would pass vacuously if the validator let everything through."""
+    break_it, expected = BROKEN[breakage]
+    prompt = wc.to_prompt(break_it(load(TINY_DIR / "tiny_flux.json")), object_info)
+    problems = wc.prompt_problems(prompt, object_info)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+@pytest.mark.comfyui
+def test_conversion_rejects_a_wrong_number_of_widget_values(object_info):
+    workflow = copy.deepcopy(load(TINY_DIR / "tiny_flux.json"))
+    nodes_of(workflow, "KSampler")[0]["widgets_values"].remove("fixed")  # seed's control value
+    with pytest.raises(wc.WorkflowError, match="widget values"):
+        wc.to_prompt(workflow, object_info)
+
+
+def bypass_chipmunk(workflow: dict) -> dict:
+    """The workflow with the Chipmunk node bypassed (Ctrl+B in the front end): dense sampling."""
+    workflow = copy.deepcopy(workflow)
+    for node in nodes_of(workflow, ACCELERATE_NODE):
+        node["mode"] = wc.MODE_BYPASS
+    return workflow
+
+
+@pytest.mark.comfyui
+@pytest.mark.chipmunk_node
+@pytest.mark.parametrize("path", BUNDLED, ids=ids(BUNDLED))
+def test_bypassing_chipmunk_leaves_the_dense_workflow(object_info, path):
+    """The notes tell users to compare against dense sampling by bypassing the node."""
+    workflow = load(path)
+    (chipmunk,) = nodes_of(workflow, ACCELERATE_NODE)
+    source = upstream(workflow, chipmunk, "model")
+    prompt = wc.to_prompt(bypass_chipmunk(workflow), object_info)
+    assert ACCELERATE_NODE not in {n["class_type"] for n in prompt.values()}
+    for sampler, _ in downstream(workflow, chipmunk):
+        assert prompt[str(sampler["id"])]["inputs"]["model"] == [str(source["id"]), 0]
+    assert wc.prompt_problems(prompt, object_info) == []
+
+
+@pytest.mark.comfyui
+@pytest.mark.chipmunk_node
+@pytest.mark.parametrize("path", TINY, ids=ids(TINY))
+def test_tiny_workflow_runs_end_to_end_and_goes_sparse(comfy_server, object_info, path):
+    workflow = load(path)
+    (save,) = nodes_of(workflow, "SaveLatent")
+    latents = {}
+    for label, graph in (("chipmunk", workflow), ("dense", bypass_chipmunk(workflow))):
+        entry = comfy_server.run_prompt(wc.to_prompt(graph, object_info))
+        latents[label] = comfy_server.read_latent(entry, str(save["id"]))
+    latent = latents["chipmunk"]
+    assert tuple(latent.shape) == TINY_LATENT_SHAPES[path.stem]
+    assert torch.isfinite(latent).all(), "latent has NaN or Inf"
+    assert latent.float().std() > 0, "latent is constant"
+    # Equal to the dense run would mean no step or layer ever went sparse.
+    assert not torch.equal(latent, latents["dense"]), "Chipmunk changed nothing: no sparse step ran"
