@@ -1,5 +1,5 @@
-"""The example workflows: the ones bundled for users (workflows/) and the tiny-model ones the tests
-and the launcher run (tests/workflows/).
+"""The example workflows: the ones bundled for users (workflows/) and the tiny-model ones that run
+here without real weights (tests/workflows/).
 
 The file-level checks need nothing but the JSON. The rest use one real ComfyUI server with the
 pack loaded (``comfy_server`` in conftest.py): ComfyUI must list and serve the bundled workflows as
