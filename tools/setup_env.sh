@@ -110,8 +110,8 @@ else
 fi
 
 stamp="$state_dir/requirements.stamp"
-digest="$(cat "$constraints" "$comfyui_reqs" "$REPO/requirements.txt" \
-    "$REPO/tests/requirements.txt" | sha256sum | cut -d' ' -f1)"
+digest="$(cat "$constraints" "$comfyui_reqs" "$REPO/requirements.txt" "$REPO/tests/requirements.txt" \
+    | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$digest" ]]; then
     log "requirements already installed (stamp matches)"
 else
