@@ -54,12 +54,12 @@ FAMILY_CONFIGS: dict[str, dict] = {
     },
     "wan_t2v": {
         "image_model": "wan2.1", "dim": 256, "out_dim": 16, "num_heads": 2, "ffn_dim": 1024,
-        "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
+        "num_layers": 4, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
         "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "model_type": "t2v",
     },
     "wan_i2v": {
         "image_model": "wan2.1", "dim": 256, "out_dim": 16, "num_heads": 2, "ffn_dim": 1024,
-        "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
+        "num_layers": 4, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
         "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": 36, "model_type": "i2v",
     },
 }
