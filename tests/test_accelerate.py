@@ -133,3 +133,15 @@ def test_unsupported_model_is_refused_when_the_node_runs(comfy_inprocess, chipmu
                                             torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match="supports FLUX, HunyuanVideo, WAN2.1 models; this model is UNetModel"):
         comfy_inprocess.run_node(chipmunk_pack_nodes["ChipmunkAccelerate"], model=sd15, preset=AUTO)
+
+
+def test_batch_of_two_with_cfg(family):
+    size = SIZES[family.name][0]
+    width, height, frames = size
+    single = family.comfy.empty_latent(CONDITIONING_FAMILY[family.name], width=width, height=height, frames=frames)
+    latent = {"samples": single["samples"].repeat(2, *([1] * (single["samples"].dim() - 1)))}
+    positive, negative = family.conditioning(5), family.conditioning(6)
+    stock = family.comfy.ksampler(family.model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.5)
+    fast = family.comfy.ksampler(family.accelerate(), positive, negative, latent, seed=3, steps=STEPS, cfg=3.5)
+    assert fast.shape == stock.shape and fast.shape[0] == 2
+    assert torch.isfinite(fast).all() and 0 < _relative(fast, stock) < 0.2
