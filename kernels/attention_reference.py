@@ -79,7 +79,7 @@ def column_sparse_attention_reference(q, k, v, indices, counts, query_order, gro
     valid = torch.arange(capacity, device=q.device) < counts[..., None].long()  # [B, H, G, K]
     for g in range(indices.shape[2]):
         rows = order[g * group_size: min((g + 1) * group_size, n_tokens)]
-        idx = indices[:, :, g].long()  # [B, H, K]
+        idx = torch.where(valid[:, :, g], indices[:, :, g], 0).long()  # [B, H, K]; entries past the count may be junk
         gather = idx[..., None].expand(-1, -1, -1, head_dim)
         k_sel = torch.gather(k.float(), 2, gather)
         v_sel = torch.gather(v.float(), 2, gather)

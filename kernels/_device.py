@@ -1,0 +1,23 @@
+"""What the Triton launchers need to know about the GPU they launch on."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _big_shared_memory(index: int) -> bool:
+    major, minor = torch.cuda.get_device_capability(index)
+    # sm_80 and sm_90 give a block up to ~227 KB of shared memory; sm_86 / sm_89 about 100 KB.
+    return major >= 9 or (major, minor) == (8, 0)
+
+
+def big_shared_memory(device) -> bool:
+    """True where the tile configurations tuned on the H100 fit in shared memory (and on the CPU,
+    where only Triton's interpreter runs them)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return _big_shared_memory(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,385 @@
+"""Triton kernels for the two attention operations (see ``attention_reference.py`` for the oracle).
+
+Both are flash-attention loops (online softmax in exp2 units, fp32 accumulators) over tiles of
+rows taken in ``query_order``; q rows are gathered through the permutation and outputs scattered
+back, so q/k/v/out stay in the model's token order (any strides, last dimension contiguous).
+
+- ``column_sparse_attention_triton``: one program per row tile of a query group (Triton tiles are
+  powers of two: a group of 192 is three programs of 64 rows, numbered next to each other so that
+  they run together and share the gathered key/value rows through L2). Each program walks the
+  group's key list, gathering key and value rows straight into dense tiles; the key ids of the
+  next step are fetched one step ahead, which lets Triton's pipeliner keep two tiles of gathered
+  rows in flight. The delta-cache update ``out = base + sign * attention`` is the epilogue, so the
+  cache is read and written once.
+- ``attention_with_column_sums_triton``: dense attention over row tiles of 128 (independent of
+  the group size) that also accumulates, per query group and key, the softmax probabilities of
+  the group's rows. The per-group sums of a tile are a small tensor-core product (see
+  ``_add_group_column_sums``) added into fp32 ``column_sums`` with atomics. With ``lse_hint`` the
+  probabilities are normalised by the hint in the single pass; without it a second pass over the
+  keys uses the exact row log-sum-exp from the first. The sums carry bf16 rounding (relative error
+  ~1e-3): they only rank keys for the top-k selection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import big_shared_memory
+
+_LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_query_rows(Q, q_head, s_qn, Order, first_pos, N, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Token ids and q rows of one sub-tile (rows past the end of the sequence are zero)."""
+    pos = first_pos + tl.arange(0, BLOCK_M)
+    row_valid = pos < N
+    rows = tl.load(Order + pos, mask=row_valid, other=0)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + q_head + rows[:, None].to(tl.int64) * s_qn + dims[None, :], mask=row_valid[:, None], other=0.0)
+    return rows, row_valid, q
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, MASK_COLS: tl.constexpr):
+    """One key tile of the flash-attention recurrence (scores in log2 units)."""
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASK_COLS:
+        qk = tl.where(col_valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i, p
+
+
+# ----------------------------------------------------------------------------------------------
+# Column-sparse attention with the delta-cache epilogue
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sparse_last_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, Idx, idx_row, start, count, qk_scale,
+                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The partial key tile at the end of a list (slots past the count are masked out)."""
+    slots = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    col_valid = slots < count
+    keys = tl.load(Idx + idx_row + slots, mask=col_valid, other=0).to(tl.int64)
+    k = tl.load(K + k_head + keys[:, None] * s_kn + dims[None, :])
+    v = tl.load(V + v_head + keys[:, None] * s_vn + dims[None, :])
+    acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _column_sparse_attention_kernel(
+    Q, K, V, Base, Out, Idx, Cnt, Order,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_bb, s_bh, s_bn, s_ob, s_oh, s_on, s_ib, s_ih, s_ig, s_cb, s_ch, s_cg,
+    H, N, K_CAP, group_size, tiles_per_group, sign, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BASE: tl.constexpr, STREAM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    group = pid // tiles_per_group
+    first_pos = group * group_size + (pid % tiles_per_group) * BLOCK_M
+
+    count = tl.minimum(tl.load(Cnt + b * s_cb + h * s_ch + group * s_cg), K_CAP)
+    n_full = (count // BLOCK_N) * BLOCK_N
+    idx_row = b * s_ib + h * s_ih + group.to(tl.int64) * s_ig
+    k_head = b * s_kb + h * s_kh
+    v_head = b * s_vb + h * s_vh
+    dims = tl.arange(0, HEAD_DIM)
+
+    rows, row_valid, q = _load_query_rows(Q, b * s_qb + h * s_qh, s_qn, Order, first_pos, N, BLOCK_M, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # The key ids of the next tile are fetched one step ahead and carried in registers: when the
+    # gathers' addresses come from a load of the same step, Triton's pipeliner waits for every
+    # copy in flight at the top of each step (seen in the TTGIR: async_wait num = 0).
+    lanes = tl.arange(0, BLOCK_N)
+    keys = tl.load(Idx + idx_row + lanes, mask=lanes < n_full, other=0)
+    for start in range(0, n_full, BLOCK_N):
+        ahead = start + BLOCK_N + lanes
+        keys_next = tl.load(Idx + idx_row + ahead, mask=ahead < n_full, other=0)
+        keys64 = keys.to(tl.int64)
+        k = tl.load(K + k_head + keys64[:, None] * s_kn + dims[None, :])
+        v = tl.load(V + v_head + keys64[:, None] * s_vn + dims[None, :])
+        acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, lanes >= 0, False)
+        keys = keys_next
+    if n_full < count:
+        acc, m_i, l_i = _sparse_last_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, Idx, idx_row,
+                                              n_full, count, qk_scale, BLOCK_N, HEAD_DIM)
+    # An empty key list leaves l_i == 0 and acc == 0: the group contributes nothing.
+    result = sign * (acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
+    rows64 = rows[:, None].to(tl.int64)
+    if HAS_BASE:
+        base = tl.load(Base + b * s_bb + h * s_bh + rows64 * s_bn + dims[None, :], mask=row_valid[:, None], other=0.0,
+                       eviction_policy=STREAM)
+        result += base.to(tl.float32)
+    tl.store(Out + b * s_ob + h * s_oh + rows64 * s_on + dims[None, :], result.to(Out.dtype.element_ty),
+             mask=row_valid[:, None], eviction_policy=STREAM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense attention with per-group column sums
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _add_group_column_sums(p, weight, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg, cols64,
+                           col_valid):
+    """ColSum[g, cols] += sum over the tile's rows t of group g of weight[t] * p[t, cols].
+
+    A row tile may straddle query groups (its size is a tile size, not the group size), so the
+    sum is a small matrix product on the tensor cores: a [16, BLOCK_M] matrix whose lane s holds
+    the weights of the rows of group g0 + s, times p. A reduction down the columns of p in
+    registers would need a block-wide barrier in every key step, which costs far more.
+    """
+    first_group = first_pos // group_size
+    lane = tl.arange(0, 16)
+    member = (pos[None, :] // group_size - first_group) == lane[:, None]
+    weights = tl.where(member, weight[None, :], 0.0).to(tl.bfloat16)
+    sums = tl.dot(weights, p.to(tl.bfloat16))
+    n_here = last_pos // group_size - first_group + 1
+    ptrs = ColSum + colsum_head + (first_group + lane)[:, None].to(tl.int64) * s_cg + cols64[None, :]
+    tl.atomic_add(ptrs, sums, mask=(lane[:, None] < n_here) & col_valid[None, :], sem="relaxed")
+
+
+@triton.jit
+def _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N, qk_scale, hint2,
+                    pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr,
+                    SUM_WITH_HINT: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    col_valid = cols < N
+    cols64 = cols.to(tl.int64)
+    if MASK_COLS:
+        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :], mask=col_valid[:, None], other=0.0)
+        v = tl.load(V + v_head + cols64[:, None] * s_vn + dims[None, :], mask=col_valid[:, None], other=0.0)
+    else:
+        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :])
+        v = tl.load(V + v_head + cols64[:, None] * s_vn + dims[None, :])
+    acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, MASK_COLS)
+    if SUM_WITH_HINT:
+        # exp(s - L_hint) = p * exp(m - L_hint): one weight per row.
+        _add_group_column_sums(p, tl.math.exp2(m_i - hint2), pos, first_pos, last_pos, group_size, ColSum,
+                               colsum_head, s_cg, cols64, col_valid)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _exact_column_sum_tile(q, K, k_head, s_kn, start, N, qk_scale, lse2, pos, first_pos, last_pos, group_size,
+                           ColSum, colsum_head, s_cg, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           MASK_COLS: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    col_valid = cols < N
+    cols64 = cols.to(tl.int64)
+    if MASK_COLS:
+        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :], mask=col_valid[:, None], other=0.0)
+    else:
+        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :])
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASK_COLS:
+        qk = tl.where(col_valid[None, :], qk, float("-inf"))
+    p = tl.math.exp2(qk - lse2[:, None])
+    ones = tl.full(lse2.shape, 1.0, tl.float32)
+    _add_group_column_sums(p, ones, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg, cols64,
+                           col_valid)
+
+
+@triton.jit
+def _attention_with_column_sums_kernel(
+    Q, K, V, Out, Order, ColSum, Lse, LseHint,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_cb, s_ch, s_cg, s_lb, s_lh, s_hb, s_hh, s_hn,
+    H, N, group_size, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_HINT: tl.constexpr, COLUMN_SUMS: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    first_pos = tl.program_id(0) * BLOCK_M
+    last_pos = tl.minimum(first_pos + BLOCK_M, N) - 1
+    pos = first_pos + tl.arange(0, BLOCK_M)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    k_head = b * s_kb + h * s_kh
+    v_head = b * s_vb + h * s_vh
+    colsum_head = b * s_cb + h * s_ch
+    dims = tl.arange(0, HEAD_DIM)
+    sum_in_pass = COLUMN_SUMS and HAS_HINT
+
+    rows, row_valid, q = _load_query_rows(Q, b * s_qb + h * s_qh, s_qn, Order, first_pos, N, BLOCK_M, HEAD_DIM)
+    rows64 = rows.to(tl.int64)
+    if sum_in_pass:
+        # Rows past the end get an infinite hint, so they add nothing to the sums.
+        hint = tl.load(LseHint + b * s_hb + h * s_hh + rows64 * s_hn, mask=row_valid, other=float("inf"))
+        hint2 = hint.to(tl.float32) * 1.4426950408889634
+    else:
+        hint2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N, qk_scale, hint2,
+                                        pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
+                                        BLOCK_N, HEAD_DIM, False, sum_in_pass)
+    if n_full < N:
+        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, n_full, N, qk_scale,
+                                        hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
+                                        BLOCK_N, HEAD_DIM, True, sum_in_pass)
+    lse2 = m_i + tl.math.log2(l_i)
+    tl.store(Lse + b * s_lb + h * s_lh + rows64, lse2 * 0.6931471805599453, mask=row_valid)
+    out = acc / l_i[:, None]
+    tl.store(Out + b * s_ob + h * s_oh + rows64[:, None] * s_on + dims[None, :], out.to(Out.dtype.element_ty),
+             mask=row_valid[:, None])
+    if COLUMN_SUMS and not HAS_HINT:
+        # Exact sums need the final row log-sum-exp: a second pass over the keys.
+        lse2 = tl.where(row_valid, lse2, float("inf"))
+        for start in range(0, n_full, BLOCK_N):
+            _exact_column_sum_tile(q, K, k_head, s_kn, start, N, qk_scale, lse2, pos, first_pos, last_pos,
+                                   group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, False)
+        if n_full < N:
+            _exact_column_sum_tile(q, K, k_head, s_kn, n_full, N, qk_scale, lse2, pos, first_pos, last_pos,
+                                   group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _row_tile(group_size: int, cap: int = 128) -> int:
+    """Largest power of two <= cap that divides the group size (192 -> 64, 256 -> 128)."""
+    tile = 1
+    while tile * 2 <= cap and group_size % (tile * 2) == 0:
+        tile *= 2
+    if tile < 16:
+        raise ValueError(f"group_size {group_size} must be a multiple of 16 for the Triton kernels")
+    return tile
+
+
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q, k, v as [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    head_dim = q.shape[3]
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {head_dim} is not supported by the Triton kernels")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+
+
+# Tile shapes measured on an H100 with bench/ (see bench/NOTES.md), for GPUs that give a block
+# ~227 KB of shared memory (sm_80, sm_90); sm_86 / sm_89 (~100 KB) get the "small" entries.
+# Sparse kernel: by rows per tile (64 for group sizes like 192, 128 when the group size allows).
+SPARSE_CONFIGS = {
+    "big": {64: {"block_n": 64, "num_warps": 4, "num_stages": 3},
+            128: {"block_n": 128, "num_warps": 8, "num_stages": 2}},
+    "small": {64: {"block_n": 64, "num_warps": 4, "num_stages": 2},
+              128: {"block_n": 64, "num_warps": 8, "num_stages": 2}},
+}
+DENSE_CONFIGS = {
+    "big": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
+    "small": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
+}
+
+
+def _size_class(device):
+    return "big" if big_shared_memory(device) else "small"
+
+
+def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_size, base, out, sign, *,
+                                   config=None):
+    """Triton version of ``column_sparse_attention_reference`` (same arguments and result).
+
+    ``config`` (optional dict) overrides ``SPARSE_CONFIGS`` (and ``block_m``); for benchmarks.
+    """
+    _check_qkv(q, k, v)
+    config = config or {}
+    batch, heads, n_tokens, head_dim = q.shape
+    n_groups = math.ceil(n_tokens / group_size)
+    if indices.shape[:3] != (batch, heads, n_groups) or counts.shape != (batch, heads, n_groups):
+        raise ValueError(f"indices {tuple(indices.shape)} / counts {tuple(counts.shape)} do not match "
+                         f"[B, H, G] = {(batch, heads, n_groups)}")
+    if out.stride(3) != 1 or (base is not None and base.stride(3) != 1):
+        raise ValueError("out and base must have a contiguous last dimension")
+    block_m = config.get("block_m") or _row_tile(group_size)
+    if group_size % block_m:
+        raise ValueError(f"block_m {block_m} does not divide the group size {group_size}")
+    cfg = {"stream_hint": True, **SPARSE_CONFIGS[_size_class(q.device)][min(block_m, 128)], **config}
+    tiles_per_group = group_size // block_m
+    order = query_order.to(device=q.device, dtype=torch.int32)
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    counts = counts.to(torch.int32)
+    base_t = base if base is not None else out  # never read when HAS_BASE is False
+    grid = (n_groups * tiles_per_group, batch * heads)
+    _column_sparse_attention_kernel[grid](
+        q, k, v, base_t, out, indices, counts, order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), base_t.stride(0), base_t.stride(1), base_t.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
+        counts.stride(0), counts.stride(1), counts.stride(2),
+        heads, n_tokens, indices.shape[3], group_size, tiles_per_group, float(sign),
+        head_dim ** -0.5 * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+        HAS_BASE=base is not None, STREAM="evict_first" if cfg["stream_hint"] else "",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse_hint=None, *, config=None):
+    """Triton version of ``attention_with_column_sums_reference`` (same arguments and results).
+
+    ``config`` (optional dict) overrides ``DENSE_CONFIGS``; ``column_sums=False`` in it skips the
+    sums (benchmarks use that to price them) and then returns ``None`` in their place.
+    """
+    _check_qkv(q, k, v)
+    cfg = {**DENSE_CONFIGS[_size_class(q.device)], **(config or {})}
+    batch, heads, n_tokens, head_dim = q.shape
+    if k.shape[2] != n_tokens:
+        raise ValueError("the Triton kernel expects as many keys as queries")
+    if out.stride(3) != 1:
+        raise ValueError("out must have a contiguous last dimension")
+    if lse_hint is not None and lse_hint.shape != (batch, heads, n_tokens):
+        raise ValueError(f"lse_hint {tuple(lse_hint.shape)} is not [B, H, N] = {(batch, heads, n_tokens)}")
+    if group_size < 16:
+        raise ValueError(f"group_size {group_size} must be at least 16 for the Triton kernels")
+    n_groups = math.ceil(n_tokens / group_size)
+    want_sums = cfg.get("column_sums", True)
+    order = query_order.to(device=q.device, dtype=torch.int32)
+    if want_sums:
+        column_sums = torch.zeros(batch, heads, n_groups, n_tokens, dtype=torch.float32, device=q.device)
+    else:
+        column_sums = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, n_tokens, dtype=torch.float32, device=q.device)
+    hint = lse_hint if lse_hint is not None else lse  # never read when HAS_HINT is False
+    grid = (triton.cdiv(n_tokens, cfg["block_m"]), batch * heads)
+    _attention_with_column_sums_kernel[grid](
+        q, k, v, out, order, column_sums, lse, hint,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        column_sums.stride(0), column_sums.stride(1), column_sums.stride(2), lse.stride(0), lse.stride(1),
+        hint.stride(0), hint.stride(1), hint.stride(2),
+        heads, n_tokens, group_size, head_dim ** -0.5 * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        HAS_HINT=lse_hint is not None, COLUMN_SUMS=want_sums,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return (column_sums if want_sums else None), lse

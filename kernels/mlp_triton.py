@@ -1,0 +1,268 @@
+"""Triton kernels for the sparse-delta MLP update (see ``mlp_reference.py`` for the oracle).
+
+Two launches per call:
+
+1. ``_mlp_delta_up_kernel``: per row tile (rows taken in ``row_order``) and tile of listed hidden
+   units, ``x[rows] @ w1[units]^T + b1`` (gathered rows of ``x`` and ``w1``: contiguous), the
+   activation, the change against ``hidden_cache`` (updated in place), and that change written to
+   a compact scratch ``[B, K, rows]``.
+2. ``_mlp_delta_down_kernel``: per row tile and tile of output features, ``delta @ w2[:, units]^T``
+   added into ``out_cache``.
+
+Layouts the caller chooses (any strides work; these are the fast ones, measured in bench/NOTES.md):
+- ``w2``: pass it as ``w2_t.t()``, the transposed view of a ``[M, Dout]`` copy cached once per
+  model: every listed unit is then one contiguous row. A plain ``[Dout, M]`` weight works too but
+  gathers each unit as a strided column (the second launch runs ~3x slower).
+- ``hidden_cache``: in token order ``[B, N, M]`` each recomputed value is a scattered 2-byte store
+  (half of the first launch's time at the FLUX shape). Stored unit-major (``[B, M, N]`` passed as
+  its ``.transpose(1, 2)``) with ``row_order=None`` (rows already in block order), the rows of a
+  tile are contiguous for every unit and the stores coalesce.
+
+Programs are numbered row tile first: the same unit-tile position of different row blocks covers
+nearby (sorted) units, so the weight rows they gather are shared through L2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import big_shared_memory
+
+_ACTIVATION_IDS = {"gelu_tanh": 0}
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 * x * (1 + tanh(y)) == x * sigmoid(2y), y = sqrt(2/pi) * (x + 0.044715 x^3)
+    y2 = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.math.exp2(-y2 * 1.4426950408889634))
+
+
+@triton.jit
+def _mlp_delta_up_kernel(
+    X, W1, B1, Hidden, Delta, Idx, Cnt, Order,
+    s_xb, s_xn, s_w1m, s_hb, s_hn, s_hm, s_db, s_dk, s_ib, s_iblk, s_cb,
+    N, D_IN, K_CAP, block_size, n_row_tiles,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HIDDEN_OFFSET_TYPE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    row_tile = pid % n_row_tiles
+    unit_tile = pid // n_row_tiles
+    first_pos = row_tile * BLOCK_M
+    blk = first_pos // block_size
+    count = tl.minimum(tl.load(Cnt + b * s_cb + blk), K_CAP)
+    first_slot = unit_tile * BLOCK_N
+    if first_slot < count:
+        pos = first_pos + tl.arange(0, BLOCK_M)
+        row_valid = pos < N
+        rows = tl.load(Order + pos, mask=row_valid, other=0).to(tl.int64)
+        slots = first_slot + tl.arange(0, BLOCK_N)
+        slot_valid = slots < count
+        units = tl.load(Idx + b * s_ib + blk * s_iblk + slots, mask=slot_valid, other=0).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = X + b * s_xb + rows[:, None] * s_xn + ks[None, :]
+        w_ptrs = W1 + units[:, None] * s_w1m + ks[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kk in range(0, D_IN, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_valid = (kk + ks) < D_IN
+                a = tl.load(x_ptrs, mask=k_valid[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_valid[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(B1 + units, mask=slot_valid, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == 0:
+            new = _gelu_tanh(acc)
+        mask = row_valid[:, None] & slot_valid[None, :]
+        # 32-bit offsets where they fit (HIDDEN_OFFSET_TYPE): a [BLOCK_M, BLOCK_N] tile of 64-bit
+        # offsets costs two registers per element and made this epilogue spill more.
+        h_offsets = (rows.to(HIDDEN_OFFSET_TYPE)[:, None] * s_hn + units.to(HIDDEN_OFFSET_TYPE)[None, :] * s_hm)
+        hidden = Hidden + b * s_hb
+        old = tl.load(hidden + h_offsets, mask=mask, other=0.0)
+        tl.store(hidden + h_offsets, new.to(Hidden.dtype.element_ty), mask=mask)
+        delta = new - old.to(tl.float32)
+        # The scratch is padded to whole tiles: unmasked (vectorised) stores; the slots past the
+        # count hold finite values that the second kernel never reads.
+        d_ptrs = Delta + b * s_db + slots[None, :] * s_dk + pos[:, None]
+        tl.store(d_ptrs, delta.to(Delta.dtype.element_ty))
+
+
+@triton.jit
+def _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, kk, count,
+               BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, col_valid, MASK_K: tl.constexpr):
+    ks = kk + tl.arange(0, BLOCK_K)
+    units = units.to(tl.int64)
+    if MASK_K:
+        k_valid = ks < count
+        a = tl.load(Delta + d_row + ks[None, :].to(tl.int64) * s_dk, mask=k_valid[None, :], other=0.0)
+        w_mask = k_valid[:, None]
+    else:
+        a = tl.load(Delta + d_row + ks[None, :].to(tl.int64) * s_dk)
+        w_mask = ks[:, None] >= 0
+    if EVEN_N:
+        if MASK_K:
+            w = tl.load(W2 + units[:, None] * s_w2m + w2_col[None, :], mask=w_mask, other=0.0)
+        else:
+            w = tl.load(W2 + units[:, None] * s_w2m + w2_col[None, :])
+    else:
+        w = tl.load(W2 + units[:, None] * s_w2m + w2_col[None, :], mask=w_mask & col_valid[None, :],
+                    other=0.0)
+    return tl.dot(a, w, acc)
+
+
+@triton.jit
+def _mlp_delta_down_kernel(
+    Delta, W2, Out, Idx, Cnt, Order,
+    s_db, s_dk, s_w2o, s_w2m, s_ob, s_on, s_ib, s_iblk, s_cb,
+    N, D_OUT, K_CAP, block_size, n_row_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    row_tile = pid % n_row_tiles
+    out_tile = pid // n_row_tiles
+    first_pos = row_tile * BLOCK_M
+    blk = first_pos // block_size
+    count = tl.minimum(tl.load(Cnt + b * s_cb + blk), K_CAP)
+    if count > 0:
+        pos = first_pos + tl.arange(0, BLOCK_M)
+        row_valid = pos < N
+        rows = tl.load(Order + pos, mask=row_valid, other=0).to(tl.int64)
+        cols = out_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < D_OUT
+        # The scratch has whole row tiles, so its rows need no mask.
+        d_row = b * s_db + pos[:, None]
+        idx_row = b * s_ib + blk * s_iblk
+        w2_col = cols.to(tl.int64) * s_w2o
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        n_full = (count // BLOCK_K) * BLOCK_K
+        # Unit ids are fetched one step ahead and carried in registers: the weight loads then do not
+        # wait on a load of the same step, and Triton's pipeliner keeps two of them in flight.
+        lanes = tl.arange(0, BLOCK_K)
+        units = tl.load(Idx + idx_row + lanes, mask=lanes < n_full, other=0)
+        for kk in range(0, n_full, BLOCK_K):
+            ahead = kk + BLOCK_K + lanes
+            units_next = tl.load(Idx + idx_row + ahead, mask=ahead < n_full, other=0)
+            acc = _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, kk, count, BLOCK_K, EVEN_N,
+                             col_valid, False)
+            units = units_next
+        if n_full < count:
+            tail = n_full + lanes
+            units = tl.load(Idx + idx_row + tail, mask=tail < count, other=0)
+            acc = _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, n_full, count, BLOCK_K, EVEN_N,
+                             col_valid, True)
+        if EVEN_N:
+            mask = row_valid[:, None]
+        else:
+            mask = row_valid[:, None] & col_valid[None, :]
+        o_ptrs = Out + b * s_ob + rows[:, None] * s_on + cols[None, :]
+        old = tl.load(o_ptrs, mask=mask, other=0.0)
+        tl.store(o_ptrs, (old.to(tl.float32) + acc).to(Out.dtype.element_ty), mask=mask)
+
+
+# Tile shapes measured on an H100 with bench/ (see bench/NOTES.md), for GPUs that give a block
+# ~227 KB of shared memory (sm_80, sm_90); sm_86 / sm_89 (~100 KB) get the "small" entries.
+MLP_CONFIGS = {
+    "big": {"up": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4},
+            "down": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}},
+    "small": {"up": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 2},
+              "down": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 2}},
+}
+
+
+def _fits_int32(t) -> bool:
+    """Whether every element offset of ``t`` (any strides) fits in a signed 32-bit integer."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) < 2 ** 31
+
+
+def _row_tile(block_size: int, cap: int) -> int:
+    tile = 1
+    while tile * 2 <= cap and block_size % (tile * 2) == 0:
+        tile *= 2
+    if tile < 16:
+        raise ValueError(f"block_size {block_size} must be a multiple of 16 for the Triton kernels")
+    return tile
+
+
+def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
+                            hidden_cache, out_cache, activation="gelu_tanh", *, config=None):
+    """Triton version of ``sparse_mlp_delta_reference`` (same arguments, same in-place updates).
+
+    Pass ``w2`` as ``w2_t.t()`` of a cached contiguous ``[M, Dout]`` copy for coalesced loads of
+    the listed units (see the module docstring); a plain ``[Dout, M]`` view works too.
+    ``config`` (optional dict with "up"/"down" entries) overrides ``MLP_CONFIGS``; for benchmarks.
+    """
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"unknown activation {activation!r}")
+    defaults = MLP_CONFIGS["big" if big_shared_memory(x.device) else "small"]
+    cfg = {part: {**defaults[part], **((config or {}).get(part) or {})} for part in ("up", "down")}
+    batch, n_tokens, d_in = x.shape
+    d_out = w2.shape[0]
+    n_blocks = math.ceil(n_tokens / block_size)
+    if unit_indices.shape[:2] != (batch, n_blocks) or unit_counts.shape != (batch, n_blocks):
+        raise ValueError(f"unit_indices {tuple(unit_indices.shape)} / unit_counts {tuple(unit_counts.shape)} "
+                         f"do not match [B, NB] = {(batch, n_blocks)}")
+    if x.stride(2) != 1 or w1.stride(1) != 1:
+        raise ValueError("x and w1 need a contiguous last dimension")
+    if out_cache.stride(2) != 1:
+        raise ValueError("out_cache needs a contiguous last dimension")
+    k_cap = unit_indices.shape[2]
+    if k_cap == 0 or n_tokens == 0:
+        return
+    order = (torch.arange(n_tokens, device=x.device, dtype=torch.int32) if row_order is None
+             else row_order.to(device=x.device, dtype=torch.int32))
+    unit_indices = unit_indices if unit_indices.stride(2) == 1 else unit_indices.contiguous()
+    unit_counts = unit_counts.to(torch.int32)
+    if unit_counts.stride(1) != 1:
+        unit_counts = unit_counts.contiguous()
+    up, down = cfg["up"], cfg["down"]
+    # Changes of the recomputed units, [B, K, rows] with rows in row-block order, padded to whole
+    # tiles of both kernels so that neither needs masks along the contiguous dimension. Unit-major,
+    # so that its stores do not share a layout with the gathered loads of hidden_cache (Triton
+    # would then give those 8-element strips per thread: scattered across 8 units each).
+    row_pad = max(_row_tile(block_size, up["block_m"]), _row_tile(block_size, down["block_m"]))
+    delta = torch.empty(batch, triton.cdiv(k_cap, up["block_n"]) * up["block_n"],
+                        triton.cdiv(n_tokens, row_pad) * row_pad, dtype=x.dtype, device=x.device)
+    if delta[0].numel() >= 2 ** 31:  # the kernels address the scratch with 32-bit offsets
+        raise ValueError("too many rows x listed units for one call: split the batch or the tokens")
+
+    stages = (config or {}).get("stages", ("up", "down"))  # benchmarks time the two launches apart
+    if "up" in stages:
+        bm = _row_tile(block_size, up["block_m"])
+        n_row_tiles = math.ceil(n_tokens / bm)
+        grid = (n_row_tiles * triton.cdiv(k_cap, up["block_n"]), batch)
+        _mlp_delta_up_kernel[grid](
+            x, w1, b1 if b1 is not None else w1, hidden_cache, delta, unit_indices, unit_counts, order,
+            x.stride(0), x.stride(1), w1.stride(0), hidden_cache.stride(0), hidden_cache.stride(1),
+            hidden_cache.stride(2), delta.stride(0), delta.stride(1), unit_indices.stride(0),
+            unit_indices.stride(1), unit_counts.stride(0),
+            n_tokens, d_in, k_cap, block_size, n_row_tiles,
+            HAS_BIAS=b1 is not None, ACTIVATION=_ACTIVATION_IDS[activation],
+            BLOCK_M=bm, BLOCK_N=up["block_n"], BLOCK_K=up["block_k"], EVEN_K=d_in % up["block_k"] == 0,
+            HIDDEN_OFFSET_TYPE=tl.int32 if _fits_int32(hidden_cache[0]) else tl.int64,
+            num_warps=up["num_warps"], num_stages=up["num_stages"],
+        )
+    if "down" in stages:
+        bm = _row_tile(block_size, down["block_m"])
+        n_row_tiles = math.ceil(n_tokens / bm)
+        grid = (n_row_tiles * triton.cdiv(d_out, down["block_n"]), batch)
+        _mlp_delta_down_kernel[grid](
+            delta, w2, out_cache, unit_indices, unit_counts, order,
+            delta.stride(0), delta.stride(1), w2.stride(0), w2.stride(1), out_cache.stride(0), out_cache.stride(1),
+            unit_indices.stride(0), unit_indices.stride(1), unit_counts.stride(0),
+            n_tokens, d_out, k_cap, block_size, n_row_tiles,
+            BLOCK_M=bm, BLOCK_N=down["block_n"], BLOCK_K=down["block_k"], EVEN_N=d_out % down["block_n"] == 0,
+            num_warps=down["num_warps"], num_stages=down["num_stages"],
+        )

@@ -1,0 +1,200 @@
+"""Triton kernels == PyTorch references, run on the CPU through Triton's interpreter.
+
+Shapes are tiny (the interpreter is ~100x slower than torch) but keep the real head dims (64,
+128) and cover the awkward cases: token counts that are not a multiple of the group or the tile,
+empty and full key lists, one and several heads, batch > 1, bf16 and fp16, strided views.
+Outputs are filled with NaN first, so an element the kernel fails to write fails the test; the
+references run in float32 on the same half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
+from kernels.mlp_reference import sparse_mlp_delta_reference
+
+TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def assert_matches(actual, expected, dtype, what):
+    actual, expected = actual.float(), expected.float()
+    assert not actual.isnan().any(), f"{what}: NaN (an element was not written)"
+    assert torch.isfinite(actual).all(), f"{what}: not finite"
+    err = float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+    assert err < TOLERANCE[dtype], f"{what}: relative error {err:.2e}"
+    worst = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    assert worst < 8 * TOLERANCE[dtype], f"{what}: worst element off by {worst:.2e} of the largest"
+
+
+def qkv_views(gen, b, h, n, d, dtype, layout):
+    """q, k, v as [B, H, N, D]; "bnhd" gives transposed views of [B, N, H, D] buffers (what models hold)."""
+    if layout == "bnhd":
+        return [torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2) for _ in range(3)]
+    return [torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3)]
+
+
+def output_view(b, h, n, d, dtype, layout):
+    """A NaN-filled output view; for "bnhd" one extra head in the buffer must stay untouched."""
+    if layout == "bnhd":
+        buffer = torch.full((b, n, h + 1, d), float("nan"), dtype=dtype)
+        return buffer, buffer[:, :, :h].transpose(1, 2), buffer[:, :, h]
+    buffer = torch.full((b, h, n, d), float("nan"), dtype=dtype)
+    return buffer, buffer, None
+
+
+def key_lists(gen, b, h, n_groups, n_keys, capacity, counts_rule):
+    """Sorted random key lists; entries past each count are junk ids that must never be read."""
+    idx = torch.stack([torch.randperm(n_keys, generator=gen)[:capacity].sort().values
+                       for _ in range(b * h * n_groups)]).view(b, h, n_groups, capacity).int()
+    if counts_rule == "full":
+        counts = torch.full((b, h, n_groups), capacity, dtype=torch.int32)
+    else:
+        counts = torch.randint(1, capacity + 1, (b, h, n_groups), generator=gen).int()
+        counts.view(-1)[0] = 0  # an empty list
+        counts.view(-1)[-1] = capacity
+        if counts.numel() > 2:
+            counts.view(-1)[1] = min(capacity, 64)  # exactly one tile
+    junk = torch.arange(capacity) >= counts[..., None]
+    idx = torch.where(junk, torch.full_like(idx, 10 ** 6), idx)
+    return idx, counts
+
+
+SPARSE_CASES = [
+    # b, h, n, d, group, capacity, counts, dtype, layout, base
+    (1, 1, 200, 128, 192, 200, "full", torch.bfloat16, "bhnd", "none"),       # all keys, last group short
+    (2, 3, 250, 64, 64, 96, "mixed", torch.float16, "bnhd", "separate"),      # batch, heads, D=64, views
+    (1, 2, 300, 128, 128, 150, "mixed", torch.bfloat16, "bhnd", "alias"),     # in-place cache update
+    (1, 2, 270, 128, 256, 130, "mixed", torch.float16, "bnhd", "alias"),      # 128-row tiles, short group
+    (2, 1, 200, 64, 192, 100, "mixed", torch.bfloat16, "bhnd", "separate"),   # 192 = three 64-row tiles
+    (1, 2, 400, 128, 192, 40, "mixed", torch.float16, "bnhd", "separate"),    # lists shorter than a tile
+    (1, 4, 130, 128, 64, 130, "full", torch.bfloat16, "bnhd", "alias"),       # several heads, all keys
+]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: f"b{c[0]}h{c[1]}n{c[2]}d{c[3]}g{c[4]}-{c[6]}-"
+                                                           f"{str(c[7])[6:]}-{c[8]}-{c[9]}")
+def test_column_sparse_attention_matches_reference(interpreted, case):
+    b, h, n, d, group, capacity, counts_rule, dtype, layout, base_mode = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, layout)
+    n_groups = math.ceil(n / group)
+    idx, counts = key_lists(gen, b, h, n_groups, n, capacity, counts_rule)
+    order = torch.randperm(n, generator=gen).int()
+    sign = -1.0 if base_mode == "alias" else 1.0
+    base = None if base_mode == "none" else torch.randn(b, h, n, d, generator=gen).to(dtype)
+
+    expected = torch.empty(b, h, n, d)
+    column_sparse_attention_reference(q, k, v, idx, counts, order, group, base, expected, sign)
+
+    if base_mode == "alias":
+        out = base.clone()
+        base_arg, spare = out, None
+    else:
+        _, out, spare = output_view(b, h, n, d, dtype, layout)
+        base_arg = base
+    result = interpreted["attention_triton"].column_sparse_attention_triton(
+        q, k, v, idx, counts, order, group, base_arg, out, sign)
+    assert result is out
+    assert_matches(out, expected, dtype, "out")
+    if spare is not None:
+        assert spare.isnan().all(), "wrote outside the output view"
+    if base is not None:  # a group with an empty list leaves its rows at the base exactly
+        empty = (counts == 0).nonzero().tolist()
+        for bi, hi, g in empty:
+            rows = order[g * group:(g + 1) * group].long()
+            assert torch.equal(out[bi, hi, rows], base[bi, hi, rows])
+
+
+DENSE_CASES = [
+    # b, h, n, d, group, dtype, layout, hint
+    (1, 2, 200, 128, 192, torch.bfloat16, "bhnd", True),
+    (2, 1, 150, 64, 64, torch.float16, "bnhd", True),
+    (1, 1, 130, 128, 128, torch.float16, "bnhd", False),
+    (1, 2, 100, 64, 48, torch.bfloat16, "bhnd", False),   # a group size that is no power of two
+    (1, 1, 260, 128, 192, torch.bfloat16, "bnhd", True),   # row tiles straddling groups, N % 64 != 0
+    (2, 2, 90, 128, 256, torch.float16, "bhnd", True),     # one short group
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"b{c[0]}h{c[1]}n{c[2]}d{c[3]}g{c[4]}-{str(c[5])[6:]}-"
+                                                          f"{c[6]}-{'hint' if c[7] else 'exact'}")
+def test_attention_with_column_sums_matches_reference(interpreted, case):
+    b, h, n, d, group, dtype, layout, with_hint = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, layout)
+    order = torch.randperm(n, generator=gen).int()
+    expected_out = torch.empty(b, h, n, d)
+    _, exact_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, None)
+    hint = exact_lse + 0.2 * torch.randn(b, h, n, generator=gen) if with_hint else None
+    expected_sums, expected_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, hint)
+
+    _, out, spare = output_view(b, h, n, d, dtype, layout)
+    sums, lse = interpreted["attention_triton"].attention_with_column_sums_triton(q, k, v, order, group, out, hint)
+    assert_matches(out, expected_out, dtype, "out")
+    if spare is not None:
+        assert spare.isnan().all(), "wrote outside the output view"
+    assert sums.shape == (b, h, math.ceil(n / group), n) and sums.dtype == torch.float32
+    assert lse.shape == (b, h, n) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-4, atol=1e-4)
+    # the sums are accumulated on the tensor cores from bf16 probabilities: ~1e-3 relative
+    assert_matches(sums, expected_sums, torch.bfloat16, "column sums")
+
+
+MLP_CASES = [
+    # b, n, d_in, hidden, d_out, block, capacity, counts, dtype, w2 layout, hidden layout, row order, bias
+    (1, 200, 128, 256, 96, 128, 256, "full", torch.bfloat16, "row_major", "token", "random", True),
+    (2, 150, 64, 192, 80, 64, 70, "mixed", torch.float16, "transposed", "token", "random", False),
+    (1, 140, 96, 160, 64, 128, 100, "mixed", torch.bfloat16, "transposed", "unit_major", None, True),
+    (2, 100, 64, 128, 48, 48, 40, "mixed", torch.float16, "row_major", "token", None, True),
+    (1, 300, 128, 192, 128, 192, 120, "mixed", torch.bfloat16, "transposed", "token", "random", True),
+    (1, 90, 64, 96, 40, 128, 96, "full", torch.float16, "transposed", "unit_major", "random", False),
+]
+
+
+@pytest.mark.parametrize("case", MLP_CASES, ids=lambda c: f"b{c[0]}n{c[1]}m{c[3]}blk{c[5]}-{c[7]}-{str(c[8])[6:]}-"
+                                                        f"w2{c[9]}-{c[10]}-order{c[11]}")
+def test_sparse_mlp_delta_matches_reference(interpreted, case):
+    b, n, d_in, m, d_out, block, capacity, counts_rule, dtype, w2_layout, hidden_layout, row_order, bias = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
+    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
+    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype) if bias else None
+    w2_dense = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
+    w2 = w2_dense if w2_layout == "row_major" else w2_dense.t().contiguous().t()
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
+                         for _ in range(b * n_blocks)]).view(b, n_blocks, capacity).int()
+    if counts_rule == "full":
+        counts = torch.full((b, n_blocks), capacity, dtype=torch.int32)
+    else:
+        counts = torch.randint(1, capacity + 1, (b, n_blocks), generator=gen).int()
+        counts.view(-1)[0] = 0
+        counts.view(-1)[-1] = capacity
+    units = torch.where(torch.arange(capacity) >= counts[..., None], torch.full_like(units, 10 ** 6), units)
+    order = torch.randperm(n, generator=gen).int() if row_order else None
+    hidden = torch.randn(b, n, m, generator=gen).to(dtype)
+    out = torch.randn(b, n, d_out, generator=gen).to(dtype)
+
+    ref_hidden, ref_out = hidden.float(), out.float()
+    sparse_mlp_delta_reference(x, w1, b1, w2_dense, units, counts, order, block, ref_hidden, ref_out)
+
+    kernel_hidden = hidden.clone() if hidden_layout == "token" else hidden.transpose(1, 2).contiguous().transpose(1, 2)
+    kernel_out = out.clone()
+    interpreted["mlp_triton"].sparse_mlp_delta_triton(x, w1, b1, w2, units, counts, order, block,
+                                                      kernel_hidden, kernel_out)
+    assert_matches(kernel_hidden, ref_hidden, dtype, "hidden cache")
+    # the update itself, not the (large) old cache, is what must match
+    assert_matches(kernel_out.float() - out.float(), ref_out - out.float(), dtype, "output update")
+    untouched = ref_hidden == hidden.float()
+    assert torch.equal(kernel_hidden.float()[untouched], hidden.float()[untouched]), "changed unlisted hidden units"
+
+
+def test_interpreter_is_in_use(interpreted):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(interpreted["attention_triton"]._column_sparse_attention_kernel, InterpretedFunction)
