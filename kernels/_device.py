@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -21,3 +22,14 @@ def big_shared_memory(device) -> bool:
     if device.type != "cuda":
         return True
     return _big_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_logger = logging.getLogger(__name__)
+_reported: set[tuple[str, str]] = set()
+
+
+def note_fallback(op: str, reason: str) -> None:
+    """Log once per (op, reason) that a Triton launcher handed a call to the PyTorch reference."""
+    if (op, reason) not in _reported:
+        _reported.add((op, reason))
+        _logger.warning("Chipmunk: %s runs on the PyTorch reference (slow): %s", op, reason)

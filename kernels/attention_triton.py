@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import big_shared_memory
+from ._device import big_shared_memory, note_fallback
+from .attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
 
@@ -264,30 +265,34 @@ def _attention_with_column_sums_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+_HEAD_DIMS = (64, 128)  # the head dims these kernels are tuned and tested for
+_DTYPES = (torch.bfloat16, torch.float16)  # fp32 tiles would not fit the tuned shared-memory budget
+
+
 def _row_tile(group_size: int, cap: int = 128) -> int:
     """Largest power of two <= cap that divides the group size (192 -> 64, 256 -> 128)."""
     tile = 1
     while tile * 2 <= cap and group_size % (tile * 2) == 0:
         tile *= 2
-    if tile < 16:
-        raise ValueError(f"group_size {group_size} must be a multiple of 16 for the Triton kernels")
     return tile
 
 
-def _check_qkv(q, k, v):
+def _unsupported(q, k, v, *outputs) -> str | None:
+    """Why these kernels do not take q/k/v/outputs (the launchers then use the reference)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected q, k, v as [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    head_dim = q.shape[3]
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head dim {head_dim} is not supported by the Triton kernels")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(3) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension")
+    if q.shape[3] not in _HEAD_DIMS:
+        return f"head dim {q.shape[3]} (the kernels take {_HEAD_DIMS})"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (the kernels take one of bf16, fp16)"
+    if any(t is not None and t.stride(3) != 1 for t in (q, k, v, *outputs)):
+        return "a tensor whose last dimension is not contiguous"
+    return None
 
 
 # Tile shapes measured on an H100 with bench/ (see bench/NOTES.md), for GPUs that give a block
 # ~227 KB of shared memory (sm_80, sm_90); sm_86 / sm_89 (~100 KB) get the "small" entries.
-# Sparse kernel: by rows per tile (64 for group sizes like 192, 128 when the group size allows).
+# Sparse kernel: by rows per tile (<= 64 for group sizes like 192, 128 when the group size allows).
 SPARSE_CONFIGS = {
     "big": {64: {"block_n": 64, "num_warps": 4, "num_stages": 3},
             128: {"block_n": 128, "num_warps": 8, "num_stages": 2}},
@@ -310,19 +315,22 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
 
     ``config`` (optional dict) overrides ``SPARSE_CONFIGS`` (and ``block_m``); for benchmarks.
     """
-    _check_qkv(q, k, v)
     config = config or {}
     batch, heads, n_tokens, head_dim = q.shape
     n_groups = math.ceil(n_tokens / group_size)
     if indices.shape[:3] != (batch, heads, n_groups) or counts.shape != (batch, heads, n_groups):
         raise ValueError(f"indices {tuple(indices.shape)} / counts {tuple(counts.shape)} do not match "
                          f"[B, H, G] = {(batch, heads, n_groups)}")
-    if out.stride(3) != 1 or (base is not None and base.stride(3) != 1):
-        raise ValueError("out and base must have a contiguous last dimension")
+    reason = _unsupported(q, k, v, out, base)
+    if reason is None and group_size % 16:
+        reason = f"group size {group_size} (the kernel needs a multiple of 16)"
+    if reason is not None:
+        note_fallback("column_sparse_attention", reason)
+        return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign)
     block_m = config.get("block_m") or _row_tile(group_size)
     if group_size % block_m:
         raise ValueError(f"block_m {block_m} does not divide the group size {group_size}")
-    cfg = {"stream_hint": True, **SPARSE_CONFIGS[_size_class(q.device)][min(block_m, 128)], **config}
+    cfg = {"stream_hint": True, **SPARSE_CONFIGS[_size_class(q.device)][64 if block_m <= 64 else 128], **config}
     tiles_per_group = group_size // block_m
     order = query_order.to(device=q.device, dtype=torch.int32)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
@@ -350,17 +358,18 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     ``config`` (optional dict) overrides ``DENSE_CONFIGS``; ``column_sums=False`` in it skips the
     sums (benchmarks use that to price them) and then returns ``None`` in their place.
     """
-    _check_qkv(q, k, v)
     cfg = {**DENSE_CONFIGS[_size_class(q.device)], **(config or {})}
     batch, heads, n_tokens, head_dim = q.shape
-    if k.shape[2] != n_tokens:
-        raise ValueError("the Triton kernel expects as many keys as queries")
-    if out.stride(3) != 1:
-        raise ValueError("out must have a contiguous last dimension")
     if lse_hint is not None and lse_hint.shape != (batch, heads, n_tokens):
         raise ValueError(f"lse_hint {tuple(lse_hint.shape)} is not [B, H, N] = {(batch, heads, n_tokens)}")
-    if group_size < 16:
-        raise ValueError(f"group_size {group_size} must be at least 16 for the Triton kernels")
+    reason = _unsupported(q, k, v, out)
+    if reason is None and k.shape[2] != n_tokens:
+        reason = "as many keys as queries are expected"
+    if reason is None and group_size < 16:  # a row tile may span at most 16 groups
+        reason = f"group size {group_size} (the kernel needs at least 16)"
+    if reason is not None:
+        note_fallback("attention_with_column_sums", reason)
+        return attention_with_column_sums_reference(q, k, v, query_order, group_size, out, lse_hint)
     n_groups = math.ceil(n_tokens / group_size)
     want_sums = cfg.get("column_sums", True)
     order = query_order.to(device=q.device, dtype=torch.int32)

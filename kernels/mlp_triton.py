@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import big_shared_memory
+from ._device import big_shared_memory, note_fallback
+from .mlp_reference import sparse_mlp_delta_reference
 
 _ACTIVATION_IDS = {"gelu_tanh": 0}
 
@@ -188,11 +189,10 @@ def _fits_int32(t) -> bool:
 
 
 def _row_tile(block_size: int, cap: int) -> int:
+    """Largest power of two <= cap that divides the row block (192 -> 64)."""
     tile = 1
     while tile * 2 <= cap and block_size % (tile * 2) == 0:
         tile *= 2
-    if tile < 16:
-        raise ValueError(f"block_size {block_size} must be a multiple of 16 for the Triton kernels")
     return tile
 
 
@@ -214,10 +214,17 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     if unit_indices.shape[:2] != (batch, n_blocks) or unit_counts.shape != (batch, n_blocks):
         raise ValueError(f"unit_indices {tuple(unit_indices.shape)} / unit_counts {tuple(unit_counts.shape)} "
                          f"do not match [B, NB] = {(batch, n_blocks)}")
-    if x.stride(2) != 1 or w1.stride(1) != 1:
-        raise ValueError("x and w1 need a contiguous last dimension")
-    if out_cache.stride(2) != 1:
-        raise ValueError("out_cache needs a contiguous last dimension")
+    reason = None
+    if x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+        reason = f"dtype {x.dtype} (the kernels take bf16 or fp16, like the weights)"
+    elif block_size % 16:
+        reason = f"row block of {block_size} (the kernels need a multiple of 16)"
+    elif x.stride(2) != 1 or w1.stride(1) != 1 or out_cache.stride(2) != 1:
+        reason = "x, w1 or out_cache with a last dimension that is not contiguous"
+    if reason is not None:
+        note_fallback("sparse_mlp_delta", reason)
+        return sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
+                                          hidden_cache, out_cache, activation)
     k_cap = unit_indices.shape[2]
     if k_cap == 0 or n_tokens == 0:
         return

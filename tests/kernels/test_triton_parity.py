@@ -73,6 +73,7 @@ SPARSE_CASES = [
     (2, 1, 200, 64, 192, 100, "mixed", torch.bfloat16, "bhnd", "separate"),   # 192 = three 64-row tiles
     (1, 2, 400, 128, 192, 40, "mixed", torch.float16, "bnhd", "separate"),    # lists shorter than a tile
     (1, 4, 130, 128, 64, 130, "full", torch.bfloat16, "bnhd", "alias"),       # several heads, all keys
+    (1, 1, 100, 64, 48, 60, "mixed", torch.float16, "bhnd", "separate"),      # 48 = three 16-row tiles
 ]
 
 
@@ -192,6 +193,29 @@ def test_sparse_mlp_delta_matches_reference(interpreted, case):
     assert_matches(kernel_out.float() - out.float(), ref_out - out.float(), dtype, "output update")
     untouched = ref_hidden == hidden.float()
     assert torch.equal(kernel_hidden.float()[untouched], hidden.float()[untouched]), "changed unlisted hidden units"
+
+
+def test_unsupported_shapes_fall_back_to_the_reference(interpreted, caplog):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=gen).half() for _ in range(3))  # head dim 32
+    order = torch.randperm(40, generator=gen).int()
+    idx = torch.arange(40, dtype=torch.int32).expand(1, 2, 2, 40).contiguous()
+    counts = torch.full((1, 2, 2), 30, dtype=torch.int32)
+    attention = interpreted["attention_triton"]
+    with caplog.at_level("WARNING"):
+        out = attention.column_sparse_attention_triton(q, k, v, idx, counts, order, 24, None, torch.empty_like(q), 1.0)
+    expected = column_sparse_attention_reference(q, k, v, idx, counts, order, 24, None, torch.empty_like(q), 1.0)
+    assert torch.equal(out, expected)
+    assert "PyTorch reference" in caplog.text and "head dim 32" in caplog.text
+
+    x = torch.randn(1, 20, 16, generator=gen)  # float32: not taken by the MLP kernels
+    w1, w2 = torch.randn(24, 16, generator=gen), torch.randn(8, 24, generator=gen)
+    units, unit_counts = torch.arange(24, dtype=torch.int32).view(1, 1, 24), torch.tensor([[10]], dtype=torch.int32)
+    caches = [torch.zeros(1, 20, 24), torch.zeros(1, 20, 8)]
+    expected_caches = [c.clone() for c in caches]
+    interpreted["mlp_triton"].sparse_mlp_delta_triton(x, w1, None, w2, units, unit_counts, None, 32, *caches)
+    sparse_mlp_delta_reference(x, w1, None, w2, units, unit_counts, None, 32, *expected_caches)
+    assert all(torch.equal(a, b) for a, b in zip(caches, expected_caches))
 
 
 def test_interpreter_is_in_use(interpreted):
