@@ -45,6 +45,7 @@ def cache_bytes(config: ChipmunkConfig, dims: ModelDims, batch: int, n_tokens: i
         blocks = math.ceil(n_tokens / config.mlp_block)
         per_layer += batch * n_tokens * (dims.mlp_hidden + dims.mlp_out) * element
         per_layer += batch * blocks * dims.mlp_hidden * 4
+        per_layer += dims.mlp_hidden * dims.mlp_out * element  # fc2 transposed for the kernel
     return layers * per_layer
 
 

@@ -34,39 +34,67 @@ def block_means(t: torch.Tensor, row_order: torch.Tensor, block: int) -> torch.T
 
 
 class SparseDeltaMLP:
-    """Per-layer, per-conditioning MLP caches; x is [B, N, Din]."""
+    """Per-layer, per-conditioning MLP caches; x is [B, N, Din].
+
+    The caches are kept in block order (rows permuted by ``row_order``, so a row block is
+    contiguous) and the hidden cache unit-major ([B, M, N]): the layouts the Triton kernel reads
+    and writes with coalesced accesses (scattered 2-byte stores into a token-major cache cost half
+    the sparse MLP's time on an H100). fc2's weight is handed to the kernel transposed
+    (``w2_t.t()``), made once per run when the weight is the layer's own parameter.
+    """
 
     def __init__(self, storage: torch.device | None = None):
         self.storage = storage  # where the hidden/output caches live (None: with the computation)
         self.reset()
 
     def reset(self):
-        self.hidden = None      # [B, N, M] post-activation, token order
-        self.out = None         # [B, N, Dout] MLP output as last computed
+        self.hidden = None      # [B, M, N] post-activation, block order, unit-major
+        self.out = None         # [B, N, Dout] MLP output as last computed, block order
         self.block_mean = None  # [B, NB, M] fp32 pre-activation mean per row block
         self.signature = None
+        self._w2_t = None       # (key, fc2 weight transposed to [M, Dout])
 
     def ready_for(self, x) -> bool:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
 
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.out, self.block_mean)
+        tensors = (self.hidden, self.out, self.block_mean, self._w2_t[1] if self._w2_t else None)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def hidden_in_token_order(self) -> torch.Tensor:
+        """The hidden cache as [B, N, M] in the model's token order (for inspection and tests)."""
+        inverse = torch.empty_like(self._order)
+        inverse[self._order] = torch.arange(self._order.numel(), device=self._order.device)
+        return self.hidden.transpose(1, 2).index_select(1, inverse.to(self.hidden.device))
 
     def dense_step(self, x, pre_activation, row_order, config: ChipmunkConfig) -> torch.Tensor:
         """Record a dense step from fc1's output; returns the activation for the caller's fc2."""
         hidden = ACTIVATIONS[ACTIVATION](pre_activation)
-        self.hidden = to_storage(hidden.clone(), self.storage or hidden.device)
+        self._order = row_order.long()
+        blocked = hidden.index_select(1, self._order).transpose(1, 2).contiguous()
+        self.hidden = to_storage(blocked, self.storage or hidden.device)
         self.block_mean = block_means(pre_activation, row_order, config.mlp_block)
         self.signature = (tuple(x.shape), x.dtype, x.device)
         return hidden
 
     def store_output(self, y: torch.Tensor):
-        self.out = to_storage(y.clone(), self.storage or y.device)
+        self.out = to_storage(y.index_select(1, self._order), self.storage or y.device)
 
-    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, generator) -> torch.Tensor:
-        """The MLP output (a new tensor) after recomputing the chosen units of every row block."""
+    def _transposed_fc2(self, w2, w2_key):
+        if w2_key is not None and self._w2_t is not None and self._w2_t[0] == w2_key:
+            return self._w2_t[1]
+        w2_t = w2.t().contiguous()
+        self._w2_t = (w2_key, w2_t) if w2_key is not None else None
+        return w2_t
+
+    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, generator, w2_key=None) -> torch.Tensor:
+        """The MLP output (a new tensor) after recomputing the chosen units of every row block.
+
+        ``w2_key`` identifies fc2's weight when it is the layer's own parameter (its transpose is
+        then reused across steps); None means the weight may differ per call (LoRA, casting).
+        """
         n_units = w1.shape[0]
+        order = row_order.long()
         x_mean = block_means(x, row_order, config.mlp_block)
         current = torch.nn.functional.linear(x_mean.to(w1.dtype), w1, b1).float()
         indices, counts = kernels.build_index_lists(
@@ -74,7 +102,9 @@ class SparseDeltaMLP:
             random_count=round(config.mlp_random_fraction * n_units), generator=generator,
             pad_to=config.selection_tile)
         hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
-        kernels.sparse_mlp_delta(x, w1, b1, w2, indices, counts, row_order, config.mlp_block, hidden, out, ACTIVATION)
+        w2_t = self._transposed_fc2(w2, w2_key)
+        kernels.sparse_mlp_delta(x.index_select(1, order), w1, b1, w2_t.t(), indices, counts, None,
+                                 config.mlp_block, hidden.transpose(1, 2), out, ACTIVATION)
         if hidden is not self.hidden:  # caches kept off the device: write the updates back
             self.hidden.copy_(hidden, non_blocking=True)
             self.out.copy_(out, non_blocking=True)
@@ -82,4 +112,6 @@ class SparseDeltaMLP:
         recomputed = torch.arange(chosen.shape[-1], device=chosen.device) < counts[..., None]
         refreshed = torch.where(recomputed, current.gather(2, chosen), self.block_mean.gather(2, chosen))
         self.block_mean.scatter_(2, chosen, refreshed)
-        return out.clone()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return out.index_select(1, inverse)

@@ -209,7 +209,7 @@ def _attention_with_column_sums_kernel(
     Q, K, V, Out, Order, ColSum, Lse, LseHint,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     s_cb, s_ch, s_cg, s_lb, s_lh, s_hb, s_hh, s_hn,
-    H, N, group_size, qk_scale,
+    H, N, N_KEYS, group_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_HINT: tl.constexpr, COLUMN_SUMS: tl.constexpr,
 ):
@@ -219,7 +219,7 @@ def _attention_with_column_sums_kernel(
     first_pos = tl.program_id(0) * BLOCK_M
     last_pos = tl.minimum(first_pos + BLOCK_M, N) - 1
     pos = first_pos + tl.arange(0, BLOCK_M)
-    n_full = (N // BLOCK_N) * BLOCK_N
+    n_full = (N_KEYS // BLOCK_N) * BLOCK_N
     k_head = b * s_kb + h * s_kh
     v_head = b * s_vb + h * s_vh
     colsum_head = b * s_cb + h * s_ch
@@ -238,11 +238,11 @@ def _attention_with_column_sums_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N, qk_scale, hint2,
+        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N_KEYS, qk_scale, hint2,
                                         pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
                                         BLOCK_N, HEAD_DIM, False, sum_in_pass)
-    if n_full < N:
-        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, n_full, N, qk_scale,
+    if n_full < N_KEYS:
+        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, n_full, N_KEYS, qk_scale,
                                         hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
                                         BLOCK_N, HEAD_DIM, True, sum_in_pass)
     lse2 = m_i + tl.math.log2(l_i)
@@ -254,10 +254,10 @@ def _attention_with_column_sums_kernel(
         # Exact sums need the final row log-sum-exp: a second pass over the keys.
         lse2 = tl.where(row_valid, lse2, float("inf"))
         for start in range(0, n_full, BLOCK_N):
-            _exact_column_sum_tile(q, K, k_head, s_kn, start, N, qk_scale, lse2, pos, first_pos, last_pos,
+            _exact_column_sum_tile(q, K, k_head, s_kn, start, N_KEYS, qk_scale, lse2, pos, first_pos, last_pos,
                                    group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, False)
-        if n_full < N:
-            _exact_column_sum_tile(q, K, k_head, s_kn, n_full, N, qk_scale, lse2, pos, first_pos, last_pos,
+        if n_full < N_KEYS:
+            _exact_column_sum_tile(q, K, k_head, s_kn, n_full, N_KEYS, qk_scale, lse2, pos, first_pos, last_pos,
                                    group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, True)
 
 
@@ -363,8 +363,6 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     if lse_hint is not None and lse_hint.shape != (batch, heads, n_tokens):
         raise ValueError(f"lse_hint {tuple(lse_hint.shape)} is not [B, H, N] = {(batch, heads, n_tokens)}")
     reason = _unsupported(q, k, v, out)
-    if reason is None and k.shape[2] != n_tokens:
-        reason = "as many keys as queries are expected"
     if reason is None and group_size < 16:  # a row tile may span at most 16 groups
         reason = f"group size {group_size} (the kernel needs at least 16)"
     if reason is not None:
@@ -374,7 +372,7 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     want_sums = cfg.get("column_sums", True)
     order = query_order.to(device=q.device, dtype=torch.int32)
     if want_sums:
-        column_sums = torch.zeros(batch, heads, n_groups, n_tokens, dtype=torch.float32, device=q.device)
+        column_sums = torch.zeros(batch, heads, n_groups, k.shape[2], dtype=torch.float32, device=q.device)
     else:
         column_sums = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, n_tokens, dtype=torch.float32, device=q.device)
@@ -386,7 +384,7 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         column_sums.stride(0), column_sums.stride(1), column_sums.stride(2), lse.stride(0), lse.stride(1),
         hint.stride(0), hint.stride(1), hint.stride(2),
-        heads, n_tokens, group_size, head_dim ** -0.5 * _LOG2E,
+        heads, n_tokens, k.shape[2], group_size, head_dim ** -0.5 * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         HAS_HINT=lse_hint is not None, COLUMN_SUMS=want_sums,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..state import LayerCall
-from .weights import linear_weights
+from .weights import linear_weights, weight_identity
 
 
 def _comfy():
@@ -46,7 +46,8 @@ def two_layer_mlp(layer: LayerCall, stream: str, sequential, x, row_order):
         return y
     w1, b1 = linear_weights(fc1, x)
     w2, _ = linear_weights(fc2, x)
-    return state.sparse_step(x, w1, b1, w2, row_order, layer.config, layer.generator(x.device))
+    return state.sparse_step(x, w1, b1, w2, row_order, layer.config, layer.generator(x.device),
+                             w2_key=weight_identity(fc2, w2))
 
 
 def double_block(block, args: dict, layer: LayerCall) -> dict:
@@ -114,7 +115,8 @@ def single_block(block, args: dict, layer: LayerCall) -> dict:
     elif sparse_mlp:
         w2, b2 = linear_weights(block.linear2, attn)
         mlp_out = state.sparse_step(x_in, w1[3 * width:], None if b1 is None else b1[3 * width:],
-                                    w2[:, width:], layout.query_order, layer.config, layer.generator(x.device))
+                                    w2[:, width:], layout.query_order, layer.config, layer.generator(x.device),
+                                    w2_key=weight_identity(block.linear2, w2[:, width:]))
         output = F.linear(attn, w2[:, :width], b2) + mlp_out
     else:
         activation = state.dense_step(x_in, pre_activation, layout.query_order, layer.config)

@@ -20,3 +20,17 @@ def linear_weights(module, like):
     if scale is not None:
         weight = weight * scale.to(device=weight.device, dtype=weight.dtype)
     return weight, bias
+
+
+def weight_identity(module, weight):
+    """A key for ``weight`` when it is (a view of) the module's own parameter, else None.
+
+    Caching something derived from a weight (a transposed copy) is only safe when the weight is
+    the parameter itself: casts, offload copies and on-the-fly LoRA give a new tensor per call.
+    """
+    param = getattr(module, "weight", None)
+    if param is None or weight.device != param.device or weight.dtype != param.dtype:
+        return None
+    if weight.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
+        return None
+    return (id(param), param._version, weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))

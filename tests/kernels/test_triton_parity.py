@@ -146,6 +146,26 @@ def test_attention_with_column_sums_matches_reference(interpreted, case):
     assert_matches(sums, expected_sums, torch.bfloat16, "column sums")
 
 
+@pytest.mark.parametrize("with_hint", [True, False], ids=["hint", "exact"])
+def test_attention_with_column_sums_over_fewer_keys_than_queries(interpreted, with_hint):
+    """Key padding (HunyuanVideo's masked text) reaches the kernel as k/v cut to the valid keys."""
+    b, h, n, n_keys, d, group, dtype = 1, 2, 200, 171, 128, 64, torch.bfloat16
+    gen = torch.Generator().manual_seed(5 + with_hint)
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bnhd")
+    k, v = k[:, :, :n_keys], v[:, :, :n_keys]
+    order = torch.randperm(n, generator=gen).int()
+    expected_out = torch.empty(b, h, n, d)
+    _, exact_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, None)
+    hint = exact_lse + 0.2 * torch.randn(b, h, n, generator=gen) if with_hint else None
+    expected_sums, expected_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, hint)
+    _, out, _ = output_view(b, h, n, d, dtype, "bnhd")
+    sums, lse = interpreted["attention_triton"].attention_with_column_sums_triton(q, k, v, order, group, out, hint)
+    assert sums.shape == (b, h, math.ceil(n / group), n_keys)
+    assert_matches(out, expected_out, dtype, "out")
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-4, atol=1e-4)
+    assert_matches(sums, expected_sums, torch.bfloat16, "column sums")
+
+
 MLP_CASES = [
     # b, n, d_in, hidden, d_out, block, capacity, counts, dtype, w2 layout, hidden layout, row order, bias
     (1, 200, 128, 256, 96, 128, 256, "full", torch.bfloat16, "row_major", "token", "random", True),

@@ -1,0 +1,149 @@
+"""End-to-end timing inside ComfyUI: stock sampling against Chipmunk Accelerate, same model and seed.
+
+Models are built from ComfyUI's own classes at their real widths (random weights, so the numbers
+say nothing of image quality), sampled with ComfyUI's real sampler (``comfy.sample.sample``) on the
+GPU. Prints a table and writes JSON (device, versions, shapes, seconds per run, speed-up, relative
+deviation from stock).
+
+    python bench/e2e_comfy.py --comfyui PATH [--out results.json] [--cases flux,wan13b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_pack():
+    """The core and the hooks as subpackages of the pack, without ComfyUI's node registry."""
+    for name, path in (("chipmunk_pack", ROOT), ("chipmunk_pack.nodes", ROOT / "nodes")):
+        module = types.ModuleType(name)
+        module.__path__ = [str(path)]
+        sys.modules.setdefault(name, module)
+    from chipmunk_pack.chipmunk_core import adapter_for, resolve_config
+    from chipmunk_pack.nodes import hooks
+    return adapter_for, resolve_config, hooks
+
+
+CASES = {
+    # name: (supported_models class, unet config, latent shape, conditioning (tokens, width, pooled), steps)
+    "flux": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                          hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=4, depth_single_blocks=8,
+                          axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+             (1, 16, 128, 128), (512, 4096, 768), 20),
+    "wan13b": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=1536,
+                                 ffn_dim=8960, freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30,
+                                 eps=1e-6),
+               (1, 16, 21, 60, 104), (512, 4096, None), 20),
+}
+
+
+def build(comfy, name, device, dtype):
+    import torch
+    cls_name, unet, _, _, _ = CASES[name]
+    config = getattr(comfy.supported_models, cls_name)(unet)
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.diffusion_model.named_parameters():
+            if pname.endswith("scale") or (("norm" in pname) and pname.endswith("weight")):
+                p.fill_(1)
+            elif pname.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(p.dtype))
+    model.diffusion_model.to(device=device, dtype=dtype)
+    return comfy.model_patcher.ModelPatcher(model, torch.device(device), torch.device("cpu"))
+
+
+def conditioning(name, seed):
+    import torch
+    tokens, width, pooled = CASES[name][3]
+    g = torch.Generator().manual_seed(seed)
+    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": 3.5}
+    return [[torch.randn(1, tokens, width, generator=g), extra]]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
+    ns = parser.parse_args()
+    sys.path.insert(0, ns.comfyui)
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = ns.device == "cpu"
+    import torch
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+    import triton
+    adapter_for, resolve_config, hooks = import_pack()
+    comfy_ns = types.SimpleNamespace(supported_models=comfy.supported_models, model_patcher=comfy.model_patcher)
+
+    if ns.smoke:
+        CASES["flux"][1].update(depth=1, depth_single_blocks=3)
+        CASES["wan13b"][1].update(num_layers=3)
+        for name, (cls_name, unet, shape, cond, steps) in list(CASES.items()):
+            CASES[name] = (cls_name, unet, shape[:-2] + (16, 24), cond, 6)
+    sync = torch.cuda.synchronize if ns.device == "cuda" else (lambda: None)
+    rows = []
+    for name in ns.cases.split(","):
+        _, _, latent_shape, _, steps = CASES[name]
+        stock = build(comfy_ns, name, ns.device, torch.bfloat16 if ns.device == "cuda" else torch.float32)
+        adapter = adapter_for(stock.get_model_object("diffusion_model"))
+        variants = [("stock", None), ("chipmunk auto", resolve_config(adapter.family))]
+        if adapter.family == "flux":
+            variants.append(("chipmunk attention only", resolve_config(adapter.family, mlp_sparsity=0.0)))
+        latent = torch.zeros(latent_shape)
+        noise = comfy.sample.prepare_noise(latent, 1)
+        pos, neg = conditioning(name, 5), conditioning(name, 6)
+        reference = None
+        for label, config in variants:
+            model = stock
+            if config is not None:
+                model = stock.clone()
+                hooks.install(model, adapter, config)
+
+            def run():
+                sync()
+                start = time.perf_counter()
+                out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", pos, neg, latent, seed=1,
+                                          disable_pbar=True)
+                sync()
+                return time.perf_counter() - start, out
+
+            run()  # warm-up: model load, kernel compilation
+            seconds, out = min((run() for _ in range(2)), key=lambda r: r[0])
+            if reference is None:
+                reference, stock_seconds = out, seconds
+            deviation = float((out.float() - reference.float()).norm() / reference.float().norm())
+            rows.append(dict(case=name, variant=label, latent=list(latent_shape), steps=steps, seconds=round(seconds, 3),
+                             speedup=round(stock_seconds / seconds, 3), rel_deviation=deviation,
+                             finite=bool(torch.isfinite(out).all()),
+                             settings=None if config is None else config.describe()))
+            print(f"{name:8s} {label:26s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}  dev {deviation:.2e}",
+                  flush=True)
+        del stock, reference
+        if ns.device == "cuda":
+            torch.cuda.empty_cache()
+    device_name = torch.cuda.get_device_name() if ns.device == "cuda" else "cpu"
+    result = dict(date=datetime.date.today().isoformat(), device=device_name,
+                  torch=torch.__version__, triton=triton.__version__, rows=rows)
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
