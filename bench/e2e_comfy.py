@@ -34,10 +34,14 @@ def import_pack():
 
 CASES = {
     # name: (supported_models class, unet config, latent shape, conditioning (tokens, width, pooled), steps)
-    "flux": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+    "flux": ("Flux", dict(  # FLUX.1-dev width, 4 + 8 of its 19 + 38 blocksimage_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                           hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=4, depth_single_blocks=8,
                           axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
              (1, 16, 128, 128), (512, 4096, 768), 20),
+    "flux_full": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                               hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                               axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+                  (1, 16, 128, 128), (512, 4096, 768), 50),
     "wan13b": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=1536,
                                  ffn_dim=8960, freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30,
                                  eps=1e-6),
@@ -60,7 +64,6 @@ def build(comfy, name, device, dtype):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(p.dtype))
-    model.diffusion_model.to(device=device, dtype=dtype)
     return comfy.model_patcher.ModelPatcher(model, torch.device(device), torch.device("cpu"))
 
 
@@ -72,13 +75,24 @@ def conditioning(name, seed):
     return [[torch.randn(1, tokens, width, generator=g), extra]]
 
 
+def print_profile(run, title):
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+    print(f"--- {title}: top GPU time", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True)
     parser.add_argument("--out", default=None)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
+    parser.add_argument("--profile", action="store_true", help="print where the Chipmunk runs spend GPU time")
     ns = parser.parse_args()
     sys.path.insert(0, ns.comfyui)
     from comfy.cli_args import args as comfy_args
@@ -95,6 +109,7 @@ def main():
     if ns.smoke:
         CASES["flux"][1].update(depth=1, depth_single_blocks=3)
         CASES["wan13b"][1].update(num_layers=3)
+        CASES["flux_full"][1].update(depth=1, depth_single_blocks=3)
         for name, (cls_name, unet, shape, cond, steps) in list(CASES.items()):
             CASES[name] = (cls_name, unet, shape[:-2] + (16, 24), cond, 6)
     sync = torch.cuda.synchronize if ns.device == "cuda" else (lambda: None)
@@ -125,7 +140,9 @@ def main():
                 return time.perf_counter() - start, out
 
             run()  # warm-up: model load, kernel compilation
-            seconds, out = min((run() for _ in range(2)), key=lambda r: r[0])
+            seconds, out = min((run() for _ in range(ns.repeats)), key=lambda r: r[0])
+            if ns.profile:
+                print_profile(run, f"{name} {label}")
             if reference is None:
                 reference, stock_seconds = out, seconds
             deviation = float((out.float() - reference.float()).norm() / reference.float().norm())

@@ -30,6 +30,8 @@ class ChipmunkConfig:
     local_window: tuple[int, ...] = ()
     query_group: int = 192
     mlp_block: int = 128
+    # Sparse steps between re-rankings of the MLP units (the reference re-ranks every second step).
+    mlp_selection_interval: int = 2
     selection_tile: int = 64
 
     def __post_init__(self):
@@ -40,6 +42,8 @@ class ChipmunkConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 problems.append(f"{name} must be in [0, 1) (0 = dense), got {value}")
+        if self.mlp_selection_interval < 1:
+            problems.append(f"mlp_selection_interval must be >= 1, got {self.mlp_selection_interval}")
         for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -5,7 +5,10 @@ output Y and, per row block, the mean of fc1's pre-activation. Sparse step: per 
 hidden units by |fc1(mean of the block's inputs) - cached block mean| (fc1 is linear, so that is
 exactly the change of the block's mean pre-activation), recompute the top ones plus a few random
 ones, and update H and Y by the delta. The block mean of the recomputed units is refreshed, so the
-next ranking measures change since each unit was last recomputed.
+next ranking measures change since each unit was last recomputed. Like the reference, the
+ranking is redone every ``mlp_selection_interval`` sparse steps; in between, the same units are
+recomputed (ranking costs a dozen small operations per layer, which matters when the GPU work per
+layer is small).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ ACTIVATION = "gelu_tanh"
 
 def block_means(t: torch.Tensor, row_order: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over each row block (consecutive ``block`` positions of ``row_order``): [B, NB, C]."""
-    batch, n_rows, channels = t.shape
-    ordered = t.index_select(1, row_order.long())
+    return _ordered_block_means(t.index_select(1, row_order.long()), block)
+
+
+def _ordered_block_means(ordered: torch.Tensor, block: int) -> torch.Tensor:
+    batch, n_rows, channels = ordered.shape
     full = n_rows // block
     parts = []
     if full:
@@ -53,6 +59,8 @@ class SparseDeltaMLP:
         self.block_mean = None  # [B, NB, M] fp32 pre-activation mean per row block
         self.signature = None
         self._w2_t = None       # (key, fc2 weight transposed to [M, Dout])
+        self._selection = None  # (indices, counts) of the last ranking
+        self._sparse_steps = 0  # sparse steps since the last dense step
 
     def ready_for(self, x) -> bool:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
@@ -63,18 +71,19 @@ class SparseDeltaMLP:
 
     def hidden_in_token_order(self) -> torch.Tensor:
         """The hidden cache as [B, N, M] in the model's token order (for inspection and tests)."""
-        inverse = torch.empty_like(self._order)
-        inverse[self._order] = torch.arange(self._order.numel(), device=self._order.device)
-        return self.hidden.transpose(1, 2).index_select(1, inverse.to(self.hidden.device))
+        return self.hidden.transpose(1, 2).index_select(1, self._inverse.to(self.hidden.device))
 
     def dense_step(self, x, pre_activation, row_order, config: ChipmunkConfig) -> torch.Tensor:
         """Record a dense step from fc1's output; returns the activation for the caller's fc2."""
         hidden = ACTIVATIONS[ACTIVATION](pre_activation)
         self._order = row_order.long()
+        self._inverse = torch.empty_like(self._order)
+        self._inverse[self._order] = torch.arange(self._order.numel(), device=self._order.device)
         blocked = hidden.index_select(1, self._order).transpose(1, 2).contiguous()
         self.hidden = to_storage(blocked, self.storage or hidden.device)
         self.block_mean = block_means(pre_activation, row_order, config.mlp_block)
         self.signature = (tuple(x.shape), x.dtype, x.device)
+        self._selection, self._sparse_steps = None, 0
         return hidden
 
     def store_output(self, y: torch.Tensor):
@@ -93,25 +102,31 @@ class SparseDeltaMLP:
         ``w2_key`` identifies fc2's weight when it is the layer's own parameter (its transpose is
         then reused across steps); None means the weight may differ per call (LoRA, casting).
         """
+        x_ordered = x.index_select(1, row_order.long())
+        if self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0:
+            self._selection = self._rank_units(x_ordered, w1, b1, config, generator)
+        self._sparse_steps += 1
+        indices, counts = self._selection
+        hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
+        w2_t = self._transposed_fc2(w2, w2_key)
+        kernels.sparse_mlp_delta(x_ordered, w1, b1, w2_t.t(), indices, counts, None,
+                                 config.mlp_block, hidden.transpose(1, 2), out, ACTIVATION)
+        if hidden is not self.hidden:  # caches kept off the device: write the updates back
+            self.hidden.copy_(hidden, non_blocking=True)
+            self.out.copy_(out, non_blocking=True)
+        return out.index_select(1, self._inverse)
+
+    def _rank_units(self, x_ordered, w1, b1, config: ChipmunkConfig, generator):
+        """Units to recompute per row block; refreshes the block means of the chosen units."""
         n_units = w1.shape[0]
-        order = row_order.long()
-        x_mean = block_means(x, row_order, config.mlp_block)
+        x_mean = _ordered_block_means(x_ordered, config.mlp_block)
         current = torch.nn.functional.linear(x_mean.to(w1.dtype), w1, b1).float()
         indices, counts = kernels.build_index_lists(
             (current - self.block_mean).abs(), keep_count=round(config.mlp_keep * n_units),
             random_count=round(config.mlp_random_fraction * n_units), generator=generator,
             pad_to=config.selection_tile)
-        hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
-        w2_t = self._transposed_fc2(w2, w2_key)
-        kernels.sparse_mlp_delta(x.index_select(1, order), w1, b1, w2_t.t(), indices, counts, None,
-                                 config.mlp_block, hidden.transpose(1, 2), out, ACTIVATION)
-        if hidden is not self.hidden:  # caches kept off the device: write the updates back
-            self.hidden.copy_(hidden, non_blocking=True)
-            self.out.copy_(out, non_blocking=True)
         chosen = indices.long()
         recomputed = torch.arange(chosen.shape[-1], device=chosen.device) < counts[..., None]
         refreshed = torch.where(recomputed, current.gather(2, chosen), self.block_mean.gather(2, chosen))
         self.block_mean.scatter_(2, chosen, refreshed)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return out.index_select(1, inverse)
+        return indices, counts

@@ -57,10 +57,14 @@ def build_index_lists(scores, keep_count, random_count=0, forced=None, generator
         finite = torch.isfinite(priority)
         random_pick = torch.topk(torch.where(finite, noise, -1.0), n_random, dim=-1).indices
         priority.scatter_(-1, random_pick, float("3e38"))
-    chosen = torch.topk(priority, capacity, dim=-1).indices
+    chosen = torch.topk(priority, capacity, dim=-1, sorted=max_forced > total).indices
+    if max_forced <= total:  # every row keeps exactly `total` columns: no tail to push back
+        counts = torch.full(chosen.shape[:-1], total, dtype=torch.int32, device=device)
+        return torch.sort(chosen, dim=-1).values.to(torch.int32), counts
     counts = torch.maximum(torch.full_like(n_forced, total), n_forced).clamp(max=capacity)
     counts = counts.expand(chosen.shape[:-1]).to(torch.int32)
-    # Sort the kept prefix; the tail beyond each row's count is pushed after it.
+    # Sort the kept prefix (topk gave it first, by priority); the tail beyond each row's count is
+    # pushed after it.
     slot = torch.arange(capacity, device=device)
     keyed = torch.where(slot < counts[..., None].long(), chosen, chosen + n_cols)
     indices = torch.sort(keyed, dim=-1).values

@@ -71,7 +71,8 @@ def _mlp(din, hidden, dout, seed):
 
 
 def test_mlp_delta_is_exact_for_recomputed_units_and_keeps_the_cache_consistent():
-    config = resolve_config("flux", mlp_sparsity=0.5, mlp_random_fraction=0.1, mlp_block=16, selection_tile=8)
+    config = resolve_config("flux", mlp_sparsity=0.5, mlp_random_fraction=0.1, mlp_block=16, selection_tile=8,
+                            mlp_selection_interval=1)
     batch, n, din, hidden, dout = 2, 40, 24, 64, 24
     w1, b1, w2, b2 = _mlp(din, hidden, dout, 0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(3)).to(torch.int32)
@@ -128,3 +129,18 @@ def test_bad_settings_are_refused_with_the_field_named():
         resolve_config("flux", attention_sparsity=1.0)
     with pytest.raises(ValueError, match="supports"):
         resolve_config("sd15")
+
+
+def test_mlp_reranks_units_every_selection_interval():
+    config = resolve_config("flux", mlp_sparsity=0.6, mlp_block=16, selection_tile=8, mlp_selection_interval=2)
+    w1, b1, w2, b2 = _mlp(16, 64, 16, 2)
+    order = torch.arange(32, dtype=torch.int32)
+    x = torch.randn(1, 32, 16)
+    state = SparseDeltaMLP()
+    state.store_output(F.linear(state.dense_step(x, F.linear(x, w1, b1), order, config), w2, b2))
+    picks = []
+    for step in range(4):
+        state.sparse_step(x + (step + 1) * torch.randn(1, 32, 16), w1, b1, w2, order, config, torch.Generator())
+        picks.append(state._selection[0].clone())
+    assert torch.equal(picks[0], picks[1]) and torch.equal(picks[2], picks[3])
+    assert not torch.equal(picks[1], picks[2])
