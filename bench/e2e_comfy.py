@@ -34,7 +34,8 @@ def import_pack():
 
 CASES = {
     # name: (supported_models class, unet config, latent shape, conditioning (tokens, width, pooled), steps)
-    "flux": ("Flux", dict(  # FLUX.1-dev width, 4 + 8 of its 19 + 38 blocksimage_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+    # FLUX.1-dev's width with 4 + 8 of its 19 + 38 blocks, and the whole FLUX.1-dev.
+    "flux": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                           hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=4, depth_single_blocks=8,
                           axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
              (1, 16, 128, 128), (512, 4096, 768), 20),
