@@ -15,11 +15,23 @@ skip, saying how to get it, only when neither exists.
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from harness import paths
+
+
+# Unit tests import the core and the kernels as subpackages of the pack (their relative imports
+# need it) without running the pack's __init__ (which needs ComfyUI), and without putting the
+# pack's folders on sys.path (a top-level ``kernels`` would shadow a PyPI package of that name):
+# the repository root is registered as a bare package named ``chipmunk_pack``.
+if "chipmunk_pack" not in sys.modules:
+    _package = types.ModuleType("chipmunk_pack")
+    _package.__path__ = [str(Path(__file__).resolve().parents[1])]
+    sys.modules["chipmunk_pack"] = _package
 
 
 def pytest_configure(config):

@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 
 _REPO = Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
 
 
 def _can_interpret_here() -> bool:
@@ -37,7 +35,7 @@ _IN_PROCESS = _can_interpret_here()
 if _IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
-_KERNEL_MODULES = ("kernels.attention_triton", "kernels.mlp_triton")
+_KERNEL_MODULES = ("chipmunk_pack.kernels.attention_triton", "chipmunk_pack.kernels.mlp_triton")
 
 
 def _patch_bf16_dot_if_broken():

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import build_index_lists, selection_size
-from kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
-from kernels.mlp_reference import sparse_mlp_delta_reference
+from chipmunk_pack.kernels import build_index_lists, selection_size
+from chipmunk_pack.kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
+from chipmunk_pack.kernels.mlp_reference import sparse_mlp_delta_reference
 
 
 def dense_attention(q, k, v):

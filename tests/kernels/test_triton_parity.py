@@ -15,8 +15,8 @@ import zlib
 import pytest
 import torch
 
-from kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
-from kernels.mlp_reference import sparse_mlp_delta_reference
+from chipmunk_pack.kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
+from chipmunk_pack.kernels.mlp_reference import sparse_mlp_delta_reference
 
 TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
