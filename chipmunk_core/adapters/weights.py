@@ -27,10 +27,12 @@ def weight_identity(module, weight):
 
     Caching something derived from a weight (a transposed copy) is only safe when the weight is
     the parameter itself: casts, offload copies and on-the-fly LoRA give a new tensor per call.
+    Such caches live for one sampling run, during which ComfyUI does not patch weights in place
+    (and inference tensors have no version counter to check).
     """
     param = getattr(module, "weight", None)
     if param is None or weight.device != param.device or weight.dtype != param.dtype:
         return None
     if weight.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
         return None
-    return (id(param), param._version, weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+    return (id(param), param.data_ptr(), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
