@@ -43,6 +43,13 @@ CASES = {
                                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
                                axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
                   (1, 16, 128, 128), (512, 4096, 768), 50),
+    # HunyuanVideo's width with 2 + 6 of its 20 + 40 blocks, 720x1280, 129 frames (118800 video tokens),
+    # 256 text tokens of which 200 are real (the rest is padding, masked).
+    "hunyuan720": ("HunyuanVideo", dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
+                                        patch_size=[1, 2, 2], axes_dim=[16, 56, 56], meanflow=False, context_in_dim=4096,
+                                        hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=2, depth_single_blocks=6,
+                                        theta=256, qkv_bias=True, byt5=False, guidance_embed=True),
+                   (1, 16, 33, 90, 160), (256, 4096, 768, 200), 10),
     "wan13b": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=1536,
                                  ffn_dim=8960, freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30,
                                  eps=1e-6),
@@ -70,9 +77,13 @@ def build(comfy, name, device, dtype):
 
 def conditioning(name, seed):
     import torch
-    tokens, width, pooled = CASES[name][3]
+    tokens, width, pooled, *valid = CASES[name][3]
     g = torch.Generator().manual_seed(seed)
     extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": 3.5}
+    if valid:  # text padding, masked as a text encoder's attention mask does
+        mask = torch.zeros(1, tokens, dtype=torch.long)
+        mask[:, : valid[0]] = 1
+        extra["attention_mask"] = mask
     return [[torch.randn(1, tokens, width, generator=g), extra]]
 
 
@@ -91,6 +102,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--host-caches", default="hunyuan720",
+                        help="cases that also run with the caches forced into host memory")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--profile", action="store_true", help="print where the Chipmunk runs spend GPU time")
@@ -105,14 +118,16 @@ def main():
     import comfy.supported_models
     import triton
     adapter_for, resolve_config, hooks = import_pack()
+    from chipmunk_pack.chipmunk_core.memory import place_caches
     comfy_ns = types.SimpleNamespace(supported_models=comfy.supported_models, model_patcher=comfy.model_patcher)
 
     if ns.smoke:
         CASES["flux"][1].update(depth=1, depth_single_blocks=3)
         CASES["wan13b"][1].update(num_layers=3)
         CASES["flux_full"][1].update(depth=1, depth_single_blocks=3)
+        CASES["hunyuan720"][1].update(depth=1, depth_single_blocks=3)
         for name, (cls_name, unet, shape, cond, steps) in list(CASES.items()):
-            CASES[name] = (cls_name, unet, shape[:-2] + (16, 24), cond, 6)
+            CASES[name] = (cls_name, unet, shape[:2] + (3,) * (len(shape) - 4) + (16, 24), cond, 6)
     sync = torch.cuda.synchronize if ns.device == "cuda" else (lambda: None)
     rows = []
     for name in ns.cases.split(","):
@@ -122,12 +137,17 @@ def main():
         variants = [("stock", None), ("chipmunk auto", resolve_config(adapter.family))]
         if adapter.family == "flux":
             variants.append(("chipmunk attention only", resolve_config(adapter.family, mlp_sparsity=0.0)))
+        if name in ns.host_caches.split(","):
+            variants.append(("chipmunk auto, caches in host memory", resolve_config(adapter.family)))
         latent = torch.zeros(latent_shape)
         noise = comfy.sample.prepare_noise(latent, 1)
         pos, neg = conditioning(name, 5), conditioning(name, 6)
         reference = None
         for label, config in variants:
             model = stock
+            state_module = sys.modules["chipmunk_pack.chipmunk_core.state"]
+            state_module.place_caches = (lambda needed, free, device: torch.device("cpu")) if "host" in label \
+                else place_caches
             if config is not None:
                 model = stock.clone()
                 hooks.install(model, adapter, config)
