@@ -145,3 +145,29 @@ def test_batch_of_two_with_cfg(family):
     fast = family.comfy.ksampler(family.accelerate(), positive, negative, latent, seed=3, steps=STEPS, cfg=3.5)
     assert fast.shape == stock.shape and fast.shape[0] == 2
     assert torch.isfinite(fast).all() and 0 < _relative(fast, stock) < 0.2
+
+
+def test_an_interrupted_run_releases_its_state(family, caplog):
+    """An interrupt (or any error) mid-sampling ends the run cleanly; the next run is unaffected."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    size = SIZES[family.name][0]
+    patched = family.accelerate()
+    expected = family.sample(patched, size)
+    interrupted = patched.clone()
+    calls = []
+
+    def interrupt_after_three_calls(executor, *args, **kwargs):
+        calls.append(None)
+        if len(calls) > 3:  # past the dense warm-up: sparse caches exist by now
+            raise comfy.model_management.InterruptProcessingException()
+        return executor(*args, **kwargs)
+
+    interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-interrupt",
+                                     interrupt_after_three_calls)
+    with caplog.at_level(logging.INFO), pytest.raises(comfy.model_management.InterruptProcessingException):
+        family.sample(interrupted, size)
+    assert any(r.getMessage().startswith("Chipmunk run:") for r in caplog.records), "state released in a finally"
+    assert "chipmunk_run" not in patched.model_options["transformer_options"]
+    assert torch.equal(family.sample(patched, size), expected)
