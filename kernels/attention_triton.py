@@ -161,20 +161,25 @@ def _add_group_column_sums(p, weight, pos, first_pos, last_pos, group_size, ColS
 
 
 @triton.jit
+def _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Rows ``cols`` of one head of K (or V); rows past the end read as zeros when masked."""
+    dims = tl.arange(0, HEAD_DIM)
+    ptrs = K + k_head + cols64[:, None] * s_kn + dims[None, :]
+    if MASK_COLS:
+        return tl.load(ptrs, mask=col_valid[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N, qk_scale, hint2,
                     pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr,
                     SUM_WITH_HINT: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
     col_valid = cols < N
     cols64 = cols.to(tl.int64)
-    if MASK_COLS:
-        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :], mask=col_valid[:, None], other=0.0)
-        v = tl.load(V + v_head + cols64[:, None] * s_vn + dims[None, :], mask=col_valid[:, None], other=0.0)
-    else:
-        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :])
-        v = tl.load(V + v_head + cols64[:, None] * s_vn + dims[None, :])
+    k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM, MASK_COLS)
+    v = _load_key_rows(V, v_head, s_vn, cols64, col_valid, HEAD_DIM, MASK_COLS)
     acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, MASK_COLS)
     if SUM_WITH_HINT:
         # exp(s - L_hint) = p * exp(m - L_hint): one weight per row.
@@ -188,13 +193,9 @@ def _exact_column_sum_tile(q, K, k_head, s_kn, start, N, qk_scale, lse2, pos, fi
                            ColSum, colsum_head, s_cg, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                            MASK_COLS: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
     col_valid = cols < N
     cols64 = cols.to(tl.int64)
-    if MASK_COLS:
-        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :], mask=col_valid[:, None], other=0.0)
-    else:
-        k = tl.load(K + k_head + cols64[:, None] * s_kn + dims[None, :])
+    k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM, MASK_COLS)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASK_COLS:
         qk = tl.where(col_valid[None, :], qk, float("-inf"))
