@@ -104,6 +104,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--host-caches", default="hunyuan720",
                         help="cases that also run with the caches forced into host memory")
+    parser.add_argument("--steps", type=int, default=None, help="override every case's step count")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--profile", action="store_true", help="print where the Chipmunk runs spend GPU time")
@@ -132,6 +133,7 @@ def main():
     rows = []
     for name in ns.cases.split(","):
         _, _, latent_shape, _, steps = CASES[name]
+        steps = ns.steps or steps
         stock = build(comfy_ns, name, ns.device, torch.bfloat16 if ns.device == "cuda" else torch.float32)
         adapter = adapter_for(stock.get_model_object("diffusion_model"))
         variants = [("stock", None), ("chipmunk auto", resolve_config(adapter.family))]
