@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import selection_size
 from .config import ChipmunkConfig
 
 # Device memory left free for the model's activations when deciding where caches go.
@@ -38,7 +39,7 @@ def cache_bytes(config: ChipmunkConfig, dims: ModelDims, batch: int, n_tokens: i
     per_layer = 0
     if config.sparse_attention:
         groups = math.ceil(n_tokens / config.query_group)
-        kept = min(n_tokens, math.ceil(config.attention_keep * n_tokens / config.selection_tile) * config.selection_tile)
+        kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
         per_layer += batch * n_tokens * dims.heads * dims.head_dim * element  # delta cache
         per_layer += batch * dims.heads * (groups * (kept + 1) + n_tokens) * 4  # key lists, counts, lse
     if config.sparse_mlp:

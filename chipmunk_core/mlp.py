@@ -18,6 +18,7 @@ import torch
 from .. import kernels
 from ..kernels.mlp_reference import ACTIVATIONS
 from .config import ChipmunkConfig
+from .layout import inverse_permutation
 from .memory import to_compute, to_storage
 
 ACTIVATION = "gelu_tanh"
@@ -77,8 +78,7 @@ class SparseDeltaMLP:
         """Record a dense step from fc1's output; returns the activation for the caller's fc2."""
         hidden = ACTIVATIONS[ACTIVATION](pre_activation)
         self._order = row_order.long()
-        self._inverse = torch.empty_like(self._order)
-        self._inverse[self._order] = torch.arange(self._order.numel(), device=self._order.device)
+        self._inverse = inverse_permutation(self._order)
         blocked = hidden.index_select(1, self._order).transpose(1, 2).contiguous()
         self.hidden = to_storage(blocked, self.storage or hidden.device)
         self.block_mean = block_means(pre_activation, row_order, config.mlp_block)

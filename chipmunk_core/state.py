@@ -101,12 +101,11 @@ class SamplingRun:
                     len(uuids), n_tokens, needed / 2**30, free_text, storage)
         return CondCaches(uuids, storage, needed)
 
-    def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape,
-                   dtype: torch.dtype | None = None) -> "ModelCall":
-        """``dtype``: the precision the blocks compute in (caches are stored in it)."""
+    def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
+        """The call's step, its dense/sparse decision and its conditioning's caches (stored in x's dtype)."""
         step = step_index(transformer_options.get("sample_sigmas"), transformer_options.get("sigmas"))
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
-        caches = self.caches_for(uuids, x, shape, dtype or x.dtype)
+        caches = self.caches_for(uuids, x, shape, x.dtype)
         dense = self.schedule.is_dense(step)
         self.stats["dense calls" if dense else "sparse calls"] += 1
         return ModelCall(self, step, dense, caches, shape)

@@ -70,6 +70,14 @@ def _mlp(din, hidden, dout, seed):
             torch.randn(dout, hidden, generator=g) / hidden ** 0.5, torch.randn(dout, generator=g))
 
 
+def _primed_mlp(x, w1, b1, w2, b2, order, config):
+    """A sparse-delta MLP state after one dense step on ``x``; also returns that step's output."""
+    state = SparseDeltaMLP()
+    y = F.linear(state.dense_step(x, F.linear(x, w1, b1), order, config), w2, b2)
+    state.store_output(y)
+    return state, y
+
+
 def test_mlp_delta_is_exact_for_recomputed_units_and_keeps_the_cache_consistent():
     config = resolve_config("flux", mlp_sparsity=0.5, mlp_random_fraction=0.1, mlp_block=16, selection_tile=8,
                             mlp_selection_interval=1)
@@ -77,12 +85,8 @@ def test_mlp_delta_is_exact_for_recomputed_units_and_keeps_the_cache_consistent(
     w1, b1, w2, b2 = _mlp(din, hidden, dout, 0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(3)).to(torch.int32)
     x = torch.randn(batch, n, din)
-    state = SparseDeltaMLP()
-    pre = F.linear(x, w1, b1)
-    act = state.dense_step(x, pre, order, config)
-    y = F.linear(act, w2, b2)
-    state.store_output(y)
-    torch.testing.assert_close(state.block_mean, block_means(pre, order, config.mlp_block))
+    state, y = _primed_mlp(x, w1, b1, w2, b2, order, config)
+    torch.testing.assert_close(state.block_mean, block_means(F.linear(x, w1, b1), order, config.mlp_block))
     # Same input: nothing changes.
     torch.testing.assert_close(state.sparse_step(x, w1, b1, w2, order, config, torch.Generator()), y,
                                atol=1e-5, rtol=1e-5)
@@ -105,9 +109,7 @@ def test_mlp_with_all_units_kept_equals_the_dense_mlp():
     config = resolve_config("flux", mlp_sparsity=0.0, mlp_random_fraction=0.0, mlp_block=16, selection_tile=8)
     w1, b1, w2, b2 = _mlp(8, 32, 8, 1)
     order = torch.arange(20, dtype=torch.int32)
-    x = torch.randn(1, 20, 8)
-    state = SparseDeltaMLP()
-    state.store_output(F.linear(state.dense_step(x, F.linear(x, w1, b1), order, config), w2, b2))
+    state, _ = _primed_mlp(torch.randn(1, 20, 8), w1, b1, w2, b2, order, config)
     x2 = torch.randn(1, 20, 8)
     out = state.sparse_step(x2, w1, b1, w2, order, config, torch.Generator())
     torch.testing.assert_close(out, F.linear(F.gelu(F.linear(x2, w1, b1), approximate="tanh"), w2, b2),
@@ -136,8 +138,7 @@ def test_mlp_reranks_units_every_selection_interval():
     w1, b1, w2, b2 = _mlp(16, 64, 16, 2)
     order = torch.arange(32, dtype=torch.int32)
     x = torch.randn(1, 32, 16)
-    state = SparseDeltaMLP()
-    state.store_output(F.linear(state.dense_step(x, F.linear(x, w1, b1), order, config), w2, b2))
+    state, _ = _primed_mlp(x, w1, b1, w2, b2, order, config)
     picks = []
     for step in range(4):
         state.sparse_step(x + (step + 1) * torch.randn(1, 32, 16), w1, b1, w2, order, config, torch.Generator())
