@@ -83,18 +83,30 @@ def time_baselines(fns, flops, expected_ms, rows, common):
     return best
 
 
-def sparse_configs(sweep):
+def sparse_configs(sweep, group_size, explicit=None):
+    """Configurations to time for one group size (``{}`` = the launcher's default)."""
+    if explicit:
+        return explicit
     if not sweep:
         return [{}]
-    return [{"block_n": bn, "num_warps": w, "num_stages": st}
-            for bn, w, st in ((64, 4, 3), (32, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 2), (64, 8, 2))]
+    entries = {  # rows per tile, block_n, warps, stages, register cap
+        128: [(128, 128, 8, 2, None), (128, 64, 8, 2, None), (128, 64, 8, 2, 128)],
+        192: [(64, 64, 4, 3, None), (64, 64, 4, 4, None), (64, 32, 4, 3, None)],
+        256: [(128, 128, 8, 2, None), (128, 64, 8, 2, 128), (256, 64, 16, 2, None), (256, 128, 16, 2, None),
+              (256, 32, 16, 3, None)],
+    }.get(group_size, [])
+    return [{"block_m": rows, "block_n": bn, "num_warps": w, "num_stages": st, **({"maxnreg": reg} if reg else {})}
+            for rows, bn, w, st, reg in entries] or [{}]
 
 
 def dense_configs(sweep):
     if not sweep:
         return [{}]
-    return [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
-            for bm, bn, w, st in ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3))]
+    fixed = [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+             for bm, bn, w, st in ((128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3),
+                                   (64, 128, 4, 3))]
+    fixed.append({"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128})
+    return fixed + [{"fixed_max": False}]
 
 
 def bench_sparse_attention(shape_name, args, rows):
@@ -120,7 +132,7 @@ def bench_sparse_attention(shape_name, args, rows):
         ref = torch.empty(batch, h_ref, n, d, device=dev, dtype=torch.float32)
         column_sparse_attention_reference(q[:, :h_ref], k[:, :h_ref], v[:, :h_ref], indices[:, :h_ref],
                                           counts[:, :h_ref], orders["random"], group_size, None, ref, 1.0)
-        for config in sparse_configs(args.sweep):
+        for config in sparse_configs(args.sweep, group_size, args.sparse_configs):
             for order_name in (["identity", "random"] if not args.sweep else ["random"]):
                 order = orders[order_name]
                 try:
@@ -212,10 +224,9 @@ def bench_dense_attention(shape_name, args, rows):
 def mlp_configs(sweep):
     if not sweep:
         return [{}]
-    ups = [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-           for bn, bk, w, st in ((128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3))]
-    downs = [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-             for bn, bk, w, st in ((128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3))]
+    ups = [{"block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": st} for bn, st in ((128, 4), (128, 3), (256, 3))]
+    downs = [{"block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": st}
+             for bn, st in ((128, 3), (128, 4), (256, 3), (64, 4))]
     return [{"up": up} for up in ups] + [{"down": down} for down in downs]
 
 
@@ -255,10 +266,13 @@ def bench_mlp(shape_name, args, rows):
     variants = (("w2 [Dout,M]; hidden [B,N,M]", w2, order, hidden_cache),
                 ("w2_t.t(); hidden [B,N,M]", w2_t.t(), order, hidden_cache),
                 ("w2_t.t(); hidden [B,M,N].mT, no row_order", w2_t.t(), None, hidden_cache_t))
+    if args.sweep:  # configurations are compared on the fastest layout only
+        variants = variants[-1:]
     for layout, w2_arg, order_arg, hidden_arg in variants:
         for config in mlp_configs(args.sweep):
             try:
-                h_k = hidden_arg.float().transpose(1, 2).contiguous().transpose(1, 2) if order_arg is None else h32.clone()
+                # (from the float32 copy: the timed runs below update hidden_arg in place)
+                h_k = h32.transpose(1, 2).contiguous().transpose(1, 2) if order_arg is None else h32.clone()
                 o_k = o32.clone()
                 h_r, o_r = h32.clone(), o32.clone()
                 sparse_mlp_delta_reference(x, w1, b1, w2, units, counts, order_arg, block, h_r, o_r)
@@ -304,8 +318,12 @@ def main():
     parser.add_argument("--group-sizes", default="192,256", help="query group sizes for the sparse attention")
     parser.add_argument("--sweep", action="store_true", help="time every kernel configuration, not just the default")
     parser.add_argument("--json", default=None, help="default: bench/results/kernels_<gpu>.json")
+    parser.add_argument("--sparse-configs", default=None,
+                        help='JSON list of sparse-attention configurations to time instead of the sweep, '
+                             'e.g. \'[{"block_n": 32, "num_stages": 3, "maxnreg": 168}]\'')
     args = parser.parse_args()
     args.group_sizes = [int(g) for g in args.group_sizes.split(",")]
+    args.sparse_configs = json.loads(args.sparse_configs) if args.sparse_configs else None
     # rough dense times (ms) so that slow shapes get few repetitions
     args.expected = {"flux": 0.4, "wan": 200.0, "hunyuan": 320.0}
     if not torch.cuda.is_available():

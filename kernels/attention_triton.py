@@ -174,17 +174,48 @@ def _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM: tl.constexpr, M
 def _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N, qk_scale, hint2,
                     pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr,
-                    SUM_WITH_HINT: tl.constexpr):
+                    SUM_WITH_HINT: tl.constexpr, FIXED_MAX: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
     col_valid = cols < N
     cols64 = cols.to(tl.int64)
     k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM, MASK_COLS)
     v = _load_key_rows(V, v_head, s_vn, cols64, col_valid, HEAD_DIM, MASK_COLS)
-    acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, MASK_COLS)
-    if SUM_WITH_HINT:
-        # exp(s - L_hint) = p * exp(m - L_hint): one weight per row.
-        _add_group_column_sums(p, tl.math.exp2(m_i - hint2), pos, first_pos, last_pos, group_size, ColSum,
-                               colsum_head, s_cg, cols64, col_valid)
+    if FIXED_MAX:
+        # The hint stands in for the running row maximum: p = exp(s - L_hint) is both the term of
+        # the output sum and the column-sum probability, with no rescaling of acc between tiles.
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - hint2[:, None])
+        if MASK_COLS:
+            p = tl.where(col_valid[None, :], p, 0.0)
+        l_i += tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        if SUM_WITH_HINT:
+            _add_group_column_sums(p, tl.full(hint2.shape, 1.0, tl.float32), pos, first_pos, last_pos, group_size,
+                                   ColSum, colsum_head, s_cg, cols64, col_valid)
+    else:
+        acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, MASK_COLS)
+        if SUM_WITH_HINT:
+            # exp(s - L_hint) = p * exp(m - L_hint): one weight per row.
+            _add_group_column_sums(p, tl.math.exp2(m_i - hint2), pos, first_pos, last_pos, group_size, ColSum,
+                                   colsum_head, s_cg, cols64, col_valid)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dense_pass(q, m_i, K, V, k_head, v_head, s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2,
+                pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                SUM_WITH_HINT: tl.constexpr, FIXED_MAX: tl.constexpr):
+    """All key tiles for one row tile: (acc, m, l). With FIXED_MAX, ``m_i`` is the hint and stays."""
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N_KEYS, qk_scale,
+                                        hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
+                                        BLOCK_N, HEAD_DIM, False, SUM_WITH_HINT, FIXED_MAX)
+    if n_full < N_KEYS:
+        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, n_full, N_KEYS,
+                                        qk_scale, hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head,
+                                        s_cg, BLOCK_N, HEAD_DIM, True, SUM_WITH_HINT, FIXED_MAX)
     return acc, m_i, l_i
 
 
@@ -212,7 +243,7 @@ def _attention_with_column_sums_kernel(
     s_cb, s_ch, s_cg, s_lb, s_lh, s_hb, s_hh, s_hn,
     H, N, N_KEYS, group_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_HINT: tl.constexpr, COLUMN_SUMS: tl.constexpr,
+    HAS_HINT: tl.constexpr, COLUMN_SUMS: tl.constexpr, FIXED_MAX: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -229,23 +260,30 @@ def _attention_with_column_sums_kernel(
 
     rows, row_valid, q = _load_query_rows(Q, b * s_qb + h * s_qh, s_qn, Order, first_pos, N, BLOCK_M, HEAD_DIM)
     rows64 = rows.to(tl.int64)
-    if sum_in_pass:
+    if HAS_HINT:
         # Rows past the end get an infinite hint, so they add nothing to the sums.
         hint = tl.load(LseHint + b * s_hb + h * s_hh + rows64 * s_hn, mask=row_valid, other=float("inf"))
         hint2 = hint.to(tl.float32) * 1.4426950408889634
     else:
         hint2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N_KEYS, qk_scale, hint2,
-                                        pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
-                                        BLOCK_N, HEAD_DIM, False, sum_in_pass)
-    if n_full < N_KEYS:
-        acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, n_full, N_KEYS, qk_scale,
-                                        hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
-                                        BLOCK_N, HEAD_DIM, True, sum_in_pass)
+    if FIXED_MAX:
+        acc, m_i, l_i = _dense_pass(q, hint2, K, V, k_head, v_head, s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2,
+                                    pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, sum_in_pass, True)
+        # A hint far from the true log-sum-exp (or not finite) would under- or overflow the sums of
+        # the output: such a tile is recomputed with the running maximum. The column sums keep
+        # their definition, exp(s - L_hint), either way.
+        bad = row_valid & ((l_i < 1e-18) | (l_i > 1e18) | (l_i != l_i))
+        if tl.max(bad.to(tl.int32), 0) > 0:
+            acc, m_i, l_i = _dense_pass(q, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), K, V, k_head,
+                                        v_head, s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2, pos, first_pos,
+                                        last_pos, group_size, ColSum, colsum_head, s_cg,
+                                        BLOCK_M, BLOCK_N, HEAD_DIM, False, False)
+    else:
+        acc, m_i, l_i = _dense_pass(q, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), K, V, k_head, v_head,
+                                    s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2, pos, first_pos, last_pos,
+                                    group_size, ColSum, colsum_head, s_cg, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    sum_in_pass, False)
     lse2 = m_i + tl.math.log2(l_i)
     tl.store(Lse + b * s_lb + h * s_lh + rows64, lse2 * 0.6931471805599453, mask=row_valid)
     out = acc / l_i[:, None]
@@ -296,14 +334,26 @@ def _unsupported(q, k, v, *outputs) -> str | None:
 # Sparse kernel: by rows per tile (<= 64 for group sizes like 192, 128 when the group size allows).
 SPARSE_CONFIGS = {
     "big": {64: {"block_n": 64, "num_warps": 4, "num_stages": 3},
-            128: {"block_n": 128, "num_warps": 8, "num_stages": 2}},
+            128: {"block_n": 128, "num_warps": 8, "num_stages": 2},
+            256: {"block_n": 64, "num_warps": 16, "num_stages": 2}},
     "small": {64: {"block_n": 64, "num_warps": 4, "num_stages": 2},
               128: {"block_n": 64, "num_warps": 8, "num_stages": 2}},
 }
+# Largest row tile per size class: one program per tile gathers the group's key/value rows, so
+# bigger tiles share each gathered row among more queries.
+SPARSE_MAX_ROWS = {"big": 128, "small": 128}
 DENSE_CONFIGS = {
-    "big": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
+    "big": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
     "small": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
 }
+
+
+def _launch_options(cfg):
+    """Warps, pipeline stages and, where a configuration caps it, registers per thread."""
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg"):
+        options["maxnreg"] = cfg["maxnreg"]
+    return options
 
 
 def _size_class(device):
@@ -328,10 +378,12 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     if reason is not None:
         note_fallback("column_sparse_attention", reason)
         return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign)
-    block_m = config.get("block_m") or _row_tile(group_size)
+    size_class = _size_class(q.device)
+    block_m = config.get("block_m") or _row_tile(group_size, SPARSE_MAX_ROWS[size_class])
     if group_size % block_m:
         raise ValueError(f"block_m {block_m} does not divide the group size {group_size}")
-    cfg = {"stream_hint": True, **SPARSE_CONFIGS[_size_class(q.device)][64 if block_m <= 64 else 128], **config}
+    tuned = SPARSE_CONFIGS[size_class]
+    cfg = {"stream_hint": True, **tuned[min((t for t in tuned if t >= block_m), default=max(tuned))], **config}
     tiles_per_group = group_size // block_m
     order = query_order.to(device=q.device, dtype=torch.int32)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
@@ -348,7 +400,7 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
         head_dim ** -0.5 * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         HAS_BASE=base is not None, STREAM="evict_first" if cfg["stream_hint"] else "",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_launch_options(cfg),
     )
     return out
 
@@ -388,6 +440,7 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
         heads, n_tokens, k.shape[2], group_size, head_dim ** -0.5 * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         HAS_HINT=lse_hint is not None, COLUMN_SUMS=want_sums,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        FIXED_MAX=lse_hint is not None and cfg.get("fixed_max", True),
+        **_launch_options(cfg),
     )
     return (column_sums if want_sums else None), lse

@@ -44,6 +44,24 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s_hm, delta_base, s_dk,
+                 ACTIVATION: tl.constexpr, HIDDEN_OFFSET_TYPE: tl.constexpr):
+    """Activation, change against the hidden cache (updated), change into the scratch."""
+    if ACTIVATION == 0:
+        new = _gelu_tanh(acc)
+    mask = row_valid[:, None] & (slots < count)[None, :]
+    # 32-bit offsets where they fit (HIDDEN_OFFSET_TYPE): a tile of 64-bit offsets costs two
+    # registers per element and made this epilogue spill more.
+    h_offsets = rows.to(HIDDEN_OFFSET_TYPE)[:, None] * s_hn + units.to(HIDDEN_OFFSET_TYPE)[None, :] * s_hm
+    old = tl.load(hidden + h_offsets, mask=mask, other=0.0)
+    tl.store(hidden + h_offsets, new.to(hidden.dtype.element_ty), mask=mask)
+    delta = new - old.to(tl.float32)
+    # The scratch is padded to whole tiles: unmasked (vectorised) stores; the slots past the
+    # count hold finite values that the second kernel never reads.
+    tl.store(delta_base + slots[None, :] * s_dk + pos[:, None], delta.to(delta_base.dtype.element_ty))
+
+
+@triton.jit
 def _mlp_delta_up_kernel(
     X, W1, B1, Hidden, Delta, Idx, Cnt, Order,
     s_xb, s_xn, s_w1m, s_hb, s_hn, s_hm, s_db, s_dk, s_ib, s_iblk, s_cb,
@@ -84,20 +102,8 @@ def _mlp_delta_up_kernel(
             w_ptrs += BLOCK_K
         if HAS_BIAS:
             acc += tl.load(B1 + units, mask=slot_valid, other=0.0).to(tl.float32)[None, :]
-        if ACTIVATION == 0:
-            new = _gelu_tanh(acc)
-        mask = row_valid[:, None] & slot_valid[None, :]
-        # 32-bit offsets where they fit (HIDDEN_OFFSET_TYPE): a [BLOCK_M, BLOCK_N] tile of 64-bit
-        # offsets costs two registers per element and made this epilogue spill more.
-        h_offsets = (rows.to(HIDDEN_OFFSET_TYPE)[:, None] * s_hn + units.to(HIDDEN_OFFSET_TYPE)[None, :] * s_hm)
-        hidden = Hidden + b * s_hb
-        old = tl.load(hidden + h_offsets, mask=mask, other=0.0)
-        tl.store(hidden + h_offsets, new.to(Hidden.dtype.element_ty), mask=mask)
-        delta = new - old.to(tl.float32)
-        # The scratch is padded to whole tiles: unmasked (vectorised) stores; the slots past the
-        # count hold finite values that the second kernel never reads.
-        d_ptrs = Delta + b * s_db + slots[None, :] * s_dk + pos[:, None]
-        tl.store(d_ptrs, delta.to(Delta.dtype.element_ty))
+        _up_epilogue(acc, units, slots, count, rows, pos, row_valid, Hidden + b * s_hb, s_hn, s_hm, Delta + b * s_db,
+                     s_dk, ACTIVATION, HIDDEN_OFFSET_TYPE)
 
 
 @triton.jit
@@ -147,6 +153,11 @@ def _mlp_delta_down_kernel(
         d_row = b * s_db + pos[:, None]
         idx_row = b * s_ib + blk * s_iblk
         w2_col = cols.to(tl.int64) * s_w2o
+        if EVEN_N:
+            mask = row_valid[:, None]
+        else:
+            mask = row_valid[:, None] & col_valid[None, :]
+        o_ptrs = Out + b * s_ob + rows[:, None] * s_on + cols[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         n_full = (count // BLOCK_K) * BLOCK_K
         # Unit ids are fetched one step ahead and carried in registers: the weight loads then do not
@@ -164,11 +175,6 @@ def _mlp_delta_down_kernel(
             units = tl.load(Idx + idx_row + tail, mask=tail < count, other=0)
             acc = _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, n_full, count, BLOCK_K, EVEN_N,
                              col_valid, True)
-        if EVEN_N:
-            mask = row_valid[:, None]
-        else:
-            mask = row_valid[:, None] & col_valid[None, :]
-        o_ptrs = Out + b * s_ob + rows[:, None] * s_on + cols[None, :]
         old = tl.load(o_ptrs, mask=mask, other=0.0)
         tl.store(o_ptrs, (old.to(tl.float32) + acc).to(Out.dtype.element_ty), mask=mask)
 

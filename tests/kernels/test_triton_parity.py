@@ -215,6 +215,85 @@ def test_sparse_mlp_delta_matches_reference(interpreted, case):
     assert torch.equal(kernel_hidden.float()[untouched], hidden.float()[untouched]), "changed unlisted hidden units"
 
 
+SPARSE_CONFIG_CASES = [
+    # group, config: row tiles other than the default for the group size
+    (256, {"block_m": 256, "block_n": 64, "num_warps": 16, "num_stages": 2}),
+    (256, {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}),
+    (128, {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}),
+]
+
+
+@pytest.mark.parametrize("group, config", SPARSE_CONFIG_CASES, ids=lambda c: str(c))
+def test_column_sparse_attention_row_tiles(interpreted, group, config):
+    b, h, n, d, dtype = 1, 2, 300, 64, torch.bfloat16
+    gen = torch.Generator().manual_seed(group + config["block_m"])
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bnhd")
+    n_groups = math.ceil(n / group)
+    idx, counts = key_lists(gen, b, h, n_groups, n, 150, "mixed")
+    order = torch.randperm(n, generator=gen).int()
+    base = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    expected = torch.empty(b, h, n, d)
+    column_sparse_attention_reference(q, k, v, idx, counts, order, group, base, expected, 1.0)
+    _, out, spare = output_view(b, h, n, d, dtype, "bnhd")
+    interpreted["attention_triton"].column_sparse_attention_triton(q, k, v, idx, counts, order, group, base, out, 1.0,
+                                                                   config=config)
+    assert_matches(out, expected, dtype, "out")
+    assert spare.isnan().all(), "wrote outside the output view"
+
+
+@pytest.mark.parametrize("hint_offset, fixed_max", [(0.0, False), (60.0, True), (-60.0, True), (float("inf"), True)],
+                         ids=["running-max", "hint-far-above", "hint-far-below", "hint-infinite"])
+def test_attention_with_column_sums_hint_paths(interpreted, hint_offset, fixed_max):
+    """The one-pass kernel takes the hint as the row maximum; tiles whose hint is far off (or not
+    finite) are recomputed with a running maximum, so the output and lse stay exact."""
+    b, h, n, d, group, dtype = 1, 2, 150, 64, 64, torch.bfloat16
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bhnd")
+    order = torch.randperm(n, generator=gen).int()
+    expected_out = torch.empty(b, h, n, d)
+    _, exact_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, None)
+    hint = exact_lse + 0.2 * torch.randn(b, h, n, generator=gen)
+    hint[0, 1, :40] += hint_offset  # some rows of one head only: tiles with and without a good hint
+    expected_sums, expected_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, hint)
+    out = torch.full((b, h, n, d), float("nan"), dtype=dtype)
+    sums, lse = interpreted["attention_triton"].attention_with_column_sums_triton(
+        q, k, v, order, group, out, hint, config={"fixed_max": fixed_max})
+    assert_matches(out, expected_out, dtype, "out")
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-4, atol=1e-4)
+    if math.isfinite(hint_offset):  # (scaled: sums of e^60 would overflow the norm in float32)
+        scale = expected_sums.abs().max()
+        assert_matches(sums / scale, expected_sums / scale, torch.bfloat16, "column sums")
+    else:  # exp(s - inf) = 0: the rows with an infinite hint add nothing
+        assert_matches(sums[0, 0], expected_sums[0, 0], torch.bfloat16, "column sums")
+
+
+@pytest.mark.parametrize("config", [
+    {"up": {"block_n": 256}, "down": {"block_n": 256}},
+    {"up": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3},
+     "down": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3}},
+], ids=["wide-tiles", "small-tiles"])
+def test_sparse_mlp_delta_configs(interpreted, config):
+    b, n, d_in, m, d_out, block, capacity, dtype = 1, 200, 96, 192, 80, 128, 100, torch.bfloat16
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
+    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
+    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype)
+    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
+                         for _ in range(n_blocks)]).view(b, n_blocks, capacity).int()
+    counts = torch.tensor([[capacity, 37]], dtype=torch.int32)
+    hidden = torch.randn(b, m, n, generator=gen).to(dtype).transpose(1, 2)  # unit-major
+    out = torch.randn(b, n, d_out, generator=gen).to(dtype)
+    ref_hidden, ref_out = hidden.float(), out.float()
+    sparse_mlp_delta_reference(x, w1, b1, w2, units, counts, None, block, ref_hidden, ref_out)
+    kernel_hidden, kernel_out = hidden.clone(), out.clone()
+    interpreted["mlp_triton"].sparse_mlp_delta_triton(x, w1, b1, w2.t().contiguous().t(), units, counts, None, block,
+                                                      kernel_hidden, kernel_out, config=config)
+    assert_matches(kernel_hidden, ref_hidden, dtype, "hidden cache")
+    assert_matches(kernel_out.float() - out.float(), ref_out - out.float(), dtype, "output update")
+
+
 def test_unsupported_shapes_fall_back_to_the_reference(interpreted, caplog):
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, 40, 32, generator=gen).half() for _ in range(3))  # head dim 32

@@ -1,0 +1,149 @@
+"""Compiled Triton kernels against the PyTorch references on a GPU (the CI runs the same kernels
+through Triton's interpreter on the CPU; this checks what the GPU compiler makes of them).
+
+    python bench/gpu_parity.py
+
+Covers the launchers' default configurations and every configuration the benchmark sweeps, at
+awkward sizes (token counts off the tile, short and empty key lists, batch 2, fp16 and bf16), and
+the dense kernel's hint paths (hint near, far above, far below, infinite). Prints one line per
+case and exits 1 if any case is off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `kernels`
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference  # noqa: E402
+from kernels.attention_triton import attention_with_column_sums_triton, column_sparse_attention_triton  # noqa: E402
+from kernels.mlp_reference import sparse_mlp_delta_reference  # noqa: E402
+from kernels.mlp_triton import sparse_mlp_delta_triton  # noqa: E402
+
+# bench/kernels.py (the sweep lists) under another name: `kernels` is the package
+_spec = importlib.util.spec_from_file_location("bench_sweeps", Path(__file__).resolve().parent / "kernels.py")
+bench_sweeps = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_sweeps)
+
+DEV = os.environ.get("CHIPMUNK_PARITY_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a smoke test of this script
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+failures = []
+
+
+def check(label, actual, expected, dtype):
+    actual, expected = actual.float(), expected.float()
+    scale = expected.abs().max().clamp_min(1e-30)
+    actual, expected = actual / scale, expected / scale
+    finite = bool(torch.isfinite(actual).all())
+    err = float((actual - expected).norm() / expected.norm().clamp_min(1e-12)) if finite else float("nan")
+    ok = finite and err < TOL[dtype]
+    if not ok:
+        failures.append(label)
+    print(f"{'ok  ' if ok else 'FAIL'} {label}: rel err {err:.2e}{'' if finite else ' (not finite)'}", flush=True)
+
+
+def launched(fn, config):
+    """Run a launch; a configuration that needs more shared memory than this GPU has is skipped."""
+    try:
+        fn()
+        return True
+    except Exception as exc:
+        if "OutOfResources" not in type(exc).__name__:
+            raise
+        print(f"skip {config}: {str(exc)[:100]}", flush=True)
+        return False
+
+
+def sparse_case(b, h, n, group, capacity, dtype, config, gen):
+    q, k, v = (torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    n_groups = math.ceil(n / group)
+    idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:capacity].sort().values
+                       for _ in range(b * h * n_groups)]).view(b, h, n_groups, capacity).int()
+    counts = torch.randint(1, capacity + 1, (b, h, n_groups), device=DEV, generator=gen).int()
+    counts.view(-1)[0] = 0
+    counts.view(-1)[-1] = capacity
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    base = torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype)
+    expected = torch.empty(b, h, n, 128, device=DEV)
+    column_sparse_attention_reference(q, k, v, idx, counts, order, group, base, expected, 1.0)
+    out = torch.full((b, h, n, 128), float("nan"), device=DEV, dtype=dtype)
+    if not launched(lambda: column_sparse_attention_triton(q, k, v, idx, counts, order, group, base, out, 1.0,
+                                                           config=config), config):
+        return
+    check(f"sparse attention b{b} h{h} n{n} G={group} {str(dtype)[6:]} {config}", out, expected, dtype)
+
+
+def dense_case(b, h, n, group, dtype, config, hint_offset, gen):
+    q, k, v = (torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype) for _ in range(3))
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    ref_out = torch.empty(b, h, n, 128, device=DEV)
+    _, exact = attention_with_column_sums_reference(q, k, v, order, group, ref_out, None)
+    hint = None
+    if hint_offset is not None:
+        hint = exact + 0.05 * torch.randn(exact.shape, device=DEV, generator=gen)
+        hint[:, -1, : n // 3] += hint_offset
+    ref_sums, ref_lse = attention_with_column_sums_reference(q, k, v, order, group, ref_out, hint)
+    out = torch.full((b, h, n, 128), float("nan"), device=DEV, dtype=dtype)
+    result = []
+    if not launched(lambda: result.extend(attention_with_column_sums_triton(q, k, v, order, group, out, hint,
+                                                                            config=config)), config):
+        return
+    sums, lse = result
+    label = f"dense b{b} h{h} n{n} G={group} {str(dtype)[6:]} hint{'' if hint_offset is None else f'+{hint_offset}'} {config}"
+    check(label + " out", out, ref_out, dtype)
+    check(label + " lse", lse, ref_lse, torch.float16)
+    rows = slice(None) if hint_offset is None or math.isfinite(hint_offset) else slice(0, h - 1)
+    check(label + " sums", sums[:, rows], ref_sums[:, rows], torch.bfloat16)
+
+
+def mlp_case(n, dtype, config, gen, d_in=256, hidden=1024, d_out=192, block=128, capacity=300):
+    x = torch.randn(1, n, d_in, device=DEV, generator=gen).to(dtype)
+    w1 = (torch.randn(hidden, d_in, device=DEV, generator=gen) * d_in ** -0.5).to(dtype)
+    b1 = (0.1 * torch.randn(hidden, device=DEV, generator=gen)).to(dtype)
+    w2 = (torch.randn(d_out, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
+                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).int()
+    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).int()
+    counts[0, -1] = capacity
+    h_cache = torch.randn(1, hidden, n, device=DEV, generator=gen).to(dtype).transpose(1, 2)
+    o_cache = torch.randn(1, n, d_out, device=DEV, generator=gen).to(dtype)
+    ref_h, ref_o = h_cache.float(), o_cache.float()
+    sparse_mlp_delta_reference(x, w1, b1, w2, units, counts, None, block, ref_h, ref_o)
+    k_h, k_o = h_cache.clone(), o_cache.clone()
+    if not launched(lambda: sparse_mlp_delta_triton(x, w1, b1, w2.t().contiguous().t(), units, counts, None, block,
+                                                    k_h, k_o, config=config), config):
+        return
+    label = f"mlp n{n} {str(dtype)[6:]} {config}"
+    check(label + " hidden", k_h, ref_h, dtype)
+    check(label + " out update", k_o.float() - o_cache.float(), ref_o - o_cache.float(), dtype)
+
+
+def main():
+    if DEV == "cuda" and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    print(torch.cuda.get_device_name() if DEV == "cuda" else DEV, torch.__version__, flush=True)
+    for dtype in (torch.bfloat16, torch.float16) if DEV == "cuda" else (torch.float16,):
+        for group in (192, 128, 256):
+            for config in bench_sweeps.sparse_configs(True, group) + [{}]:
+                sparse_case(2, 3, 1000, group, 300, dtype, config, gen)
+        for config in bench_sweeps.dense_configs(True) + [{}]:
+            for offset in (0.0, 60.0, -60.0, float("inf")):
+                dense_case(1, 2, 700, 192, dtype, config, offset, gen)
+        dense_case(2, 2, 500, 192, dtype, {}, None, gen)
+        for config in bench_sweeps.mlp_configs(True) + [{}]:
+            mlp_case(700, dtype, config, gen)
+    print(f"{len(failures)} case(s) off" if failures else "all cases match")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
