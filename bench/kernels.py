@@ -330,7 +330,7 @@ def main():
         sys.exit("needs a CUDA GPU")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "dtype": str(DTYPE), "command": " ".join(sys.argv)}
+            "dtype": str(DTYPE), "command": " ".join(Path(a).name if Path(a).is_absolute() else a for a in sys.argv)}
     print(meta, flush=True)
     rows = []
     ops = args.ops.split(",")
