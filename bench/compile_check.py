@@ -81,7 +81,7 @@ def dense_cases(dtype):
         for label, hint, sums, fixed in (("hint, fixed max", True, True, True), ("hint, running max", True, True, False),
                                          ("no hint (two passes)", False, True, False)):
             const = {"HEAD_DIM": 128, "BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"], "HAS_HINT": hint,
-                     "COLUMN_SUMS": sums, "FIXED_MAX": fixed}
+                     "COLUMN_SUMS": sums, "FIXED_MAX": fixed, "TMA": False}
             yield f"dense + column sums {size_class} {label}", size_class, at._attention_with_column_sums_kernel, \
                 ptrs, const, cfg
 

@@ -80,8 +80,13 @@ def sparse_case(b, h, n, group, capacity, dtype, config, gen):
     check(f"sparse attention b{b} h{h} n{n} G={group} {str(dtype)[6:]} {config}", out, expected, dtype)
 
 
-def dense_case(b, h, n, group, dtype, config, hint_offset, gen):
-    q, k, v = (torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype) for _ in range(3))
+def dense_case(b, h, n, group, dtype, config, hint_offset, gen, layout="bhnd", n_keys=None):
+    if layout == "bnhd":  # transposed views of [B, N, H, D] buffers, as the models hold them
+        q, k, v = (torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype) for _ in range(3))
+    if n_keys is not None:  # key padding: keys and values cut to the valid ones
+        k, v = k[:, :, :n_keys], v[:, :, :n_keys]
     order = torch.randperm(n, device=DEV, generator=gen).int()
     ref_out = torch.empty(b, h, n, 128, device=DEV)
     _, exact = attention_with_column_sums_reference(q, k, v, order, group, ref_out, None)
@@ -96,7 +101,8 @@ def dense_case(b, h, n, group, dtype, config, hint_offset, gen):
                                                                             config=config)), config):
         return
     sums, lse = result
-    label = f"dense b{b} h{h} n{n} G={group} {str(dtype)[6:]} hint{'' if hint_offset is None else f'+{hint_offset}'} {config}"
+    label = (f"dense b{b} h{h} n{n} keys {n_keys or n} {layout} G={group} {str(dtype)[6:]} "
+             f"hint{'' if hint_offset is None else f'+{hint_offset}'} {config}")
     check(label + " out", out, ref_out, dtype)
     check(label + " lse", lse, ref_lse, torch.float16)
     rows = slice(None) if hint_offset is None or math.isfinite(hint_offset) else slice(0, h - 1)
@@ -139,6 +145,10 @@ def main():
             for offset in (0.0, 60.0, -60.0, float("inf")):
                 dense_case(1, 2, 700, 192, dtype, config, offset, gen)
         dense_case(2, 2, 500, 192, dtype, {}, None, gen)
+        for config in ({}, {"tma": False}):
+            dense_case(2, 3, 600, 192, dtype, config, 0.0, gen, layout="bnhd")
+            dense_case(1, 2, 600, 192, dtype, config, 0.0, gen, layout="bnhd", n_keys=537)
+            dense_case(1, 2, 600, 192, dtype, config, None, gen, layout="bnhd", n_keys=537)
         for config in bench_sweeps.mlp_configs(True) + [{}]:
             mlp_case(700, dtype, config, gen)
     print(f"{len(failures)} case(s) off" if failures else "all cases match")

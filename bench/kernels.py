@@ -99,14 +99,20 @@ def sparse_configs(sweep, group_size, explicit=None):
             for rows, bn, w, st, reg in entries] or [{}]
 
 
-def dense_configs(sweep):
+def dense_configs(sweep, explicit=None):
+    if explicit:
+        return explicit
     if not sweep:
         return [{}]
     fixed = [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
              for bm, bn, w, st in ((128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3),
                                    (64, 128, 4, 3))]
     fixed.append({"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128})
-    return fixed + [{"fixed_max": False}]
+    # keys and values through the copy engine (tensor descriptors; sm_90+)
+    fixed = [{**config, "tma": False} for config in fixed]  # the portable path (the default on sm_90 is TMA)
+    tma = [{"tma": True, "block_m": 128, "block_n": bn, "num_warps": 8, "num_stages": st}
+           for bn, st in ((64, 3), (64, 4), (128, 2))]
+    return fixed + tma + [{"fixed_max": False}]
 
 
 def bench_sparse_attention(shape_name, args, rows):
@@ -180,9 +186,12 @@ def bench_dense_attention(shape_name, args, rows):
     ref_sums, ref_lse = attention_with_column_sums_reference(q[:, :h_ref], k[:, :h_ref], v[:, :h_ref], order,
                                                              group_size, ref_out, lse_hint[:, :h_ref])
     variants = []
-    for config in dense_configs(args.sweep):
+    for config in dense_configs(args.sweep, args.dense_configs):
         variants.append(("with lse_hint", config, lse_hint))
+    if not args.sweep and not args.dense_configs:
+        variants.append(("with lse_hint, no TMA", {"tma": False}, lse_hint))
     variants.append(("no column sums (pure attention)", {"column_sums": False}, None))
+    variants.append(("no column sums (pure attention), no TMA", {"column_sums": False, "tma": False}, None))
     variants.append(("exact, no lse_hint (two passes)", {}, None))
     for label, config, hint in variants:
         try:
@@ -318,12 +327,15 @@ def main():
     parser.add_argument("--group-sizes", default="192,256", help="query group sizes for the sparse attention")
     parser.add_argument("--sweep", action="store_true", help="time every kernel configuration, not just the default")
     parser.add_argument("--json", default=None, help="default: bench/results/kernels_<gpu>.json")
+    parser.add_argument("--dense-configs", default=None,
+                        help="JSON list of dense-attention configurations to time instead of the sweep")
     parser.add_argument("--sparse-configs", default=None,
                         help='JSON list of sparse-attention configurations to time instead of the sweep, '
                              'e.g. \'[{"block_n": 32, "num_stages": 3, "maxnreg": 168}]\'')
     args = parser.parse_args()
     args.group_sizes = [int(g) for g in args.group_sizes.split(",")]
     args.sparse_configs = json.loads(args.sparse_configs) if args.sparse_configs else None
+    args.dense_configs = json.loads(args.dense_configs) if args.dense_configs else None
     # rough dense times (ms) so that slow shapes get few repetitions
     args.expected = {"flux": 0.4, "wan": 200.0, "hunyuan": 320.0}
     if not torch.cuda.is_available():

@@ -161,25 +161,37 @@ def _add_group_column_sums(p, weight, pos, first_pos, last_pos, group_size, ColS
 
 
 @triton.jit
-def _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr):
-    """Rows ``cols`` of one head of K (or V); rows past the end read as zeros when masked."""
-    dims = tl.arange(0, HEAD_DIM)
-    ptrs = K + k_head + cols64[:, None] * s_kn + dims[None, :]
-    if MASK_COLS:
-        return tl.load(ptrs, mask=col_valid[:, None], other=0.0)
-    return tl.load(ptrs)
+def _load_key_rows(K, k_head, s_kn, cols64, col_valid, start, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``cols`` of one head of K (or V); rows past the end read as zeros when masked.
+
+    With TMA, ``K`` is a tensor descriptor over [B, H, N, D] (block [1, 1, BLOCK_N, D]) and
+    ``k_head`` the flat batch-head index; the copy engine zero-fills rows past the end.
+    """
+    if TMA:
+        heads = K.shape[1]
+        block = K.load([(k_head // heads).to(tl.int32), (k_head % heads).to(tl.int32), start, 0])
+        rows = tl.reshape(block, [BLOCK_N, HEAD_DIM])
+    else:
+        dims = tl.arange(0, HEAD_DIM)
+        ptrs = K + k_head + cols64[:, None] * s_kn + dims[None, :]
+        if MASK_COLS:
+            rows = tl.load(ptrs, mask=col_valid[:, None], other=0.0)
+        else:
+            rows = tl.load(ptrs)
+    return rows
 
 
 @triton.jit
 def _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N, qk_scale, hint2,
                     pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr,
-                    SUM_WITH_HINT: tl.constexpr, FIXED_MAX: tl.constexpr):
+                    SUM_WITH_HINT: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
     col_valid = cols < N
     cols64 = cols.to(tl.int64)
-    k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM, MASK_COLS)
-    v = _load_key_rows(V, v_head, s_vn, cols64, col_valid, HEAD_DIM, MASK_COLS)
+    k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, start, HEAD_DIM, MASK_COLS, BLOCK_N, TMA)
+    v = _load_key_rows(V, v_head, s_vn, cols64, col_valid, start, HEAD_DIM, MASK_COLS, BLOCK_N, TMA)
     if FIXED_MAX:
         # The hint stands in for the running row maximum: p = exp(s - L_hint) is both the term of
         # the output sum and the column-sum probability, with no rescaling of acc between tiles.
@@ -204,29 +216,29 @@ def _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N
 def _dense_pass(q, m_i, K, V, k_head, v_head, s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2,
                 pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                SUM_WITH_HINT: tl.constexpr, FIXED_MAX: tl.constexpr):
+                SUM_WITH_HINT: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr):
     """All key tiles for one row tile: (acc, m, l). With FIXED_MAX, ``m_i`` is the hint and stays."""
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, start, N_KEYS, qk_scale,
                                         hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
-                                        BLOCK_N, HEAD_DIM, False, SUM_WITH_HINT, FIXED_MAX)
+                                        BLOCK_N, HEAD_DIM, False, SUM_WITH_HINT, FIXED_MAX, TMA)
     if n_full < N_KEYS:
         acc, m_i, l_i = _dense_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, n_full, N_KEYS,
                                         qk_scale, hint2, pos, first_pos, last_pos, group_size, ColSum, colsum_head,
-                                        s_cg, BLOCK_N, HEAD_DIM, True, SUM_WITH_HINT, FIXED_MAX)
+                                        s_cg, BLOCK_N, HEAD_DIM, True, SUM_WITH_HINT, FIXED_MAX, TMA)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _exact_column_sum_tile(q, K, k_head, s_kn, start, N, qk_scale, lse2, pos, first_pos, last_pos, group_size,
                            ColSum, colsum_head, s_cg, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           MASK_COLS: tl.constexpr):
+                           MASK_COLS: tl.constexpr, TMA: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
     col_valid = cols < N
     cols64 = cols.to(tl.int64)
-    k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, HEAD_DIM, MASK_COLS)
+    k = _load_key_rows(K, k_head, s_kn, cols64, col_valid, start, HEAD_DIM, MASK_COLS, BLOCK_N, TMA)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASK_COLS:
         qk = tl.where(col_valid[None, :], qk, float("-inf"))
@@ -243,7 +255,7 @@ def _attention_with_column_sums_kernel(
     s_cb, s_ch, s_cg, s_lb, s_lh, s_hb, s_hh, s_hn,
     H, N, N_KEYS, group_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_HINT: tl.constexpr, COLUMN_SUMS: tl.constexpr, FIXED_MAX: tl.constexpr,
+    HAS_HINT: tl.constexpr, COLUMN_SUMS: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -252,8 +264,12 @@ def _attention_with_column_sums_kernel(
     last_pos = tl.minimum(first_pos + BLOCK_M, N) - 1
     pos = first_pos + tl.arange(0, BLOCK_M)
     n_full = (N_KEYS // BLOCK_N) * BLOCK_N
-    k_head = b * s_kb + h * s_kh
-    v_head = b * s_vb + h * s_vh
+    if TMA:  # K and V are tensor descriptors, addressed by (batch, head)
+        k_head = bh
+        v_head = bh
+    else:
+        k_head = b * s_kb + h * s_kh
+        v_head = b * s_vb + h * s_vh
     colsum_head = b * s_cb + h * s_ch
     dims = tl.arange(0, HEAD_DIM)
     sum_in_pass = COLUMN_SUMS and HAS_HINT
@@ -269,7 +285,7 @@ def _attention_with_column_sums_kernel(
     if FIXED_MAX:
         acc, m_i, l_i = _dense_pass(q, hint2, K, V, k_head, v_head, s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2,
                                     pos, first_pos, last_pos, group_size, ColSum, colsum_head, s_cg,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, sum_in_pass, True)
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, sum_in_pass, True, TMA)
         # A hint far from the true log-sum-exp (or not finite) would under- or overflow the sums of
         # the output: such a tile is recomputed with the running maximum. The column sums keep
         # their definition, exp(s - L_hint), either way.
@@ -278,12 +294,12 @@ def _attention_with_column_sums_kernel(
             acc, m_i, l_i = _dense_pass(q, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), K, V, k_head,
                                         v_head, s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2, pos, first_pos,
                                         last_pos, group_size, ColSum, colsum_head, s_cg,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, False, False)
+                                        BLOCK_M, BLOCK_N, HEAD_DIM, False, False, TMA)
     else:
         acc, m_i, l_i = _dense_pass(q, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), K, V, k_head, v_head,
                                     s_kn, s_vn, N_KEYS, n_full, qk_scale, hint2, pos, first_pos, last_pos,
                                     group_size, ColSum, colsum_head, s_cg, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    sum_in_pass, False)
+                                    sum_in_pass, False, TMA)
     lse2 = m_i + tl.math.log2(l_i)
     tl.store(Lse + b * s_lb + h * s_lh + rows64, lse2 * 0.6931471805599453, mask=row_valid)
     out = acc / l_i[:, None]
@@ -294,10 +310,10 @@ def _attention_with_column_sums_kernel(
         lse2 = tl.where(row_valid, lse2, float("inf"))
         for start in range(0, n_full, BLOCK_N):
             _exact_column_sum_tile(q, K, k_head, s_kn, start, N_KEYS, qk_scale, lse2, pos, first_pos, last_pos,
-                                   group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, False)
+                                   group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, False, TMA)
         if n_full < N_KEYS:
             _exact_column_sum_tile(q, K, k_head, s_kn, n_full, N_KEYS, qk_scale, lse2, pos, first_pos, last_pos,
-                                   group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, True)
+                                   group_size, ColSum, colsum_head, s_cg, BLOCK_N, HEAD_DIM, True, TMA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +359,8 @@ SPARSE_CONFIGS = {
 # bigger tiles share each gathered row among more queries.
 SPARSE_MAX_ROWS = {"big": 128, "small": 128}
 DENSE_CONFIGS = {
+    # sm_90+ with tensor descriptors: keys and values through the copy engine (TMA)
+    "tma": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 4, "tma": True},
     "big": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
     "small": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
 }
@@ -354,6 +372,31 @@ def _launch_options(cfg):
     if cfg.get("maxnreg"):
         options["maxnreg"] = cfg["maxnreg"]
     return options
+
+
+def _tma_possible(device, *tensors) -> bool:
+    """Whether the copy engine can load these [B, H, N, D] tensors: a GPU with it (sm_90+), a
+    Triton with host-side tensor descriptors, 16-byte aligned base and strides."""
+    if device.type != "cuda" and not _interpreting():
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+               for t in tensors)
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _key_descriptor(t, block_n):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[3]])
 
 
 def _size_class(device):
@@ -411,7 +454,10 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     ``config`` (optional dict) overrides ``DENSE_CONFIGS``; ``column_sums=False`` in it skips the
     sums (benchmarks use that to price them) and then returns ``None`` in their place.
     """
-    cfg = {**DENSE_CONFIGS[_size_class(q.device)], **(config or {})}
+    overrides = config or {}
+    # TMA by default on CUDA where the GPU and the layout allow it; under the interpreter only on request
+    use_tma = overrides.get("tma", q.is_cuda) and _tma_possible(q.device, k, v)
+    cfg = {**DENSE_CONFIGS["tma" if use_tma else _size_class(q.device)], **overrides, "tma": use_tma}
     batch, heads, n_tokens, head_dim = q.shape
     if lse_hint is not None and lse_hint.shape != (batch, heads, n_tokens):
         raise ValueError(f"lse_hint {tuple(lse_hint.shape)} is not [B, H, N] = {(batch, heads, n_tokens)}")
@@ -431,8 +477,11 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     lse = torch.empty(batch, heads, n_tokens, dtype=torch.float32, device=q.device)
     hint = lse_hint if lse_hint is not None else lse  # never read when HAS_HINT is False
     grid = (triton.cdiv(n_tokens, cfg["block_m"]), batch * heads)
+    k_arg, v_arg = k, v
+    if use_tma:
+        k_arg, v_arg = (_key_descriptor(t, cfg["block_n"]) for t in (k, v))
     _attention_with_column_sums_kernel[grid](
-        q, k, v, out, order, column_sums, lse, hint,
+        q, k_arg, v_arg, out, order, column_sums, lse, hint,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         column_sums.stride(0), column_sums.stride(1), column_sums.stride(2), lse.stride(0), lse.stride(1),
@@ -440,7 +489,7 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
         heads, n_tokens, k.shape[2], group_size, head_dim ** -0.5 * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         HAS_HINT=lse_hint is not None, COLUMN_SUMS=want_sums,
-        FIXED_MAX=lse_hint is not None and cfg.get("fixed_max", True),
+        FIXED_MAX=lse_hint is not None and cfg.get("fixed_max", True), TMA=use_tma,
         **_launch_options(cfg),
     )
     return (column_sums if want_sums else None), lse

@@ -241,14 +241,16 @@ def test_column_sparse_attention_row_tiles(interpreted, group, config):
     assert spare.isnan().all(), "wrote outside the output view"
 
 
-@pytest.mark.parametrize("hint_offset, fixed_max", [(0.0, False), (60.0, True), (-60.0, True), (float("inf"), True)],
-                         ids=["running-max", "hint-far-above", "hint-far-below", "hint-infinite"])
-def test_attention_with_column_sums_hint_paths(interpreted, hint_offset, fixed_max):
+@pytest.mark.parametrize("hint_offset, fixed_max, tma", [(0.0, False, False), (60.0, True, False),
+                                                     (-60.0, True, True), (float("inf"), True, False),
+                                                     (0.0, True, True)],
+                         ids=["running-max", "hint-far-above", "hint-far-below-tma", "hint-infinite", "tma"])
+def test_attention_with_column_sums_hint_paths(interpreted, hint_offset, fixed_max, tma):
     """The one-pass kernel takes the hint as the row maximum; tiles whose hint is far off (or not
     finite) are recomputed with a running maximum, so the output and lse stay exact."""
     b, h, n, d, group, dtype = 1, 2, 150, 64, 64, torch.bfloat16
     gen = torch.Generator().manual_seed(17)
-    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bhnd")
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bnhd" if tma else "bhnd")  # descriptors over transposed views
     order = torch.randperm(n, generator=gen).int()
     expected_out = torch.empty(b, h, n, d)
     _, exact_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, None)
@@ -257,7 +259,7 @@ def test_attention_with_column_sums_hint_paths(interpreted, hint_offset, fixed_m
     expected_sums, expected_lse = attention_with_column_sums_reference(q, k, v, order, group, expected_out, hint)
     out = torch.full((b, h, n, d), float("nan"), dtype=dtype)
     sums, lse = interpreted["attention_triton"].attention_with_column_sums_triton(
-        q, k, v, order, group, out, hint, config={"fixed_max": fixed_max})
+        q, k, v, order, group, out, hint, config={"fixed_max": fixed_max, "tma": tma})
     assert_matches(out, expected_out, dtype, "out")
     torch.testing.assert_close(lse, expected_lse, rtol=1e-4, atol=1e-4)
     if math.isfinite(hint_offset):  # (scaled: sums of e^60 would overflow the norm in float32)
