@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -22,6 +23,34 @@ def big_shared_memory(device) -> bool:
     if device.type != "cuda":
         return True
     return _big_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_engine(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _host_tensor_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tensor_descriptors(device) -> bool:
+    """True where kernels may load tiles through the copy engine (TMA) with host-side tensor
+    descriptors: a GPU of sm_90 or newer (or Triton's interpreter on the CPU) and a Triton that
+    has them."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not _copy_engine(index):
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _host_tensor_descriptors()
 
 
 _logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import big_shared_memory, note_fallback
+from ._device import big_shared_memory, note_fallback, tensor_descriptors
 from .attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
@@ -360,7 +360,7 @@ SPARSE_CONFIGS = {
 SPARSE_MAX_ROWS = {"big": 128, "small": 128}
 DENSE_CONFIGS = {
     # sm_90+ with tensor descriptors: keys and values through the copy engine (TMA)
-    "tma": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 4, "tma": True},
+    "tma": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 4},
     "big": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
     "small": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
 }
@@ -375,23 +375,10 @@ def _launch_options(cfg):
 
 
 def _tma_possible(device, *tensors) -> bool:
-    """Whether the copy engine can load these [B, H, N, D] tensors: a GPU with it (sm_90+), a
-    Triton with host-side tensor descriptors, 16-byte aligned base and strides."""
-    if device.type != "cuda" and not _interpreting():
-        return False
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
-               for t in tensors)
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the copy engine can load these [B, H, N, D] tensors: the device and Triton allow
+    it, and base and strides are 16-byte aligned."""
+    return tensor_descriptors(device) and all(
+        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3]) for t in tensors)
 
 
 def _key_descriptor(t, block_n):
@@ -455,9 +442,6 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     sums (benchmarks use that to price them) and then returns ``None`` in their place.
     """
     overrides = config or {}
-    # TMA by default on CUDA where the GPU and the layout allow it; under the interpreter only on request
-    use_tma = overrides.get("tma", q.is_cuda) and _tma_possible(q.device, k, v)
-    cfg = {**DENSE_CONFIGS["tma" if use_tma else _size_class(q.device)], **overrides, "tma": use_tma}
     batch, heads, n_tokens, head_dim = q.shape
     if lse_hint is not None and lse_hint.shape != (batch, heads, n_tokens):
         raise ValueError(f"lse_hint {tuple(lse_hint.shape)} is not [B, H, N] = {(batch, heads, n_tokens)}")
@@ -467,6 +451,9 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
     if reason is not None:
         note_fallback("attention_with_column_sums", reason)
         return attention_with_column_sums_reference(q, k, v, query_order, group_size, out, lse_hint)
+    # TMA by default on CUDA where the GPU and the layout allow it; under the interpreter only on request
+    use_tma = overrides.get("tma", q.is_cuda) and _tma_possible(q.device, k, v)
+    cfg = {**DENSE_CONFIGS["tma" if use_tma else _size_class(q.device)], **overrides}
     n_groups = math.ceil(n_tokens / group_size)
     want_sums = cfg.get("column_sums", True)
     order = query_order.to(device=q.device, dtype=torch.int32)

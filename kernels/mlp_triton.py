@@ -44,6 +44,19 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M: tl.constexpr):
+    """This program's batch, column tile, first row position, row block and the block's unit count.
+
+    Programs are numbered row tile first (see the module docstring)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    first_pos = (pid % n_row_tiles) * BLOCK_M
+    blk = first_pos // block_size
+    count = tl.minimum(tl.load(Cnt + b * s_cb + blk), K_CAP)
+    return b, pid // n_row_tiles, first_pos, blk, count
+
+
+@triton.jit
 def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s_hm, delta_base, s_dk,
                  ACTIVATION: tl.constexpr, HIDDEN_OFFSET_TYPE: tl.constexpr):
     """Activation, change against the hidden cache (updated), change into the scratch."""
@@ -70,13 +83,7 @@ def _mlp_delta_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     HIDDEN_OFFSET_TYPE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    row_tile = pid % n_row_tiles
-    unit_tile = pid // n_row_tiles
-    first_pos = row_tile * BLOCK_M
-    blk = first_pos // block_size
-    count = tl.minimum(tl.load(Cnt + b * s_cb + blk), K_CAP)
+    b, unit_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M)
     first_slot = unit_tile * BLOCK_N
     if first_slot < count:
         pos = first_pos + tl.arange(0, BLOCK_M)
@@ -136,13 +143,7 @@ def _mlp_delta_down_kernel(
     N, D_OUT, K_CAP, block_size, n_row_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    row_tile = pid % n_row_tiles
-    out_tile = pid // n_row_tiles
-    first_pos = row_tile * BLOCK_M
-    blk = first_pos // block_size
-    count = tl.minimum(tl.load(Cnt + b * s_cb + blk), K_CAP)
+    b, out_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M)
     if count > 0:
         pos = first_pos + tl.arange(0, BLOCK_M)
         row_valid = pos < N
