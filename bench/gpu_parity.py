@@ -49,16 +49,18 @@ def check(label, actual, expected, dtype):
     print(f"{'ok  ' if ok else 'FAIL'} {label}: rel err {err:.2e}{'' if finite else ' (not finite)'}", flush=True)
 
 
-def launched(fn, config):
-    """Run a launch; a configuration that needs more shared memory than this GPU has is skipped."""
+SKIPPED = object()
+
+
+def launch(fn, config):
+    """fn()'s result; SKIPPED when the configuration needs more shared memory than this GPU has."""
     try:
-        fn()
-        return True
+        return fn()
     except Exception as exc:
         if "OutOfResources" not in type(exc).__name__:
             raise
         print(f"skip {config}: {str(exc)[:100]}", flush=True)
-        return False
+        return SKIPPED
 
 
 def sparse_case(b, h, n, group, capacity, dtype, config, gen):
@@ -74,8 +76,8 @@ def sparse_case(b, h, n, group, capacity, dtype, config, gen):
     expected = torch.empty(b, h, n, 128, device=DEV)
     column_sparse_attention_reference(q, k, v, idx, counts, order, group, base, expected, 1.0)
     out = torch.full((b, h, n, 128), float("nan"), device=DEV, dtype=dtype)
-    if not launched(lambda: column_sparse_attention_triton(q, k, v, idx, counts, order, group, base, out, 1.0,
-                                                           config=config), config):
+    if launch(lambda: column_sparse_attention_triton(q, k, v, idx, counts, order, group, base, out, 1.0,
+                                                     config=config), config) is SKIPPED:
         return
     check(f"sparse attention b{b} h{h} n{n} G={group} {str(dtype)[6:]} {config}", out, expected, dtype)
 
@@ -96,9 +98,8 @@ def dense_case(b, h, n, group, dtype, config, hint_offset, gen, layout="bhnd", n
         hint[:, -1, : n // 3] += hint_offset
     ref_sums, ref_lse = attention_with_column_sums_reference(q, k, v, order, group, ref_out, hint)
     out = torch.full((b, h, n, 128), float("nan"), device=DEV, dtype=dtype)
-    result = []
-    if not launched(lambda: result.extend(attention_with_column_sums_triton(q, k, v, order, group, out, hint,
-                                                                            config=config)), config):
+    result = launch(lambda: attention_with_column_sums_triton(q, k, v, order, group, out, hint, config=config), config)
+    if result is SKIPPED:
         return
     sums, lse = result
     label = (f"dense b{b} h{h} n{n} keys {n_keys or n} {layout} G={group} {str(dtype)[6:]} "
@@ -124,8 +125,8 @@ def mlp_case(n, dtype, config, gen, d_in=256, hidden=1024, d_out=192, block=128,
     ref_h, ref_o = h_cache.float(), o_cache.float()
     sparse_mlp_delta_reference(x, w1, b1, w2, units, counts, None, block, ref_h, ref_o)
     k_h, k_o = h_cache.clone(), o_cache.clone()
-    if not launched(lambda: sparse_mlp_delta_triton(x, w1, b1, w2.t().contiguous().t(), units, counts, None, block,
-                                                    k_h, k_o, config=config), config):
+    if launch(lambda: sparse_mlp_delta_triton(x, w1, b1, w2.t().contiguous().t(), units, counts, None, block,
+                                              k_h, k_o, config=config), config) is SKIPPED:
         return
     label = f"mlp n{n} {str(dtype)[6:]} {config}"
     check(label + " hidden", k_h, ref_h, dtype)

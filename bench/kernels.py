@@ -115,15 +115,23 @@ def dense_configs(sweep, explicit=None):
     return fixed + tma + [{"fixed_max": False}]
 
 
+def attention_setup(op, shape_name, seed, args, rows, baseline_fields):
+    """Random q, k, v at a named shape and the SDPA baselines timed on them (rows appended)."""
+    batch, heads, n, d, _ = ATTENTION_SHAPES[shape_name]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=DTYPE, generator=gen) for _ in range(3))
+    flops = 4 * batch * heads * n * n * d
+    common = {"op": op, "shape": shape_name, "B": batch, "H": heads, "N": n, "D": d}
+    dense_ms = time_baselines(sdpa_baselines(q, k, v), flops, args.expected.get(shape_name, 1.0), rows,
+                              {**common, **baseline_fields})
+    return gen, q, k, v, flops, common, dense_ms
+
+
 def bench_sparse_attention(shape_name, args, rows):
     batch, heads, n, d, keep = ATTENTION_SHAPES[shape_name]
     dev = "cuda"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, n, d, device=dev, dtype=DTYPE, generator=gen) for _ in range(3))
-    dense_flops = 4 * batch * heads * n * n * d
-    common = {"op": "column_sparse_attention", "shape": shape_name, "B": batch, "H": heads, "N": n, "D": d}
-    dense_ms = time_baselines(sdpa_baselines(q, k, v), dense_flops, args.expected.get(shape_name, 1.0),
-                              rows, {**common, "sparsity": 0.0})
+    gen, q, k, v, _, common, dense_ms = attention_setup("column_sparse_attention", shape_name, 0, args, rows,
+                                                        {"sparsity": 0.0})
     for group_size in args.group_sizes:
         n_groups = math.ceil(n / group_size)
         count = keep_count(n, keep)
@@ -168,12 +176,9 @@ def bench_sparse_attention(shape_name, args, rows):
 def bench_dense_attention(shape_name, args, rows):
     batch, heads, n, d, _ = ATTENTION_SHAPES[shape_name]
     dev = "cuda"
-    gen = torch.Generator(device=dev).manual_seed(1)
-    q, k, v = (torch.randn(batch, heads, n, d, device=dev, dtype=DTYPE, generator=gen) for _ in range(3))
-    flops = 4 * batch * heads * n * n * d
-    common = {"op": "attention_with_column_sums", "shape": shape_name, "B": batch, "H": heads, "N": n, "D": d}
+    gen, q, k, v, flops, common, dense_ms = attention_setup("attention_with_column_sums", shape_name, 1, args, rows,
+                                                            {})
     expected = args.expected.get(shape_name, 1.0)
-    dense_ms = time_baselines(sdpa_baselines(q, k, v), flops, expected, rows, common)
     group_size = args.group_sizes[0]
     order = torch.randperm(n, device=dev, generator=gen).int()
     h_ref = min(2, heads)
