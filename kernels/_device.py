@@ -1,4 +1,5 @@
-"""What the Triton launchers need to know about the GPU they launch on."""
+"""What the Triton launchers share: facts about the GPU they launch on, the row tile they split
+row groups into, and the one log line for a fallback to the reference."""
 
 from __future__ import annotations
 
@@ -16,13 +17,23 @@ def _big_shared_memory(index: int) -> bool:
     return major >= 9 or (major, minor) == (8, 0)
 
 
-def big_shared_memory(device) -> bool:
-    """True where the tile configurations tuned on the H100 fit in shared memory (and on the CPU,
-    where only Triton's interpreter runs them)."""
+def size_class(device) -> str:
+    """"big" where the tile configurations tuned on the H100 fit in shared memory (and on the CPU,
+    where only Triton's interpreter runs them), "small" elsewhere."""
     device = torch.device(device)
     if device.type != "cuda":
-        return True
-    return _big_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+        return "big"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "big" if _big_shared_memory(index) else "small"
+
+
+def row_tile(rows: int, cap: int) -> int:
+    """Largest power of two <= cap that divides ``rows`` (a query group or row block: 192 -> 64,
+    256 -> 128 with cap 128): Triton tiles are powers of two."""
+    tile = 1
+    while tile * 2 <= cap and rows % (tile * 2) == 0:
+        tile *= 2
+    return tile
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import big_shared_memory, note_fallback, tensor_descriptors
+from ._device import note_fallback, row_tile, size_class, tensor_descriptors
 from .attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
@@ -324,14 +324,6 @@ _HEAD_DIMS = (64, 128)  # the head dims these kernels are tuned and tested for
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32 tiles would not fit the tuned shared-memory budget
 
 
-def _row_tile(group_size: int, cap: int = 128) -> int:
-    """Largest power of two <= cap that divides the group size (192 -> 64, 256 -> 128)."""
-    tile = 1
-    while tile * 2 <= cap and group_size % (tile * 2) == 0:
-        tile *= 2
-    return tile
-
-
 def _unsupported(q, k, v, *outputs) -> str | None:
     """Why these kernels do not take q/k/v/outputs (the launchers then use the reference)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -386,10 +378,6 @@ def _key_descriptor(t, block_n):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[3]])
 
 
-def _size_class(device):
-    return "big" if big_shared_memory(device) else "small"
-
-
 def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_size, base, out, sign, *,
                                    config=None):
     """Triton version of ``column_sparse_attention_reference`` (same arguments and result).
@@ -408,11 +396,11 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     if reason is not None:
         note_fallback("column_sparse_attention", reason)
         return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign)
-    size_class = _size_class(q.device)
-    block_m = config.get("block_m") or _row_tile(group_size, SPARSE_MAX_ROWS[size_class])
+    size = size_class(q.device)
+    block_m = config.get("block_m") or row_tile(group_size, SPARSE_MAX_ROWS[size])
     if group_size % block_m:
         raise ValueError(f"block_m {block_m} does not divide the group size {group_size}")
-    tuned = SPARSE_CONFIGS[size_class]
+    tuned = SPARSE_CONFIGS[size]
     cfg = {"stream_hint": True, **tuned[min((t for t in tuned if t >= block_m), default=max(tuned))], **config}
     tiles_per_group = group_size // block_m
     order = query_order.to(device=q.device, dtype=torch.int32)
@@ -453,7 +441,7 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
         return attention_with_column_sums_reference(q, k, v, query_order, group_size, out, lse_hint)
     # TMA by default on CUDA where the GPU and the layout allow it; under the interpreter only on request
     use_tma = overrides.get("tma", q.is_cuda) and _tma_possible(q.device, k, v)
-    cfg = {**DENSE_CONFIGS["tma" if use_tma else _size_class(q.device)], **overrides}
+    cfg = {**DENSE_CONFIGS["tma" if use_tma else size_class(q.device)], **overrides}
     n_groups = math.ceil(n_tokens / group_size)
     want_sums = cfg.get("column_sums", True)
     order = query_order.to(device=q.device, dtype=torch.int32)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import big_shared_memory, note_fallback
+from ._device import note_fallback, row_tile, size_class
 from .mlp_reference import sparse_mlp_delta_reference
 
 _ACTIVATION_IDS = {"gelu_tanh": 0}
@@ -195,14 +195,6 @@ def _fits_int32(t) -> bool:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) < 2 ** 31
 
 
-def _row_tile(block_size: int, cap: int) -> int:
-    """Largest power of two <= cap that divides the row block (192 -> 64)."""
-    tile = 1
-    while tile * 2 <= cap and block_size % (tile * 2) == 0:
-        tile *= 2
-    return tile
-
-
 def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                             hidden_cache, out_cache, activation="gelu_tanh", *, config=None):
     """Triton version of ``sparse_mlp_delta_reference`` (same arguments, same in-place updates).
@@ -213,7 +205,7 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     """
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown activation {activation!r}")
-    defaults = MLP_CONFIGS["big" if big_shared_memory(x.device) else "small"]
+    defaults = MLP_CONFIGS[size_class(x.device)]
     cfg = {part: {**defaults[part], **((config or {}).get(part) or {})} for part in ("up", "down")}
     batch, n_tokens, d_in = x.shape
     d_out = w2.shape[0]
@@ -246,7 +238,7 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     # tiles of both kernels so that neither needs masks along the contiguous dimension. Unit-major,
     # so that its stores do not share a layout with the gathered loads of hidden_cache (Triton
     # would then give those 8-element strips per thread: scattered across 8 units each).
-    row_pad = max(_row_tile(block_size, up["block_m"]), _row_tile(block_size, down["block_m"]))
+    row_pad = max(row_tile(block_size, up["block_m"]), row_tile(block_size, down["block_m"]))
     delta = torch.empty(batch, triton.cdiv(k_cap, up["block_n"]) * up["block_n"],
                         triton.cdiv(n_tokens, row_pad) * row_pad, dtype=x.dtype, device=x.device)
     if delta[0].numel() >= 2 ** 31:  # the kernels address the scratch with 32-bit offsets
@@ -254,7 +246,7 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
 
     stages = (config or {}).get("stages", ("up", "down"))  # benchmarks time the two launches apart
     if "up" in stages:
-        bm = _row_tile(block_size, up["block_m"])
+        bm = row_tile(block_size, up["block_m"])
         n_row_tiles = math.ceil(n_tokens / bm)
         grid = (n_row_tiles * triton.cdiv(k_cap, up["block_n"]), batch)
         _mlp_delta_up_kernel[grid](
@@ -269,7 +261,7 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
             num_warps=up["num_warps"], num_stages=up["num_stages"],
         )
     if "down" in stages:
-        bm = _row_tile(block_size, down["block_m"])
+        bm = row_tile(block_size, down["block_m"])
         n_row_tiles = math.ceil(n_tokens / bm)
         grid = (n_row_tiles * triton.cdiv(d_out, down["block_n"]), batch)
         _mlp_delta_down_kernel[grid](
