@@ -261,8 +261,6 @@ def bench_mlp(shape_name, args, rows):
 
     dense_ms = time_baselines({"cublas fc1+gelu+fc2": dense}, flops, 1.0, rows, {**common, "sparsity": 0.0})
     time_baselines({"cublas fc1 only": lambda: F.linear(x, w1, b1)}, flops / 2, 1.0, rows, {**common, "sparsity": 0.0})
-    dense_ms = next(r["ms"] for r in rows if r.get("variant") == "cublas fc1+gelu+fc2" and r["shape"] == shape_name
-                    and r["op"] == "sparse_mlp_delta")
     n_blocks = math.ceil(n / block)
     count = keep_count(hidden, keep)
     units = random_lists((1, n_blocks), hidden, count, dev, gen)

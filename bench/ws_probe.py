@@ -35,6 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `kernels`
+
+from kernels.attention_triton import _key_descriptor, attention_with_column_sums_triton  # noqa: E402
+
 # Ingredients a probe kernel can switch on (constexpr flags of _probe_kernel).
 PATTERNS = {
     "plain (online max)": {},
@@ -150,9 +154,7 @@ def compile_report():
 def _launch(q, k, v, out, hint, flags, block_m, block_n, num_warps, num_stages):
     from triton.tools.tensor_descriptor import TensorDescriptor
     batch, heads, n, d = q.shape
-    qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, block_m, d])
-    kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, d])
-    vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, d])
+    qd, kd, vd = _key_descriptor(q, block_m), _key_descriptor(k, block_n), _key_descriptor(v, block_n)
     hint2 = hint.view(batch * heads, n)
     hd = TensorDescriptor(hint2, list(hint2.shape), list(hint2.stride()), [1, block_m])
     grid = (n // block_m, batch * heads)
@@ -173,10 +175,8 @@ VARIANTS = {  # name: flags, block_m, block_n, warps, stages
 
 def time_variant(shape, name):
     """One timing row (run in a child process: a kernel that never finishes must not stop the probe)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `kernels`
+    sys.path.append(str(Path(__file__).resolve().parent))  # after the root: bench/kernels.py must not shadow it
     from bench_utils import bench_ms, rel_err
-    from kernels.attention_triton import attention_with_column_sums_triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     batch, heads, n, d = SHAPES[shape]
