@@ -59,6 +59,8 @@ class SparseDeltaMLP:
         self.out = None         # [B, N, Dout] MLP output as last computed, block order
         self.block_mean = None  # [B, NB, M] fp32 pre-activation mean per row block
         self.signature = None
+        self._order = None      # row order of the last dense step (int64) and its inverse
+        self._inverse = None
         self._w2_t = None       # (key, fc2 weight transposed to [M, Dout])
         self._selection = None  # (indices, counts) of the last ranking
         self._sparse_steps = 0  # sparse steps since the last dense step
