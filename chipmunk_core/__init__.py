@@ -1,15 +1,17 @@
 """Chipmunk's sparse-delta method, independent of ComfyUI's UI.
 
-config (settings and per-family defaults) -> schedule (dense or sparse step) -> state (per-run
-caches) -> attention / mlp (the sparse-delta logic) -> layout (token reordering); adapters/ holds
-one adapter per model family. Tensor work goes through ``kernels``.
+config (settings and per-family defaults) -> schedule (dense or sparse step) and step_cache (skipped
+steps) -> state (per-run caches, per-call and per-layer views) -> attention / mlp (the sparse-delta
+logic) -> layout (token reordering); adapters/ says what each model family looks like and holds the
+only replaced model code (MLPs). Tensor work goes through ``kernels``.
 """
 
-from .adapters import ADAPTERS, FamilyAdapter, adapter_for, adapter_named
-from .config import FAMILIES, FAMILY_DEFAULTS, FAMILY_NAMES, ChipmunkConfig, resolve_config
-from .state import ModelCall, SamplingRun
+from .adapters import ADAPTERS, FamilyAdapter, ModelPlan, adapter_named, plan_for, supported_models
+from .config import FAMILIES, FAMILY_DEFAULTS, FAMILY_NAMES, SLIDER_FIELDS, ChipmunkConfig, resolve_config
+from .state import LayerCall, ModelCall, SamplingRun
 
 __all__ = [
-    "ADAPTERS", "FamilyAdapter", "adapter_for", "adapter_named", "FAMILIES", "FAMILY_DEFAULTS", "FAMILY_NAMES",
-    "ChipmunkConfig", "resolve_config", "ModelCall", "SamplingRun",
+    "ADAPTERS", "FamilyAdapter", "ModelPlan", "adapter_named", "plan_for", "supported_models", "FAMILIES",
+    "FAMILY_DEFAULTS", "FAMILY_NAMES", "SLIDER_FIELDS", "ChipmunkConfig", "resolve_config", "LayerCall", "ModelCall",
+    "SamplingRun",
 ]

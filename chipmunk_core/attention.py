@@ -28,6 +28,7 @@ class SparseDeltaAttention:
         self.delta = None  # [B, N, H, D] buffer, token order
         self.lse = None
         self.signature = None
+        self.kept = 0
 
     @staticmethod
     def _signature(q, k):
@@ -40,17 +41,27 @@ class SparseDeltaAttention:
         tensors = (self.indices, self.counts, self.delta, self.lse)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, generator) -> torch.Tensor:
+    def kept_keys(self) -> int:
+        """Keys each query group recomputes on sparse steps (the selection size)."""
+        return self.kept
+
+    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, seeds, forced=None,
+                   select: bool = True) -> torch.Tensor:
+        """Dense attention, new key lists (``forced``: the keys every group keeps; default: the
+        layout's), and the delta cache. ``seeds``: int64 [B], the random picks' seed per row."""
         batch, heads, n_tokens, head_dim = q.shape
+        generator = torch.Generator(device=q.device).manual_seed(int(seeds[0]))
         out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
         lse_hint = self.lse if self.ready_for(q, k) else None
         scores, lse = kernels.attention_with_column_sums(
             q, k, v, layout.query_order, config.query_group, out.transpose(1, 2), lse_hint)
         n_keys = k.shape[2]
+        self.kept = kernels.selection_size(n_keys, round(config.attention_keep * n_keys), config.selection_tile)
         self.indices, self.counts = kernels.build_index_lists(
             scores, keep_count=round(config.attention_keep * n_keys),
             random_count=round(config.attention_random_fraction * n_keys),
-            forced=layout.forced_below(n_keys), generator=generator, pad_to=config.selection_tile)
+            forced=layout.forced_below(n_keys) if forced is None else forced, generator=generator,
+            pad_to=config.selection_tile)
         del scores
         delta = self.delta if self._delta_reusable(out) else torch.empty_like(out)
         kernels.column_sparse_attention(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-FAMILIES = ("flux", "hunyuan_video", "wan21")
-FAMILY_NAMES = {"flux": "FLUX", "hunyuan_video": "HunyuanVideo", "wan21": "WAN2.1"}
+FAMILIES = ("flux", "hunyuan_video", "wan")
+FAMILY_NAMES = {"flux": "FLUX", "hunyuan_video": "HunyuanVideo", "wan": "WAN"}
+STEP_CACHE_MODES = ("off", "fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ChipmunkConfig:
     # Sparse steps between re-rankings of the MLP units (the reference re-ranks every second step).
     mlp_selection_interval: int = 2
     selection_tile: int = 64
+    # Full-step caching: "off", "fixed" (the family's reference schedule scaled to the run) or
+    # "adaptive" (skip while the predicted change stays under step_cache_threshold).
+    step_cache: str = "off"
+    step_cache_threshold: float = 0.1
+    step_cache_max_skips: int = 2
 
     def __post_init__(self):
         problems = []
@@ -44,7 +50,7 @@ class ChipmunkConfig:
                 problems.append(f"{name} must be in [0, 1) (0 = dense), got {value}")
         if self.mlp_selection_interval < 1:
             problems.append(f"mlp_selection_interval must be >= 1, got {self.mlp_selection_interval}")
-        for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers"):
+        for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers", "step_cache_max_skips"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dense_warmup_steps < 1:
@@ -53,6 +59,10 @@ class ChipmunkConfig:
             value = getattr(self, name)
             if value < 16 or value % 16:
                 problems.append(f"{name} must be a positive multiple of 16, got {value}")
+        if self.step_cache not in STEP_CACHE_MODES:
+            problems.append(f"step_cache must be one of {', '.join(STEP_CACHE_MODES)}, not {self.step_cache!r}")
+        if not self.step_cache_threshold >= 0.0:
+            problems.append(f"step_cache_threshold must be >= 0, got {self.step_cache_threshold}")
         if problems:
             raise ValueError("Invalid Chipmunk settings: " + "; ".join(problems))
 
@@ -72,6 +82,11 @@ class ChipmunkConfig:
     def sparse_mlp(self) -> bool:
         return self.mlp_sparsity > 0.0
 
+    @property
+    def sparse(self) -> bool:
+        """Whether any sparse-delta computation is asked for (both sparsities 0 = stock sampling)."""
+        return self.sparse_attention or self.sparse_mlp
+
     def replace(self, **changes) -> "ChipmunkConfig":
         return dataclasses.replace(self, **changes)
 
@@ -81,8 +96,11 @@ class ChipmunkConfig:
             schedule += f", every {self.dense_interval}"
         if self.dense_at_fractions:
             schedule += ", at " + "/".join(f"{f:.0%}" for f in self.dense_at_fractions)
-        return (f"{FAMILY_NAMES.get(self.family, self.family)}: attention sparsity {self.attention_sparsity:g}, "
-                f"MLP sparsity {self.mlp_sparsity:g}, {schedule}, first {self.first_dense_layers} layers dense")
+        cache = "" if self.step_cache == "off" else f"; step cache {self.step_cache}"
+        if self.step_cache == "adaptive":
+            cache += f" (threshold {self.step_cache_threshold:g}, at most {self.step_cache_max_skips} skips in a row)"
+        return (f"attention sparsity {self.attention_sparsity:g}, MLP sparsity {self.mlp_sparsity:g}, {schedule}, "
+                f"first {self.first_dense_layers} layers dense{cache}")
 
 
 # Reference settings (method.md): keep fractions there are 1 - sparsity here.
@@ -93,10 +111,13 @@ FAMILY_DEFAULTS = {
     "hunyuan_video": ChipmunkConfig(
         family="hunyuan_video", attention_sparsity=0.94, attention_random_fraction=0.01, mlp_sparsity=0.0,
         dense_warmup_steps=2, dense_interval=0, dense_at_fractions=(0.2, 0.8), first_dense_layers=2),
-    "wan21": ChipmunkConfig(
-        family="wan21", attention_sparsity=0.89, attention_random_fraction=0.01, mlp_sparsity=0.0,
+    "wan": ChipmunkConfig(
+        family="wan", attention_sparsity=0.89, attention_random_fraction=0.01, mlp_sparsity=0.0,
         dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, local_window=(4, 6, 8)),
 }
+
+# The settings the node's sliders show: what a user tunes. Everything else is a family default.
+SLIDER_FIELDS = ("attention_sparsity", "mlp_sparsity", "dense_warmup_steps", "dense_interval", "first_dense_layers")
 
 
 def resolve_config(family: str, **overrides) -> ChipmunkConfig:
@@ -104,4 +125,11 @@ def resolve_config(family: str, **overrides) -> ChipmunkConfig:
     if family not in FAMILY_DEFAULTS:
         raise ValueError(f"Chipmunk supports {', '.join(FAMILY_NAMES.values())}; got model family {family!r}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(ChipmunkConfig)})
+    if unknown:
+        raise ValueError(f"Unknown Chipmunk settings: {', '.join(unknown)}")
+    if "dense_warmup_steps" in changes or "dense_interval" in changes:
+        # Sliders describe the whole dense schedule: the family's extra refresh fractions only
+        # hold for its own reference schedule.
+        changes.setdefault("dense_at_fractions", ())
     return FAMILY_DEFAULTS[family].replace(**changes)

@@ -110,6 +110,15 @@ class JointLayout:
             return self.forced_keys[self.forced_keys < n_keys]
         return torch.where(self.forced_keys < n_keys, self.forced_keys, -1)
 
+    def forced_among(self, valid: torch.Tensor) -> torch.Tensor:
+        """Forced keys as positions among the ``valid`` key columns (sorted original positions):
+        the keys a mask dropped are dropped, the rest renumbered."""
+        remap = torch.full((self.n_tokens + 1,), -1, dtype=torch.int64, device=valid.device)
+        remap[valid.long()] = torch.arange(valid.numel(), device=valid.device)
+        forced = self.forced_keys.to(valid.device)
+        mapped = remap[torch.where(forced >= 0, forced, self.n_tokens)]
+        return mapped[mapped >= 0] if forced.dim() == 1 else mapped
+
 
 @functools.lru_cache(maxsize=32)
 def _layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bool, grid_first: bool,

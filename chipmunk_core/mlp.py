@@ -98,7 +98,11 @@ class SparseDeltaMLP:
         self._w2_t = (w2_key, w2_t) if w2_key is not None else None
         return w2_t
 
-    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, generator, w2_key=None) -> torch.Tensor:
+    def units(self) -> int:
+        """Hidden units of the MLP (0 before the first dense step)."""
+        return 0 if self.hidden is None else self.hidden.shape[1]
+
+    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, seeds, w2_key=None) -> torch.Tensor:
         """The MLP output (a new tensor) after recomputing the chosen units of every row block.
 
         ``w2_key`` identifies fc2's weight when it is the layer's own parameter (its transpose is
@@ -106,6 +110,7 @@ class SparseDeltaMLP:
         """
         x_ordered = x.index_select(1, row_order.long())
         if self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0:
+            generator = torch.Generator(device=x.device).manual_seed(int(seeds[0]))
             self._selection = self._rank_units(x_ordered, w1, b1, config, generator)
         self._sparse_steps += 1
         indices, counts = self._selection

@@ -20,11 +20,16 @@ def step_index(sample_sigmas, sigma) -> int:
 
 
 class DenseSchedule:
-    """The set of steps on which every Chipmunk layer recomputes densely and refreshes its caches."""
+    """The set of steps on which every Chipmunk layer recomputes densely and refreshes its caches.
 
-    def __init__(self, config: ChipmunkConfig, total_steps: int):
+    ``continues``: the run is the later part of a split sampling (KSamplerAdvanced, a second pass):
+    the noisy start the warm-up exists for is behind it, so one dense step rebuilds the caches.
+    """
+
+    def __init__(self, config: ChipmunkConfig, total_steps: int, continues: bool = False):
         self.total_steps = max(1, total_steps)
-        dense = set(range(min(config.dense_warmup_steps, self.total_steps)))
+        warmup = 1 if continues else config.dense_warmup_steps
+        dense = set(range(min(warmup, self.total_steps)))
         if config.dense_interval:
             dense.update(range(0, self.total_steps, config.dense_interval))
         dense.update(min(self.total_steps - 1, round(f * self.total_steps)) for f in config.dense_at_fractions)

@@ -5,6 +5,11 @@ interrupt), so a patched model reused across queue runs starts clean every time.
 per conditioning signature (the uuids that share a model call, plus the input's shape, dtype and
 device): cond and uncond batched together share one cache set, separate calls get one each, and a
 change of shape or device starts a fresh set instead of reusing a stale one.
+
+The objects nest the way a run does: ``SamplingRun`` (one per sampling run) -> ``ModelCall`` (one
+per call of the diffusion model: its step, dense or sparse, its conditioning's caches) ->
+``LayerCall`` (one per transformer layer inside that call: the layer's token layout, and the
+sparse-delta attention and MLP that serve it).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import torch
 
 from .attention import SparseDeltaAttention
 from .config import ChipmunkConfig
-from .layout import SequenceShape, joint_layout
+from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import ModelDims, cache_bytes, place_caches
 from .mlp import SparseDeltaMLP
 from .schedule import DenseSchedule, step_index
+from .seeds import row_seeds
+from .step_cache import StepCache, StepCacheSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ class CondCaches:
         self.estimate = estimate
         self.attention: dict[int, SparseDeltaAttention] = {}
         self.mlp: dict[tuple[int, str], SparseDeltaMLP] = {}
+        self.step_cache = StepCache()
 
     def attention_state(self, layer: int) -> SparseDeltaAttention:
         if layer not in self.attention:
@@ -46,198 +54,291 @@ class CondCaches:
         return self.mlp[(layer, stream)]
 
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.attention.values()) + sum(s.nbytes() for s in self.mlp.values())
+        return (sum(s.nbytes() for s in self.attention.values()) + sum(s.nbytes() for s in self.mlp.values())
+                + self.step_cache.nbytes())
 
     def reset(self):
         for state in list(self.attention.values()) + list(self.mlp.values()):
             state.reset()
         self.attention.clear()
         self.mlp.clear()
+        self.step_cache.reset()
 
 
 class SamplingRun:
     """State of one sampling run of a Chipmunk-patched model."""
 
-    def __init__(self, config: ChipmunkConfig, total_steps: int, seed: int | None, dims: ModelDims | None = None,
-                 free_memory=None):
-        """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free."""
+    def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
+                 free_memory=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False):
+        """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free.
+
+        ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
+        ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
+        sampling): one dense step rebuilds the caches instead of the whole warm-up.
+        """
+        total_steps = max(1, len(sample_sigmas) - 1) if sample_sigmas is not None else 1
         self.config = config
         self.dims = dims
         self.free_memory = free_memory
-        self.schedule = DenseSchedule(config, total_steps)
+        self.sample_sigmas = sample_sigmas
+        self.schedule = DenseSchedule(config, total_steps, continues=starts_mid_schedule)
+        self.step_cache_schedule = StepCacheSchedule(config, total_steps, self.schedule)
         self.seed = int(seed or 0)
-        self._generators: dict[str, torch.Generator] = {}
+        self.mlp_layers = mlp_layers
         self._caches: dict[tuple, CondCaches] = {}
         self.stats = Counter()
+        self.kept = Counter()  # computed / possible work on sparse layers, for the achieved sparsity
+        self.steps: dict[int, str] = {}  # step -> "dense" | "sparse" | "skipped" | "stock"
+        self.notes: dict[str, str] = {}  # things the user should know, said once per run
         self.peak_cache_bytes = 0
+        self.cache_storage: set[str] = set()
 
-    def generator(self, device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[key] = gen
-        return self._generators[key]
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
 
-    def caches_for(self, uuids: tuple, x: torch.Tensor, shape: SequenceShape, dtype: torch.dtype) -> CondCaches:
+    def note(self, key: str, message: str, level: int = logging.WARNING):
+        """Record something the run report must say (once per run), and log it once."""
+        if key not in self.notes:
+            self.notes[key] = message
+            logger.log(level, "Chipmunk: %s", message)
+
+    def caches_for(self, uuids: tuple, x: torch.Tensor, n_tokens: int) -> CondCaches:
         signature = (uuids, tuple(x.shape), x.dtype, str(x.device))
         caches = self._caches.get(signature)
         if caches is None:
             # A conditioning now batched differently, or at another shape: its old caches are stale.
             for old in [s for s, c in self._caches.items() if set(c.uuids) & set(uuids)]:
                 self._caches.pop(old).reset()
-            caches = self._caches[signature] = self._new_caches(uuids, x, shape, dtype)
+            caches = self._caches[signature] = self._new_caches(uuids, x, n_tokens)
         return caches
 
-    def _new_caches(self, uuids, x, shape: SequenceShape, dtype) -> CondCaches:
+    def _new_caches(self, uuids, x, n_tokens: int) -> CondCaches:
         if self.dims is None:
             return CondCaches(uuids)
-        n_tokens = math.prod(shape.grid) + shape.text_len
-        needed = cache_bytes(self.config, self.dims, x.shape[0], n_tokens, dtype)
+        config = self.config if self.mlp_layers else self.config.replace(mlp_sparsity=0.0)
+        needed = cache_bytes(config, self.dims, x.shape[0], n_tokens, x.dtype)
         free = self.free_memory(x.device) if self.free_memory else None
         storage = place_caches(needed, free, x.device)
-        free_text = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
+        self.cache_storage.add("GPU" if storage.type == "cuda" else storage.type.upper())
+        free_text = "unknown" if free is None else "%.1f GiB" % (free / 2**30)
         logger.info("Chipmunk caches for %d conditioning(s) x %d tokens: %.2f GiB (device free: %s) -> kept on %s",
                     len(uuids), n_tokens, needed / 2**30, free_text, storage)
         return CondCaches(uuids, storage, needed)
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
-        """The call's step, its dense/sparse decision and its conditioning's caches (stored in x's dtype)."""
-        step = step_index(transformer_options.get("sample_sigmas"), transformer_options.get("sigmas"))
+        """The call's step, its dense/sparse/skip decision and its conditioning's caches."""
+        step = step_index(self.sample_sigmas, transformer_options.get("sigmas"))
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
-        caches = self.caches_for(uuids, x, shape, x.dtype)
+        n_tokens = math.prod(shape.grid) + shape.text_len
+        caches = self.caches_for(uuids, x, n_tokens)
         dense = self.schedule.is_dense(step)
-        self.stats["dense calls" if dense else "sparse calls"] += 1
-        return ModelCall(self, step, dense, caches, shape)
+        cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
+        seeds = row_seeds(self.seed, x.shape[0], cond_or_uncond, step, x.device)
+        call = ModelCall(self, step, dense, caches, shape, seeds)
+        call.cond_or_uncond = cond_or_uncond
+        return call
 
     def end_call(self, call: "ModelCall"):
+        kind = "skipped" if call.skipped else ("dense" if call.dense else "sparse")
+        if not self.config.sparse and not call.skipped:
+            kind = "stock"
+        # A step some of whose calls were dense stays dense in the report (heun's second calls).
+        if self.steps.get(call.step) not in ("dense",):
+            self.steps[call.step] = kind
+        self.stats[f"{kind} calls"] += 1
         self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes() for c in self._caches.values()))
 
-    def summary(self) -> str:
-        return (f"Chipmunk run: {self.config.describe()}; {self.schedule.total_steps} steps, dense at "
-                f"{sorted(self.schedule.dense_steps)}; model calls {self.stats['dense calls']} dense / "
-                f"{self.stats['sparse calls']} sparse; layer attention {self.stats['attention dense']} dense / "
-                f"{self.stats['attention sparse']} sparse, MLP {self.stats['mlp dense']} dense / "
-                f"{self.stats['mlp sparse']} sparse; peak cache {self.peak_cache_bytes / 2**30:.2f} GiB "
-                f"(estimated {sum(c.estimate for c in self._caches.values()) / 2**30:.2f} GiB)")
+    def achieved(self, kind: str) -> float | None:
+        """Fraction of the attention (or MLP) work that sparse steps skipped on Chipmunk layers."""
+        possible = self.kept[f"{kind} possible"]
+        return None if not possible else 1.0 - self.kept[f"{kind} computed"] / possible
+
+    def report(self) -> dict:
+        steps = Counter(self.steps.values())
+        return {
+            "steps": self.total_steps, "dense": steps["dense"], "sparse": steps["sparse"],
+            "skipped": steps["skipped"], "stock": steps["stock"],
+            "attention_sparsity": self.achieved("attention"), "mlp_sparsity": self.achieved("mlp"),
+            "layers": dict(self.stats),
+            "cache_gib": self.peak_cache_bytes / 2**30,
+            "cache_on": sorted(self.cache_storage),
+            "notes": list(self.notes.values()),
+        }
 
     def release(self):
         for caches in self._caches.values():
             caches.reset()
         self._caches.clear()
-        self._generators.clear()
 
 
-def _key_padding_prefix(mask: torch.Tensor, n_keys: int) -> int | None:
+def key_padding(mask: torch.Tensor | None, n_keys: int) -> tuple[str, object] | None:
+    """How an attention mask restricts the keys, or None when Chipmunk cannot serve it.
+
+    Chipmunk serves no mask, and key-padding masks (HunyuanVideo pads its text and masks the
+    padding): [1 or B, 1, N] masks (additive, 0 = keep and very negative = drop, or boolean), the
+    same for every row. Returns ("all", None), ("prefix", n_valid) or ("index", valid positions).
+    """
+    if mask is None:
+        return ("all", None)
     if mask.dim() != 3 or mask.shape[1] != 1 or mask.shape[2] != n_keys:
         return None
     keep = mask if mask.dtype == torch.bool else mask > -1e4
-    rows = keep[:, 0]
-    n_valid = int(rows[0].sum())
-    expected = torch.arange(n_keys, device=mask.device) < n_valid
-    if n_valid == 0 or not bool((rows == expected).all()):
+    if mask.dtype != torch.bool and not bool(((mask == 0) | ~keep).all()):
+        return None  # a real additive bias, not padding
+    if mask.shape[0] > 1 and not bool((keep == keep[:1]).all()):
         return None
-    return n_valid
+    row = keep[0, 0]
+    valid = torch.nonzero(row).flatten()
+    n_valid = int(valid.numel())
+    if n_valid == 0:
+        return None
+    if n_valid == n_keys:
+        return ("all", None)
+    if int(valid[-1]) == n_valid - 1:
+        return ("prefix", n_valid)
+    return ("index", valid)
 
 
 class ModelCall:
     """One call of the diffusion model within a run: its step, and whether that step is dense."""
 
-    def __init__(self, run: SamplingRun, step: int, dense: bool, caches: CondCaches, shape: SequenceShape):
+    def __init__(self, run: SamplingRun, step: int, dense: bool, caches: CondCaches, shape: SequenceShape,
+                 seeds: torch.Tensor):
         self.run = run
         self.config = run.config
         self.step = step
         self.dense = dense
         self.caches = caches
         self.shape = shape
-        self.text_len = shape.text_len  # refined by the first block that sees the text stream
-        self._mask_prefix: dict[tuple, int | None] = {}
-        self.extras: dict = {}  # family-specific per-call values (see FamilyAdapter.call_extras)
+        self.seeds = seeds  # int64 [B]: one random-pick seed per batch row of this call
+        self.text_len = shape.text_len  # set by the blocks that see the text stream
+        self.text_first = shape.text_first
+        self.skipped = False
+        self.cond_or_uncond = (0,)
+        self.layers: dict[int, LayerCall] = {}  # the layers entered so far in this call
+        self.diffusion_model = None  # set by the hook that made the call
+        self.has_control = False     # a ControlNet adds to the blocks' outputs in this call
+        self._masks: dict[tuple, object] = {}
 
-    def layout(self, text_len: int, image_len: int, device):
-        shape = self.shape
-        return joint_layout(text_len, shape.grid, image_len, shape.text_first, self.config.query_group, device,
-                            grid_first=shape.grid_first, window=self.config.local_window)
-
-    def keys_kept_by(self, mask, n_keys: int) -> int | None:
-        """How many leading keys an attention mask keeps, or None if Chipmunk cannot serve it.
-
-        Chipmunk serves no mask and key-padding masks (HunyuanVideo pads its text and masks the
-        padding): additive [1 or B, 1, N] masks, 0 on a prefix of the keys and very negative after
-        it, the same for every batch row. Anything else runs dense through the user's backend.
-        """
-        if mask is None:
-            return n_keys
+    def padding(self, mask, n_keys: int):
+        """``key_padding`` of a mask, worked out once per call (the model reuses one mask object)."""
         key = (id(mask), n_keys)
-        if key not in self._mask_prefix:
-            self._mask_prefix[key] = _key_padding_prefix(mask, n_keys)
-        return self._mask_prefix[key]
+        if key not in self._masks:
+            self._masks[key] = key_padding(mask, n_keys)
+        return self._masks[key]
 
-    def layer(self, index: int) -> "LayerCall | None":
-        """The Chipmunk view of a layer, or None for the always-dense first layers."""
-        if index < self.config.first_dense_layers:
+    def layer(self, index: int, text_len: int, image_len: int) -> "LayerCall | None":
+        """The Chipmunk view of a layer whose sequence holds ``text_len`` text and ``image_len``
+        image tokens, or None for the always-dense first layers (and when nothing is sparse)."""
+        if index < self.config.first_dense_layers or not self.config.sparse:
             return None
-        return LayerCall(self, index)
+        return LayerCall(self, index, text_len, image_len)
 
 
 class LayerCall:
     """Chipmunk attention and MLP for one layer within one model call."""
 
-    def __init__(self, call: ModelCall, index: int):
+    def __init__(self, call: ModelCall, index: int, text_len: int, image_len: int):
         self.call = call
         self.index = index
         self.config = call.config
+        self.text_len = text_len
+        self.image_len = image_len
+        self._layout: JointLayout | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def seeds(self) -> torch.Tensor:
+        return self.call.seeds + self.index * 1_000_003
+
+    @property
+    def layout(self) -> JointLayout:
+        if self._layout is None:
+            shape = self.call.shape
+            grid = shape.grid if math.prod(shape.grid) <= self.image_len else ()
+            if not grid and shape.grid:
+                self.call.run.note("grid", f"the image stream ({self.image_len} tokens) is shorter than the latent "
+                                           f"grid {shape.grid}: tokens are grouped in raster order")
+            self._layout = joint_layout(self.text_len, grid, self.image_len, self.call.text_first,
+                                        self.config.query_group, self.call.seeds.device, grid_first=shape.grid_first,
+                                        window=self.config.local_window)
+        return self._layout
 
     def _dense_now(self, state, kind: str, *tensors) -> bool:
         dense = self.call.dense or not state.ready_for(*tensors)
         self.call.run.stats[f"{kind} {'dense' if dense else 'sparse'}"] += 1
         return dense
 
-    # --- attention -------------------------------------------------------------------------
-    def attention_options(self, transformer_options: dict, layout) -> dict:
-        """transformer_options whose attention override routes this layer's attention through Chipmunk.
+    def _count(self, kind: str, computed: int, possible: int):
+        self.call.run.kept[f"{kind} computed"] += computed
+        self.call.run.kept[f"{kind} possible"] += possible
 
-        Calls Chipmunk cannot serve (an attention mask it does not understand) go on to whatever
-        backend or override the user already had.
+    # --- attention -------------------------------------------------------------------------
+    def attention(self, q, k, v, heads: int, kwargs: dict):
+        """Chipmunk's attention for this layer, or None when Chipmunk does not serve this call.
+
+        Served: self-attention over exactly this layer's sequence (q, k, v of the same length),
+        head dim 64 or 128, no mask or a key-padding mask. Anything else (cross-attention, a
+        sequence another patch changed, a mask with real biases) goes to the previous backend.
         """
         if not self.config.sparse_attention:
-            return transformer_options
-        previous = transformer_options.get("optimized_attention_override")
-
-        def override(func, q, k, v, heads, *args, **kwargs):
-            key_axis = -2 if kwargs.get("skip_reshape") else 1
-            n_keys = None if args else self.call.keys_kept_by(kwargs.get("mask"), k.shape[key_axis])
-            if n_keys is None:
-                if previous is not None:
-                    return previous(func, q, k, v, heads, *args, **kwargs)
-                return func(q, k, v, heads, *args, **kwargs)
-            return self._attention(q, k, v, heads, n_keys, layout, kwargs)
-
-        return {**transformer_options, "optimized_attention_override": override}
-
-    def _attention(self, q, k, v, heads, n_keys, layout, kwargs):
-        if not kwargs.get("skip_reshape", False):
+            return None
+        skip_reshape = kwargs.get("skip_reshape", False)
+        if skip_reshape:
+            batch, _, n_tokens, head_dim = q.shape
+        else:
             batch, n_tokens, width = q.shape
-            q, k, v = (t.view(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-        k, v = k[:, :, :n_keys], v[:, :, :n_keys]
+            head_dim = width // heads
+        if k.shape != q.shape or v.shape != q.shape:
+            return None  # cross-attention (keys from another sequence)
+        if n_tokens != self.n_tokens:
+            self.call.run.note(f"length {self.index}", f"layer {self.index}: attention over {n_tokens} tokens where "
+                                                       f"the block has {self.n_tokens} (another patch changed the "
+                                                       "sequence): this layer runs dense")
+            return None
+        if head_dim not in (64, 128):
+            self.call.run.note("head_dim", f"head dim {head_dim} is not served (64 or 128): attention runs dense")
+            return None
+        padding = self.call.padding(kwargs.get("mask"), n_tokens)
+        if padding is None:
+            self.call.run.note("mask", "an attention mask that is not key padding: those layers run dense")
+            return None
+        if not skip_reshape:
+            q, k, v = (t.view(batch, n_tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        kind, value = padding
+        layout = self.layout
+        forced = layout.forced_keys
+        if kind == "prefix":
+            k, v = k[:, :, :value], v[:, :, :value]
+            forced = layout.forced_below(value)
+        elif kind == "index":
+            k, v = k.index_select(2, value), v.index_select(2, value)
+            forced = layout.forced_among(value)
         state = self.call.caches.attention_state(self.index)
+        n_keys = k.shape[2]
         if self._dense_now(state, "attention", q, k):
-            out = state.dense_step(q, k, v, layout, self.config, self.call.run.generator(q.device))
+            out = state.dense_step(q, k, v, layout, self.config, self.seeds, forced=forced)
         else:
             out = state.sparse_step(q, k, v, layout, self.config)
+            self._count("attention", state.kept_keys() * n_tokens, n_keys * n_tokens)
         if kwargs.get("skip_output_reshape", False):
-            batch, n_tokens, _ = out.shape
-            return out.view(batch, n_tokens, heads, -1).transpose(1, 2)
+            return out.view(batch, n_tokens, heads, head_dim).transpose(1, 2)
         return out
 
     # --- MLP -----------------------------------------------------------------------------------
-    def mlp_state(self, stream: str) -> SparseDeltaMLP | None:
-        if not self.config.sparse_mlp:
-            return None
+    def serves_mlp(self) -> bool:
+        return self.config.sparse_mlp and self.index in self.call.run.mlp_layers
+
+    def mlp_state(self, stream: str) -> SparseDeltaMLP:
         return self.call.caches.mlp_state(self.index, stream)
 
     def mlp_is_dense(self, state: SparseDeltaMLP, x) -> bool:
-        return self._dense_now(state, "mlp", x)
-
-    def generator(self, device) -> torch.Generator:
-        return self.call.run.generator(device)
+        dense = self._dense_now(state, "mlp", x)
+        if not dense:
+            units = state.units()
+            self._count("mlp", round(self.config.mlp_keep * units) * x.shape[1], units * x.shape[1])
+        return dense

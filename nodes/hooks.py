@@ -1,114 +1,356 @@
-"""The ComfyUI hooks that put Chipmunk into a sampling run.
+"""The ComfyUI hooks that put Chipmunk into a sampling run. Nothing of a model's code is copied here.
 
-- At node time only light configuration is stored on the cloned MODEL (a frozen config in
-  transformer_options, two wrappers, one block-replace patch per block): ``clone()`` deep-copies
-  model_options, so nothing heavy may live there.
-- OUTER_SAMPLE creates the run's state when sampling starts and always releases it (``finally``).
-- DIFFUSION_MODEL turns each model call into a ``ModelCall`` (step, dense or sparse, caches of
-  this conditioning) handed to the blocks through a copy of transformer_options.
-- The block patches compute Chipmunk layers; anything else goes to the stock block. A block patch
-  the user already had on the same block is kept and wraps ours.
+- At node time the cloned MODEL gets light things only (``clone()`` copies model_options): an
+  ``Accelerator`` (settings, the model plan), two wrappers, one block patch per block, and object
+  patches for the MLPs the plan may replace (shallow copies of the stock modules with another
+  ``forward``; same children, so LoRA, offload and weight casting see the same parameters).
+- OUTER_SAMPLE creates the run's state when sampling starts and always releases it (``finally``);
+  afterwards the run report goes to the console and onto the node.
+- DIFFUSION_MODEL turns each model call into a ``ModelCall`` (step, dense / sparse / skipped,
+  caches of this conditioning) and installs Chipmunk's attention override for the call, chained
+  to whatever override was there (another node's backend or sparse attention gets every call
+  Chipmunk does not serve).
+- The block patches tell each layer which tokens it holds (text and image streams, as the stock
+  block receives them) and implement step caching; the stock block always runs, or none at all.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
-from dataclasses import dataclass
+import time
 
-from ..chipmunk_core import ChipmunkConfig, FamilyAdapter, ModelCall, SamplingRun, adapter_named
+import torch
+
+from ..chipmunk_core import SLIDER_FIELDS, ChipmunkConfig, SamplingRun, plan_for, resolve_config
+from ..chipmunk_core.adapters import replacements
+from . import report
 
 logger = logging.getLogger(__name__)
 
 HOOK_KEY = "chipmunk"
-CONFIG_KEY = "chipmunk_config"
-RUN_KEY = "chipmunk_run"
+ACCEL_KEY = "chipmunk"
 CALL_KEY = "chipmunk_call"
+LAYER_KEY = "chipmunk_layer"
+OVERRIDE = "optimized_attention_override"
 
 
-@dataclass
-class ActiveCall:
-    call: ModelCall
-    adapter: FamilyAdapter
-    diffusion_model: object
+class Accelerator:
+    """What one Chipmunk Accelerate node put on a model. Shared by the clones of that model
+    (copying it returns itself); per-run state hangs on it only while a run is in progress."""
+
+    def __init__(self, adapter, plan, config: ChipmunkConfig, node_id=None, unused_inputs=()):
+        self.adapter = adapter
+        self.plan = plan
+        self.config = config
+        self.node_id = node_id
+        self.unused_inputs = tuple(unused_inputs)  # node inputs shown but not in effect
+        self.run: SamplingRun | None = None
+        self.call = None
+        self.checks: dict[str, str | None] = {}  # MLP kind -> self-check failure (None: passed)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def layer(self, index: int):
+        """The LayerCall of ``index`` in the model call in progress, or None."""
+        return None if self.call is None else self.call.layers.get(index)
+
+    def mlp_usable(self, kind: str) -> bool:
+        return self.checks.get(kind, None) is None
 
 
-def install(model, adapter: FamilyAdapter, config: ChipmunkConfig):
-    """Patch a (cloned) ModelPatcher; applying the node twice only replaces the settings."""
+def accelerate(model, node_id=None, unused_inputs=(), **settings):
+    """A clone of ``model`` patched to sample with Chipmunk (``settings``: ChipmunkConfig fields).
+
+    Raises ValueError for models Chipmunk does not support or settings it cannot use.
+    """
+    adapter, plan = plan_for(model.get_model_object("diffusion_model"))
+    config = resolve_config(adapter.family, **settings)
+    if plan.attention_only_reason and config.sparse_mlp:
+        config = config.replace(mlp_sparsity=0.0)
+    if plan.step_cache_reason and config.step_cache != "off":
+        logger.warning("Chipmunk: step caching is off for %s: %s", plan.model_name, plan.step_cache_reason)
+        config = config.replace(step_cache="off")
+    patched = model.clone()
+    install(patched, Accelerator(adapter, plan, config, node_id, unused_inputs))
+    return patched
+
+
+def install(model, accelerator: Accelerator):
+    """Patch a (cloned) ModelPatcher; applying the node again replaces the earlier Chipmunk patches."""
     import comfy.patcher_extension
 
     options = model.model_options.setdefault("transformer_options", {})
-    already = CONFIG_KEY in options
-    options[CONFIG_KEY] = config
-    if already:
-        return
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, HOOK_KEY, outer_sample_wrapper)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, HOOK_KEY, diffusion_model_wrapper)
+    options[ACCEL_KEY] = accelerator
+    for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                          (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
+        model.remove_wrappers_with_key(kind, HOOK_KEY)
+        model.add_wrapper_with_key(kind, HOOK_KEY, wrapper)
     existing = options.get("patches_replace", {}).get("dit", {})
-    for key in adapter.block_keys(model.get_model_object("diffusion_model")):
-        patch = functools.partial(chipmunk_block, key)
-        if key in existing:
-            patch = functools.partial(wrapped_by_user_patch, existing[key], key)
-        model.set_model_patch_replace(patch, "dit", key[0], key[1])
+    plan = accelerator.plan
+    for position, (kind, index) in enumerate(plan.block_keys):
+        patch = functools.partial(block_hook, kind, index, position)
+        user_patch = existing.get((kind, index))
+        user_patch = getattr(user_patch, "chipmunk_wraps", user_patch)  # ours from an earlier node: replace
+        if user_patch is not None:
+            wrapped = functools.partial(wrapped_by_user_patch, user_patch, patch)
+            wrapped.chipmunk_wraps = user_patch
+            patch = wrapped
+        else:
+            patch.chipmunk_wraps = None
+        model.set_model_patch_replace(patch, "dit", kind, index)
+    if accelerator.config.sparse_mlp:
+        for site in plan.mlp_sites:
+            stock = model.get_model_object(site.path)
+            model.add_object_patch(site.path, mlp_proxy(stock, accelerator, site))
 
 
+# --- sampling run ----------------------------------------------------------------------------------
 def outer_sample_wrapper(executor, *args, **kwargs):
     import comfy.model_management
     import comfy.model_patcher
 
     guider = executor.class_obj
-    original_options = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-    options = guider.model_options["transformer_options"]
+    accelerator = guider.model_options["transformer_options"].get(ACCEL_KEY)
+    if accelerator is None or accelerator.run is not None:  # not ours, or a nested sampling
+        return executor(*args, **kwargs)
     sigmas = args[3]
     seed = kwargs.get("seed", args[7] if len(args) > 7 else None)
-    config = options[CONFIG_KEY]
-    diffusion_model = guider.model_patcher.get_model_object("diffusion_model")
-    run = SamplingRun(config, total_steps=len(sigmas) - 1, seed=seed,
-                      dims=adapter_named(config.family).dims(diffusion_model),
-                      free_memory=comfy.model_management.get_free_memory)
-    options[RUN_KEY] = run
+    patcher = guider.model_patcher
+    diffusion_model = patcher.get_model_object("diffusion_model")
+    run = SamplingRun(accelerator.config, sample_sigmas=sigmas, seed=seed,
+                      dims=accelerator.adapter.dims(diffusion_model),
+                      free_memory=comfy.model_management.get_free_memory,
+                      mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
+                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas))
+    _note_plan(run, accelerator)
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    accelerator.run = run
+    started = time.perf_counter()
     try:
         return executor(*args, **kwargs)
     finally:
-        logger.info(run.summary())
-        run.release()
+        seconds = time.perf_counter() - started
+        accelerator.run = accelerator.call = None
         guider.model_options = original_options
+        report.publish(accelerator, run, seconds)
+        run.release()
 
 
+def _starts_mid_schedule(patcher, sigmas) -> bool:
+    """Whether this run starts below the model's highest noise level (a split or second pass)."""
+    try:
+        sigma_max = float(patcher.get_model_object("model_sampling").sigma_max)
+        return len(sigmas) > 1 and float(sigmas[0]) < sigma_max * 0.999
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _note_plan(run: SamplingRun, accelerator: Accelerator):
+    plan, config = accelerator.plan, accelerator.config
+    for text in accelerator.unused_inputs:
+        run.note(f"unused {text}", text, logging.INFO)
+    if plan.attention_only_reason:
+        run.note("plan", plan.attention_only_reason)
+    elif config.sparse_mlp and plan.mlp_refusals:
+        run.note("mlp", "MLP kept dense where the block is not one Chipmunk knows: " + "; ".join(plan.mlp_refusals))
+    if run.step_cache_schedule.disabled_reason:
+        run.note("step cache", run.step_cache_schedule.disabled_reason)
+    for kind, problem in accelerator.checks.items():
+        if problem:
+            run.note(f"check {kind}", f"MLP of {kind.replace('_', ' ')}s kept dense: the self-check failed ({problem})")
+
+
+# --- model calls -----------------------------------------------------------------------------------
+def _transformer_options(args, kwargs):
+    if args and isinstance(args[-1], dict):
+        return args[-1]
+    return kwargs.get("transformer_options")
+
+
+@torch.compiler.disable(recursive=False)
 def diffusion_model_wrapper(executor, *args, **kwargs):
-    options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("transformer_options")
-    run = options.get(RUN_KEY) if options else None
-    if run is None:  # the model is being used outside a sampling run
+    options = _transformer_options(args, kwargs)
+    accelerator = (options or {}).get(ACCEL_KEY)
+    run = None if accelerator is None else accelerator.run
+    if run is None:  # the model is being used outside a Chipmunk sampling run
         return executor(*args, **kwargs)
     diffusion_model = executor.class_obj
-    adapter = adapter_named(run.config.family)
-    call = run.begin_call(args[0], options, adapter.geometry(diffusion_model, args))
-    call.extras = adapter.call_extras(diffusion_model, args)
-    call_options = {**options, CALL_KEY: ActiveCall(call, adapter, diffusion_model)}
+    adapter = accelerator.adapter
+    arguments = adapter.call_arguments(diffusion_model, args, kwargs)
+    shape = adapter.geometry(diffusion_model, arguments)
+    call = run.begin_call(arguments["x"], options, shape)
+    call.diffusion_model = diffusion_model
+    call.has_control = arguments.get("control") is not None
+    previous = options.get(OVERRIDE)
+    if previous is not None and not getattr(previous, "chipmunk", False):
+        run.note("override", f"another attention override is installed ({_name(previous)}): Chipmunk serves the "
+                             "self-attention of its sparse layers first, every other attention call goes to it")
+    call_options = {**options, CALL_KEY: call, OVERRIDE: attention_override(getattr(previous, "previous", previous))}
     if args and args[-1] is options:
         args = args[:-1] + (call_options,)
     else:
         kwargs["transformer_options"] = call_options
+    accelerator.call = call
     try:
         return executor(*args, **kwargs)
     finally:
+        accelerator.call = None
         run.end_call(call)
 
 
-def chipmunk_block(block_key, args, extra):
-    active = (args.get("transformer_options") or {}).get(CALL_KEY)
-    if active is None:
-        return extra["original_block"](args)
-    kind, index = block_key
-    out = active.adapter.run_block(active.diffusion_model, kind, index, args, active.call)
-    return extra["original_block"](args) if out is None else out
+def _name(function) -> str:
+    inner = getattr(function, "func", function)
+    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
 
 
-def wrapped_by_user_patch(user_patch, block_key, args, extra):
-    """The user's own block patch runs first and sees Chipmunk's block as the original."""
-    return user_patch(args, {**extra, "original_block": functools.partial(_chipmunk_inner, block_key, extra)})
+def attention_override(previous):
+    """Chipmunk's attention for the layers it serves; everything else to ``previous`` (or stock)."""
+
+    @torch.compiler.disable
+    def chipmunk_attention(func, q, k, v, heads, *args, **kwargs):
+        layer = (kwargs.get("transformer_options") or {}).get(LAYER_KEY)
+        if layer is not None and not args:
+            out = layer.attention(q, k, v, heads, kwargs)
+            if out is not None:
+                return out
+        if previous is not None:
+            return previous(func, q, k, v, heads, *args, **kwargs)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    chipmunk_attention.chipmunk = True
+    chipmunk_attention.previous = previous
+    return chipmunk_attention
 
 
-def _chipmunk_inner(block_key, extra, args):
-    return chipmunk_block(block_key, args, extra)
+# --- blocks: layer context and step caching ---------------------------------------------------------
+def _block(diffusion_model, kind: str, index: int):
+    if kind == "single_block":
+        return diffusion_model.single_blocks[index]
+    blocks = getattr(diffusion_model, "double_blocks", None)
+    return (blocks if blocks is not None else diffusion_model.blocks)[index]
+
+
+def _streams_in(args: dict, names) -> dict:
+    return {name: args[name] for name in names}
+
+
+def _streams_out(out: dict, call) -> dict:
+    """The last block's output as the first block's streams (single blocks output [txt, img])."""
+    if "txt" in out or not call.text_len:
+        return {name: out[name] for name in ("img", "txt") if name in out}
+    joint, text = out["img"], call.text_len
+    if call.text_first:
+        return {"txt": joint[:, :text], "img": joint[:, text:]}
+    return {"img": joint[:, :-text], "txt": joint[:, -text:]}
+
+
+@torch.compiler.disable(recursive=False)
+def block_hook(kind: str, index: int, position: int, args: dict, extra: dict):
+    options = args.get("transformer_options") or {}
+    call = options.get(CALL_KEY)
+    original = extra["original_block"]
+    if call is None:
+        return original(args)
+    accelerator = options[ACCEL_KEY]
+    plan, run = accelerator.plan, call.run
+    first, last = position == 0, position == len(plan.block_keys) - 1
+    adapter = accelerator.adapter
+    if first:
+        _decide_skip(call, _streams_in(args, adapter.stream_names))
+    if call.skipped:
+        if first:
+            return call.caches.step_cache.apply(_streams_in(args, adapter.stream_names))
+        return {name: args[name] for name in adapter.block_outputs(kind)}
+    diffusion_model = call.diffusion_model
+    block = _block(diffusion_model, kind, index)
+    text_len, image_len, _ = adapter.streams(block, kind, args, call)
+    layer_index = adapter.layer_index(diffusion_model, kind, index)
+    layer = call.layer(layer_index, text_len, image_len)
+    if layer is not None:
+        call.layers[layer_index] = layer
+        args = {**args, "transformer_options": {**options, LAYER_KEY: layer}}
+    recording = run.step_cache_schedule.active and not call.has_control
+    if first and recording:
+        call.caches.step_cache.begin_computed(_streams_in(args, adapter.stream_names))
+    out = original(args)
+    if last and recording:
+        call.caches.step_cache.end_computed(_streams_out(out, call))
+    return out
+
+
+def _decide_skip(call, streams: dict):
+    run = call.run
+    schedule = run.step_cache_schedule
+    if not schedule.active:
+        return
+    if call.has_control:
+        run.note("control", "a ControlNet adds to the blocks' outputs: steps with it are not skipped")
+        return
+    cache = call.caches.step_cache
+    config = run.config
+    chunks = max(1, len(call.cond_or_uncond))
+    rows = slice(0, max(1, streams["img"].shape[0] // chunks))
+    skip = schedule.decide(call.step, lambda: cache.predict_skip(streams["img"], rows, config.step_cache_threshold,
+                                                               config.step_cache_max_skips))
+    call.skipped = skip and cache.ready_for(streams)
+
+
+def wrapped_by_user_patch(user_patch, chipmunk_patch, args, extra):
+    """A block patch the user already had runs first and sees Chipmunk's patch as the original."""
+    return user_patch(args, {**extra, "original_block": functools.partial(_chipmunk_inner, chipmunk_patch, extra)})
+
+
+def _chipmunk_inner(chipmunk_patch, extra, args):
+    return chipmunk_patch(args, extra)
+
+
+# --- MLP replacements ------------------------------------------------------------------------------
+def mlp_proxy(stock, accelerator: Accelerator, site):
+    """A shallow copy of ``stock`` (same children and parameters) whose forward is Chipmunk's."""
+    proxy = copy.copy(stock)
+    forward = sequential_forward if site.kind == "sequential" else single_block_forward
+    proxy.forward = functools.partial(forward, stock, accelerator, site)
+    return proxy
+
+
+def _checked(accelerator: Accelerator, kind: str, module, x, vec=None) -> bool:
+    """Run the parity self-check once per kind of block for this model; True when it passed."""
+    if kind not in accelerator.checks:
+        problem = replacements.self_check(kind, module, x, vec)
+        accelerator.checks[kind] = problem
+        if problem and accelerator.run is not None:
+            _note_plan(accelerator.run, accelerator)
+    return accelerator.checks[kind] is None
+
+
+@torch.compiler.disable
+def sequential_forward(stock, accelerator: Accelerator, site, x):
+    layer = accelerator.layer(site.layer)
+    if (layer is None or not layer.serves_mlp() or x.shape[1] != layer.image_len
+            or not _checked(accelerator, site.kind, stock, x)):
+        return torch.nn.Sequential.forward(stock, x)
+    return replacements.sequential_mlp(stock, layer, site.stream, x)
+
+
+@torch.compiler.disable
+def single_block_forward(stock, accelerator: Accelerator, site, x, vec, pe, attn_mask=None, modulation_dims=None,
+                         transformer_options={}):
+    layer = (transformer_options or {}).get(LAYER_KEY)
+    if (layer is None or not layer.serves_mlp() or replacements.has_attention_patches(transformer_options)
+            or not _checked(accelerator, site.kind, stock, x, vec)):
+        if layer is not None and layer.serves_mlp() and replacements.has_attention_patches(transformer_options):
+            layer.call.run.note("patches", "attention patches (NAG, KV caches) are present: single blocks run "
+                                           "ComfyUI's own code with Chipmunk attention, their MLP dense")
+        return type(stock).forward(stock, x, vec=vec, pe=pe, attn_mask=attn_mask, modulation_dims=modulation_dims,
+                                   transformer_options=transformer_options)
+    return replacements.single_block(stock, layer, x, vec, pe, attn_mask, modulation_dims, transformer_options)
+
+
+__all__ = ["accelerate", "install", "Accelerator", "SLIDER_FIELDS"]

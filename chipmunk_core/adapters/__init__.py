@@ -1,31 +1,86 @@
-"""One adapter per model family: how to find its blocks, its token grid and its text, and how to
-compute one of its blocks through Chipmunk. Adapters import ComfyUI lazily (only when asked about
-a model), so the core stays importable without it.
+"""What Chipmunk knows about each model family, read from the model ComfyUI built.
+
+An adapter says which diffusion-model classes it serves, how its blocks are keyed for ComfyUI's
+block patches, how a call's latent becomes a token grid, how long the text and image streams of a
+block are, and which MLPs the sparse-delta MLP may replace (``mlp_sites``: only those whose
+structure matches a fingerprint; ``replacements`` holds that code and its parity self-check).
+Attention needs nothing of the model: it goes through ComfyUI's attention override.
+
+Adapters import ComfyUI lazily (only when asked about a model), so the core stays importable
+without it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+from dataclasses import dataclass
 
-from ..config import FAMILY_NAMES
 from ..layout import SequenceShape
 from ..memory import ModelDims
-from ..state import ModelCall
-from . import flux, wan
+from . import replacements
+
+
+@dataclass(frozen=True)
+class MLPSite:
+    """One MLP the sparse-delta MLP replaces: where it is, and which layer and stream it serves."""
+
+    path: str    # object path under the BaseModel, e.g. "diffusion_model.double_blocks.3.img_mlp"
+    layer: int
+    stream: str  # "img" (two-stream blocks), "fused" (single blocks), "ffn" (WAN)
+    kind: str    # "sequential" or "single_block"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What Chipmunk will do with one model, decided when the node runs."""
+
+    family: str
+    model_name: str
+    block_keys: tuple[tuple[str, int], ...]
+    n_layers: int
+    mlp_sites: tuple[MLPSite, ...]
+    mlp_refusals: tuple[str, ...]  # why an MLP keeps its stock code, one line per kind of block
+    attention_only_reason: str | None = None  # set when the whole model runs attention-only
+    step_cache_reason: str | None = None      # set when step caching cannot be used with this model
+
+    @property
+    def mlp_layers(self) -> frozenset[int]:
+        return frozenset(site.layer for site in self.mlp_sites)
+
+
+def _class(module_name: str, class_name: str):
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls) -> inspect.Signature:
+    return inspect.signature(cls._forward)
 
 
 class FamilyAdapter:
     family = ""
-    model_class = ("", "")  # (module, class name) of the diffusion model ComfyUI builds
+    # The streams a block patch receives and returns ("img" and "txt" for two-stream blocks).
+    stream_names: tuple[str, ...] = ("img",)
+    # (module, class name, display name, full support?) of the diffusion models this adapter serves;
+    # classes not marked full run attention-only (their forward differs in ways Chipmunk's MLP
+    # and step cache do not follow).
+    model_classes: tuple[tuple[str, str, str, bool], ...] = ()
 
-    def matches(self, diffusion_model) -> bool:
-        """Exact class match: subclasses (VACE, camera, audio variants...) change the forward pass."""
-        module_name, class_name = self.model_class
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
-            return False
-        return type(diffusion_model) is cls
+    def recognise(self, diffusion_model) -> tuple[str, bool] | None:
+        """(display name, full support) when this adapter serves the model's exact class."""
+        for module_name, class_name, display, full in self.model_classes:
+            cls = _class(module_name, class_name)
+            if cls is not None and type(diffusion_model) is cls:
+                return self.model_name(diffusion_model, display), full
+        return None
+
+    def model_name(self, diffusion_model, display: str) -> str:
+        return display
 
     def block_keys(self, diffusion_model) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -37,8 +92,25 @@ class FamilyAdapter:
         """The dimensions the caches are sized by."""
         raise NotImplementedError
 
-    def geometry(self, diffusion_model, args: tuple) -> SequenceShape:
-        """The attention sequence's shape, from the DIFFUSION_MODEL wrapper's args."""
+    def mlp_candidates(self, diffusion_model):
+        """(path, layer, stream, kind, module) of every MLP the sparse-delta MLP could replace."""
+        raise NotImplementedError
+
+    def call_arguments(self, diffusion_model, args: tuple, kwargs: dict) -> dict:
+        """The DIFFUSION_MODEL call's arguments by name (the model's own ``_forward`` signature)."""
+        bound = _forward_signature(type(diffusion_model)).bind_partial(*args, **kwargs)
+        return dict(bound.arguments)
+
+    def geometry(self, diffusion_model, arguments: dict) -> SequenceShape:
+        """The generated latent's token grid, from the call's arguments."""
+        raise NotImplementedError
+
+    def block_outputs(self, kind: str) -> tuple[str, ...]:
+        """The keys a block patch of this kind returns."""
+        return ("img",)
+
+    def streams(self, block, kind: str, args: dict, call) -> tuple[int, int, bool]:
+        """(text tokens, image tokens, text first) of the sequence a block attends over."""
         raise NotImplementedError
 
     @staticmethod
@@ -46,110 +118,45 @@ class FamilyAdapter:
         """Token grid after the patch embedding (ComfyUI rounds odd sizes to the nearest patch)."""
         return tuple((s + p // 2) // p for s, p in zip(spatial_shape, patch_size))
 
-    def call_extras(self, diffusion_model, args: tuple) -> dict:
-        """Per-call values the blocks need that ComfyUI does not pass to a block patch."""
-        return {}
-
-    def run_block(self, diffusion_model, kind: str, index: int, args: dict, call: ModelCall):
-        """The block's output dict, or None to let the stock block run (always-dense layers)."""
-        raise NotImplementedError
-
-
-class FluxAdapter(FamilyAdapter):
-    family = "flux"
-    model_class = ("comfy.ldm.flux.model", "Flux")
-
-    def block_keys(self, diffusion_model):
-        return ([("double_block", i) for i in range(len(diffusion_model.double_blocks))]
-                + [("single_block", i) for i in range(len(diffusion_model.single_blocks))])
-
-    def layer_index(self, diffusion_model, kind, index):
-        return index if kind == "double_block" else len(diffusion_model.double_blocks) + index
-
-    def dims(self, diffusion_model):
-        width, heads = diffusion_model.hidden_size, diffusion_model.num_heads
-        blocks = list(diffusion_model.single_blocks) or list(diffusion_model.double_blocks)
-        mlp_hidden = blocks[0].mlp_hidden_dim if diffusion_model.single_blocks else blocks[0].img_mlp[0].out_features
-        return ModelDims(len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks), heads,
-                         width // heads, mlp_hidden, width)
-
-    def geometry(self, diffusion_model, args):
-        x, context = args[0], args[2]
-        patch = diffusion_model.patch_size
-        return SequenceShape(self.patch_grid(x.shape[-2:], (patch, patch)), context.shape[1], text_first=True)
-
-    def run_block(self, diffusion_model, kind, index, args, call):
-        if kind == "double_block":
-            call.text_len = args["txt"].shape[1]  # the text stream as the blocks see it
-        layer = call.layer(self.layer_index(diffusion_model, kind, index))
-        if layer is None:
-            return None
-        if kind == "double_block":
-            return flux.double_block(diffusion_model.double_blocks[index], args, layer)
-        return flux.single_block(diffusion_model.single_blocks[index], args, layer)
+    def plan(self, diffusion_model, name: str, full: bool) -> ModelPlan:
+        sites, refusals = [], {}
+        if full:
+            for path, layer, stream, kind, module in self.mlp_candidates(diffusion_model):
+                reason = replacements.fingerprint(kind, module)
+                if reason is None:
+                    sites.append(MLPSite(path, layer, stream, kind))
+                else:
+                    refusals.setdefault(f"{kind} {reason}", None)
+        return ModelPlan(
+            family=self.family, model_name=name, block_keys=tuple(self.block_keys(diffusion_model)),
+            n_layers=self.dims(diffusion_model).n_layers, mlp_sites=tuple(sites),
+            mlp_refusals=tuple(refusals),
+            attention_only_reason=None if full else f"{name} changes the model's forward pass: Chipmunk runs its "
+                                                    "attention only (MLP dense, no step caching)",
+            step_cache_reason=None if full else f"{name} adds its own inputs between blocks")
 
 
-class HunyuanVideoAdapter(FluxAdapter):
-    """HunyuanVideo reuses FLUX's blocks with the joint order flipped to [video, text]."""
+from .flux import FluxAdapter, HunyuanVideoAdapter  # noqa: E402
+from .wan import WanAdapter  # noqa: E402
 
-    family = "hunyuan_video"
-    model_class = ("comfy.ldm.hunyuan_video.model", "HunyuanVideo")
-
-    def geometry(self, diffusion_model, args):
-        x, context = args[0], args[2]
-        patch = diffusion_model.patch_size
-        # Reference latents (image-to-video variants) are prepended to the video tokens.
-        return SequenceShape(self.patch_grid(x.shape[-len(patch):], patch), context.shape[1], text_first=False,
-                             grid_first=False)
+ADAPTERS = [FluxAdapter(), HunyuanVideoAdapter(), WanAdapter()]
 
 
-class Wan21Adapter(FamilyAdapter):
-    """WAN2.1 (text- and image-to-video): sparse self-attention over the video tokens only."""
-
-    family = "wan21"
-    model_class = ("comfy.ldm.wan.model", "WanModel")
-
-    def block_keys(self, diffusion_model):
-        return [("double_block", i) for i in range(len(diffusion_model.blocks))]
-
-    def layer_index(self, diffusion_model, kind, index):
-        return index
-
-    def dims(self, diffusion_model):
-        return ModelDims(len(diffusion_model.blocks), diffusion_model.num_heads,
-                         diffusion_model.dim // diffusion_model.num_heads, diffusion_model.ffn_dim, diffusion_model.dim)
-
-    def geometry(self, diffusion_model, args):
-        x, time_dim_concat = args[0], args[4]
-        frames = x.shape[2] + (0 if time_dim_concat is None else time_dim_concat.shape[2])
-        grid = self.patch_grid((frames, *x.shape[3:]), diffusion_model.patch_size)
-        # A reference latent (when the model has one) is prepended to the video tokens.
-        return SequenceShape(grid, 0, text_first=False, grid_first=False)
-
-    def call_extras(self, diffusion_model, args):
-        clip_fea = args[3]
-        return {"context_img_len": None if clip_fea is None else clip_fea.shape[-2]}
-
-    def run_block(self, diffusion_model, kind, index, args, call):
-        layer = call.layer(index)
-        if layer is None:
-            return None
-        return wan.attention_block(diffusion_model.blocks[index], args, layer, call.extras["context_img_len"])
-
-
-ADAPTERS = [FluxAdapter(), HunyuanVideoAdapter(), Wan21Adapter()]
+def supported_models() -> str:
+    names = [display for adapter in ADAPTERS for _, _, display, _ in adapter.model_classes]
+    return ", ".join(dict.fromkeys(names))
 
 
 def adapter_named(family: str) -> FamilyAdapter:
     return next(a for a in ADAPTERS if a.family == family)
 
 
-def adapter_for(diffusion_model) -> FamilyAdapter:
-    """The adapter serving this diffusion model, or a ValueError naming the supported families."""
+def plan_for(diffusion_model) -> tuple[FamilyAdapter, ModelPlan]:
+    """The adapter and plan for this diffusion model, or a ValueError naming the supported models."""
     for adapter in ADAPTERS:
-        if adapter.matches(diffusion_model):
-            return adapter
-    supported = ", ".join(FAMILY_NAMES[a.family] for a in ADAPTERS)
-    raise ValueError(f"Chipmunk Accelerate supports {supported} models; this model is "
-                     f"{type(diffusion_model).__name__}. Connect a supported model to Chipmunk Accelerate "
-                     f"or remove the node.")
+        found = adapter.recognise(diffusion_model)
+        if found is not None:
+            return adapter, adapter.plan(diffusion_model, *found)
+    raise ValueError(f"Chipmunk Accelerate does not support this model ({type(diffusion_model).__name__}). "
+                     f"Supported: {supported_models()}. Connect one of those to Chipmunk Accelerate, or remove "
+                     f"the node.")

@@ -1,37 +1,51 @@
-"""WAN2.1 blocks computed through Chipmunk.
+"""WAN (2.1 text- and image-to-video, 2.2 A14B experts and TI2V 5B): self-attention over the video
+tokens, cross-attention to the text (left to the user's backend), then an FFN.
 
-A WAN block is self-attention over the video tokens (RoPE), cross-attention to the text (and the
-CLIP image tokens of image-to-video models), then an FFN. Only the self-attention goes through
-Chipmunk's attention override; the cross-attention keeps the user's options and stays dense; the
-FFN is a sparse-delta MLP when MLP sparsity is on. Same operations, same order as ComfyUI's
-WanAttentionBlock, so sparsity 0 reproduces the stock block exactly.
+WanModel subclasses (VACE, Camera, S2V, HuMo, Animate, SCAIL) keep the block loop but add inputs
+between blocks or extra tokens: they run attention-only.
 """
 
 from __future__ import annotations
 
-import torch
+from ..layout import SequenceShape
+from ..memory import ModelDims
+from . import FamilyAdapter
 
-from ..state import LayerCall
-from .flux import two_layer_mlp
+_WAN = "comfy.ldm.wan.model"
 
 
-def attention_block(block, args: dict, layer: LayerCall, context_img_len) -> dict:
-    import comfy.model_management
-    from comfy.ldm.wan.model import repeat_e
+class WanAdapter(FamilyAdapter):
+    family = "wan"
+    model_classes = (
+        (_WAN, "WanModel", "WAN2.1 / WAN2.2", True),
+        (_WAN, "VaceWanModel", "WAN VACE", False),
+        (_WAN, "CameraWanModel", "WAN Camera", False),
+        (_WAN, "WanModel_S2V", "WAN S2V", False),
+        (_WAN, "HumoWanModel", "WAN HuMo", False),
+        (_WAN, "SCAILWanModel", "WAN SCAIL", False),
+        ("comfy.ldm.wan.model_animate", "AnimateWanModel", "WAN Animate", False),
+    )
 
-    x, e, freqs, context = args["img"], args["vec"], args["pe"], args["txt"]
-    options = args["transformer_options"]
-    modulation = comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device)
-    e = (modulation + e).chunk(6, dim=1) if e.ndim < 4 else (modulation.unsqueeze(0) + e).unbind(2)
+    def block_keys(self, diffusion_model):
+        return [("double_block", i) for i in range(len(diffusion_model.blocks))]
 
-    def modulated(norm, shift, scale):
-        return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))
+    def layer_index(self, diffusion_model, kind, index):
+        return index
 
-    layout = layer.call.layout(0, x.shape[1], x.device)
-    y = block.self_attn(modulated(block.norm1, e[0], e[1]), freqs,
-                        transformer_options=layer.attention_options(options, layout))
-    x = torch.addcmul(x, y, repeat_e(e[2], x))
-    del y
-    x = x + block.cross_attn(block.norm3(x), context, context_img_len=context_img_len, transformer_options=options)
-    y = two_layer_mlp(layer, "ffn", block.ffn, modulated(block.norm2, e[3], e[4]), layout.image_order)
-    return {"img": torch.addcmul(x, y, repeat_e(e[5], x))}
+    def dims(self, diffusion_model):
+        return ModelDims(len(diffusion_model.blocks), diffusion_model.num_heads,
+                         diffusion_model.dim // diffusion_model.num_heads, diffusion_model.ffn_dim, diffusion_model.dim)
+
+    def mlp_candidates(self, diffusion_model):
+        for i, block in enumerate(diffusion_model.blocks):
+            yield f"diffusion_model.blocks.{i}.ffn", i, "ffn", "sequential", block.ffn
+
+    def geometry(self, diffusion_model, arguments):
+        x, time_dim_concat = arguments["x"], arguments.get("time_dim_concat")
+        frames = x.shape[2] + (0 if time_dim_concat is None else time_dim_concat.shape[2])
+        grid = self.patch_grid((frames, *x.shape[3:]), diffusion_model.patch_size)
+        # A reference latent (models with ref_conv) is prepended to the video tokens.
+        return SequenceShape(grid, 0, text_first=False, grid_first=False)
+
+    def streams(self, block, kind, args, call):
+        return 0, args["img"].shape[1], False

@@ -1,25 +1,44 @@
 """Reading a linear layer's weights the way ComfyUI's own ops would use them.
 
-ComfyUI may keep weights off the GPU (low-VRAM offload), in fp8 with a per-tensor scale, or with
-LoRA patches applied on the fly through ``weight_function``; ``comfy.ops.cast_bias_weight`` resolves
-all of those for an input. Layers that are plain ``torch.nn.Linear`` are read directly.
+ComfyUI may keep weights off the GPU (low-VRAM offload, dynamic VRAM), quantised, or with LoRA
+patches applied on the fly through ``weight_function``; ``comfy.ops.cast_bias_weight`` resolves all
+of those for an input. ComfyUI releases with offload-aware casting hand back a stream handle that
+must be released once the weights have been used (``uncast_bias_weight``); older releases return
+just (weight, bias). Layers that are plain ``torch.nn.Linear`` are read directly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 
+
+@functools.lru_cache(maxsize=1)
+def _offloadable_casting() -> bool:
+    import comfy.ops
+    return "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+
+
+@contextlib.contextmanager
 def linear_weights(module, like):
-    """(weight, bias) of ``module`` in ``like``'s dtype and device, LoRA and fp8 scale applied."""
-    if hasattr(module, "weight_function"):
-        import comfy.ops
+    """(weight, bias) of ``module`` in ``like``'s dtype and device, released on exit."""
+    if not hasattr(module, "weight_function"):  # a plain torch Linear
+        yield module.weight.to(like), None if module.bias is None else module.bias.to(like)
+        return
+    import comfy.ops
+    if not _offloadable_casting():
         weight, bias = comfy.ops.cast_bias_weight(module, like)[:2]
-    else:
-        weight = module.weight.to(like)
-        bias = None if module.bias is None else module.bias.to(like)
-    scale = getattr(module, "scale_weight", None)
-    if scale is not None:
-        weight = weight * scale.to(device=weight.device, dtype=weight.dtype)
-    return weight, bias
+        scale = getattr(module, "scale_weight", None)  # scaled-fp8 checkpoints of older ComfyUI
+        if scale is not None:
+            weight = weight * scale.to(device=weight.device, dtype=weight.dtype)
+        yield weight, bias
+        return
+    weight, bias, stream = comfy.ops.cast_bias_weight(module, like, offloadable=True)
+    try:
+        yield weight, bias
+    finally:
+        comfy.ops.uncast_bias_weight(module, weight, bias, stream)
 
 
 def weight_identity(module, weight):

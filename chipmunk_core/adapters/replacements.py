@@ -1,0 +1,197 @@
+"""The only model code Chipmunk replaces: MLPs, which no ComfyUI hook reaches.
+
+Two kinds, each used only where a structural fingerprint matches and, once per loaded model, a
+parity self-check confirms that the replacement at sparsity 0 gives the stock output bit for bit:
+
+- "sequential": an ``nn.Sequential(Linear, GELU(tanh), Linear)`` MLP (FLUX/HunyuanVideo image MLPs
+  of two-stream blocks, WAN FFNs). The block around it stays ComfyUI's.
+- "single_block": FLUX's ``SingleStreamBlock``, whose MLP is fused into ``linear1``/``linear2``: the
+  block is computed here (same operations, same order), its attention still through ComfyUI's
+  attention function and so through the attention override. A call that carries attention patches
+  (``attn1_patch`` / ``attn1_output_patch``: NAG, KV caches) runs the stock block instead.
+
+Everything else keeps its stock code and Chipmunk serves its attention only.
+ComfyUI is imported lazily: this module must import without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from ..mlp import SparseDeltaMLP
+from .weights import linear_weights, weight_identity
+
+SINGLE_BLOCK_PARAMETERS = ["x", "vec", "pe", "attn_mask", "modulation_dims", "transformer_options"]
+ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")
+
+
+# --- fingerprints ---------------------------------------------------------------------------------
+def _linear_problem(module, name: str) -> str | None:
+    if not isinstance(module, torch.nn.Linear):
+        return f"{name} is {type(module).__name__}, not a Linear"
+    cls = type(module)
+    if cls is not torch.nn.Linear and not cls.__module__.startswith("comfy.ops"):
+        return f"{name} is {cls.__module__}.{cls.__name__}, not one of ComfyUI's own Linear ops"
+    return None
+
+
+def _gelu_tanh_problem(module, name: str) -> str | None:
+    if type(module) is not torch.nn.GELU or module.approximate != "tanh":
+        return f"{name} is {type(module).__name__}, not GELU(tanh)"
+    return None
+
+
+def fingerprint(kind: str, module) -> str | None:
+    """None when ``module`` is a structure Chipmunk's MLP replacement knows, else why not."""
+    if kind == "sequential":
+        if type(module) is not torch.nn.Sequential or len(module) != 3:
+            return f"MLP is {type(module).__name__}, not Sequential(Linear, GELU, Linear)"
+        fc1, act, fc2 = module
+        problem = _linear_problem(fc1, "fc1") or _gelu_tanh_problem(act, "activation") or _linear_problem(fc2, "fc2")
+        if problem is None and (fc1.out_features != fc2.in_features or fc1.in_features != fc2.out_features):
+            problem = "fc1/fc2 shapes do not chain"
+        return problem
+    if kind == "single_block":
+        cls = type(module)
+        if cls.__name__ != "SingleStreamBlock" or cls.__module__ != "comfy.ldm.flux.layers":
+            return f"block is {cls.__module__}.{cls.__name__}"
+        parameters = list(inspect.signature(cls.forward).parameters)[1:]
+        if parameters != SINGLE_BLOCK_PARAMETERS:
+            return f"forward takes ({', '.join(parameters)})"
+        if getattr(module, "yak_mlp", False):
+            return "MLP is gated (YakMLP)"
+        width, hidden = module.hidden_size, module.mlp_hidden_dim
+        if getattr(module, "mlp_hidden_dim_first", hidden) != hidden:
+            return "MLP is gated (SiLU-gated, twice as wide)"
+        problem = (_gelu_tanh_problem(module.mlp_act, "activation") or _linear_problem(module.linear1, "linear1")
+                   or _linear_problem(module.linear2, "linear2"))
+        if problem is None and (module.linear1.out_features != 3 * width + hidden
+                                or module.linear2.in_features != width + hidden):
+            problem = "fused split sizes differ from 3 x width + MLP width"
+        return problem
+    return f"unknown kind {kind!r}"
+
+
+# --- the replaced code -----------------------------------------------------------------------------
+def _throwaway_dense(x):
+    """State and row order for a dense computation that keeps nothing (the self-check)."""
+    from ..config import FAMILY_DEFAULTS
+    order = torch.arange(x.shape[1], device=x.device, dtype=torch.int32)
+    return SparseDeltaMLP(), order, FAMILY_DEFAULTS["flux"]
+
+
+def sequential_mlp(module, layer, stream: str, x):
+    """Sequential(Linear, GELU(tanh), Linear) through the sparse-delta MLP of ``layer``.
+
+    ``layer`` None: a dense computation that keeps nothing (the self-check's "sparsity 0").
+    """
+    fc1, fc2 = module[0], module[2]
+    if layer is None:
+        state, order, config = _throwaway_dense(x)
+        return fc2(state.dense_step(x, fc1(x), order, config))
+    state, order, config = layer.mlp_state(stream), layer.layout.image_order, layer.config
+    if layer.mlp_is_dense(state, x):
+        y = fc2(state.dense_step(x, fc1(x), order, config))
+        state.store_output(y)
+        return y
+    with linear_weights(fc1, x) as (w1, b1), linear_weights(fc2, x) as (w2, _):
+        return state.sparse_step(x, w1, b1, w2, order, config, layer.seeds, w2_key=weight_identity(fc2, w2))
+
+
+def _modulation(block, vec):
+    return vec if block.modulation is None else block.modulation(vec)[0]
+
+
+def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
+    """FLUX's SingleStreamBlock with its fused MLP through the sparse-delta MLP of ``layer``.
+
+    ``layer`` None: dense, keeping nothing (the self-check's "sparsity 0").
+    """
+    from comfy.ldm.flux.layers import apply_mod
+    from comfy.ldm.flux.math import attention
+
+    mod = _modulation(block, vec)
+    x_mod = apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, modulation_dims)
+    width, hidden = block.hidden_size, block.mlp_hidden_dim
+    if layer is None:
+        state, order, config = _throwaway_dense(x)
+        dense = True
+    else:
+        state, order, config = layer.mlp_state("fused"), layer.layout.query_order, layer.config
+        dense = layer.mlp_is_dense(state, x_mod)
+
+    with contextlib.ExitStack() as casts:
+        if dense:
+            qkv, pre_activation = torch.split(block.linear1(x_mod), [3 * width, hidden], dim=-1)
+        else:
+            w1, b1 = casts.enter_context(linear_weights(block.linear1, x_mod))
+            qkv = F.linear(x_mod, w1[: 3 * width], None if b1 is None else b1[: 3 * width])
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+        del qkv
+        q, k = block.norm(q, k, v)
+        attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
+        del q, k, v
+        if dense:
+            activation = state.dense_step(x_mod, pre_activation, order, config)
+            output = block.linear2(torch.cat((attn, activation), 2))
+            if layer is not None:
+                w2, _ = casts.enter_context(linear_weights(block.linear2, attn))
+                state.store_output(F.linear(activation, w2[:, width:]))
+        else:
+            w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
+            mlp_out = state.sparse_step(
+                x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
+                layer.seeds, w2_key=weight_identity(block.linear2, w2[:, width:]))
+            output = F.linear(attn, w2[:, :width], b2) + mlp_out
+    x += apply_mod(output, mod.gate, None, modulation_dims)
+    if x.dtype == torch.float16:
+        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x
+
+
+def has_attention_patches(transformer_options) -> bool:
+    patches = (transformer_options or {}).get("patches") or {}
+    return any(patches.get(name) for name in ATTENTION_PATCHES)
+
+
+# --- the parity self-check ---------------------------------------------------------------------
+def _first_row(value):
+    if torch.is_tensor(value):
+        return value[:1]
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _first_row(getattr(value, f.name))
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, tuple):
+        return type(value)(*(_first_row(v) for v in value)) if hasattr(value, "_fields") else \
+            tuple(_first_row(v) for v in value)
+    return value
+
+
+def self_check(kind: str, module, x: torch.Tensor, vec=None) -> str | None:
+    """None when the replacement at sparsity 0 gives the stock module's output bit for bit on a
+    small input shaped like ``x`` (and, for blocks, with the call's modulation ``vec``)."""
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    small = torch.randn((1, min(x.shape[1], 24), x.shape[-1]), generator=generator, device=x.device,
+                        dtype=torch.float32).to(x.dtype)
+    try:
+        if kind == "sequential":
+            stock = torch.nn.Sequential.forward(module, small.clone())
+            ours = sequential_mlp(module, None, "check", small.clone())
+        else:
+            row = _first_row(vec)
+            stock = type(module).forward(module, small.clone(), vec=row, pe=None, attn_mask=None,
+                                         transformer_options={})
+            ours = single_block(module, None, small.clone(), row, None)
+    except Exception as exc:  # the stock code changed its calling convention
+        return f"the check could not run ({type(exc).__name__}: {exc})"
+    if stock.shape == ours.shape and torch.equal(stock, ours):
+        return None
+    if stock.shape != ours.shape:
+        return f"output shape {tuple(ours.shape)} != stock {tuple(stock.shape)}"
+    difference = ((ours.float() - stock.float()).norm() / stock.float().norm().clamp_min(1e-12)).item()
+    return f"output differs from ComfyUI's by {difference:.1e} (relative)"
