@@ -59,7 +59,9 @@ def _class(module_name: str, class_name: str):
 
 @functools.lru_cache(maxsize=None)
 def _forward_signature(cls) -> inspect.Signature:
-    return inspect.signature(cls._forward)
+    """The signature of ``cls._forward`` as the DIFFUSION_MODEL executor calls it (bound: no self)."""
+    signature = inspect.signature(cls._forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 class FamilyAdapter:
