@@ -219,6 +219,7 @@ class ModelCall:
         self.layers: dict[int, LayerCall] = {}  # the layers entered so far in this call
         self.diffusion_model = None  # set by the hook that made the call
         self.has_control = False     # a ControlNet adds to the blocks' outputs in this call
+        self.recording = False       # the step cache records this call's residual
         self._masks: dict[tuple, object] = {}
 
     def padding(self, mask, n_keys: int):

@@ -174,13 +174,27 @@ def _transformer_options(args, kwargs):
     return kwargs.get("transformer_options")
 
 
-@torch.compiler.disable(recursive=False)
 def diffusion_model_wrapper(executor, *args, **kwargs):
+    # Under torch.compile this frame is traced: the bookkeeping lives in eager-only helpers, so
+    # that only ComfyUI's own model code (the executor) is compiled.
+    begun = _begin_call(executor, args, kwargs)
+    if begun is None:  # the model is being used outside a Chipmunk sampling run
+        return executor(*args, **kwargs)
+    accelerator, call, args, kwargs = begun
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _end_call(accelerator, call)
+
+
+@torch.compiler.disable
+def _begin_call(executor, args, kwargs):
+    """The ModelCall for this call and the arguments with Chipmunk's transformer_options, or None."""
     options = _transformer_options(args, kwargs)
     accelerator = (options or {}).get(ACCEL_KEY)
     run = None if accelerator is None else accelerator.run
-    if run is None:  # the model is being used outside a Chipmunk sampling run
-        return executor(*args, **kwargs)
+    if run is None:
+        return None
     diffusion_model = executor.class_obj
     adapter = accelerator.adapter
     arguments = adapter.call_arguments(diffusion_model, args, kwargs)
@@ -193,16 +207,19 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         run.note("override", f"another attention override is installed ({_name(previous)}): Chipmunk serves the "
                              "self-attention of its sparse layers first, every other attention call goes to it")
     call_options = {**options, CALL_KEY: call, OVERRIDE: attention_override(getattr(previous, "previous", previous))}
+    kwargs = dict(kwargs)
     if args and args[-1] is options:
         args = args[:-1] + (call_options,)
     else:
         kwargs["transformer_options"] = call_options
     accelerator.call = call
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        accelerator.call = None
-        run.end_call(call)
+    return accelerator, call, args, kwargs
+
+
+@torch.compiler.disable
+def _end_call(accelerator, call):
+    accelerator.call = None
+    call.run.end_call(call)
 
 
 def _name(function) -> str:
@@ -251,23 +268,38 @@ def _streams_out(out: dict, call) -> dict:
     return {"img": joint[:, :-text], "txt": joint[:, -text:]}
 
 
-@torch.compiler.disable(recursive=False)
 def block_hook(kind: str, index: int, position: int, args: dict, extra: dict):
+    # As in the DIFFUSION_MODEL wrapper: eager-only bookkeeping around the stock block.
+    original = extra["original_block"]
+    entered = _enter_block(kind, index, position, args)
+    if entered is None:
+        return original(args)
+    if entered[0] == "skipped":
+        return entered[1]
+    _, call, block_args, last = entered
+    out = original(block_args)
+    if last:
+        _leave_last_block(call, out)
+    return out
+
+
+@torch.compiler.disable
+def _enter_block(kind: str, index: int, position: int, args: dict):
+    """None (not in a Chipmunk call), ("skipped", outputs) on a skipped step, or ("run", call,
+    the block's arguments with this layer's context, whether it is the last block)."""
     options = args.get("transformer_options") or {}
     call = options.get(CALL_KEY)
-    original = extra["original_block"]
     if call is None:
-        return original(args)
+        return None
     accelerator = options[ACCEL_KEY]
-    plan, run = accelerator.plan, call.run
+    plan, run, adapter = accelerator.plan, call.run, accelerator.adapter
     first, last = position == 0, position == len(plan.block_keys) - 1
-    adapter = accelerator.adapter
     if first:
         _decide_skip(call, _streams_in(args, adapter.stream_names))
     if call.skipped:
         if first:
-            return call.caches.step_cache.apply(_streams_in(args, adapter.stream_names))
-        return {name: args[name] for name in adapter.block_outputs(kind)}
+            return "skipped", call.caches.step_cache.apply(_streams_in(args, adapter.stream_names))
+        return "skipped", {name: args[name] for name in adapter.block_outputs(kind)}
     diffusion_model = call.diffusion_model
     block = _block(diffusion_model, kind, index)
     text_len, image_len, _ = adapter.streams(block, kind, args, call)
@@ -276,13 +308,15 @@ def block_hook(kind: str, index: int, position: int, args: dict, extra: dict):
     if layer is not None:
         call.layers[layer_index] = layer
         args = {**args, "transformer_options": {**options, LAYER_KEY: layer}}
-    recording = run.step_cache_schedule.active and not call.has_control
-    if first and recording:
+    call.recording = run.step_cache_schedule.active and not call.has_control
+    if first and call.recording:
         call.caches.step_cache.begin_computed(_streams_in(args, adapter.stream_names))
-    out = original(args)
-    if last and recording:
-        call.caches.step_cache.end_computed(_streams_out(out, call))
-    return out
+    return "run", call, args, last and call.recording
+
+
+@torch.compiler.disable
+def _leave_last_block(call, out: dict):
+    call.caches.step_cache.end_computed(_streams_out(out, call))
 
 
 def _decide_skip(call, streams: dict):
