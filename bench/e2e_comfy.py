@@ -1,16 +1,23 @@
 """End-to-end timing inside ComfyUI: stock sampling against Chipmunk Accelerate, same model and seed.
 
-Models are built from ComfyUI's own classes at their real widths (random weights, so the numbers
-say nothing of image quality), sampled with ComfyUI's real sampler (``comfy.sample.sample``) on the
-GPU. Prints a table and writes JSON (device, versions, shapes, seconds per run, speed-up, relative
-deviation from stock).
+Models are built from ComfyUI's own classes at their real widths (random weights, so the deviation
+column says nothing of image quality), sampled with ComfyUI's real sampler (``comfy.sample.sample``)
+on the GPU, and patched through the pack's own ``accelerate`` (what the node calls). Prints a table
+and writes JSON (device, torch, triton and ComfyUI versions, resolution, steps, settings, seconds,
+speed-up, GPU busy share, deviation from stock).
 
-    python bench/e2e_comfy.py --comfyui PATH [--out results.json] [--cases flux,wan13b]
+    python bench/e2e_comfy.py --comfyui PATH --case flux --sizes 1024x1024,1280x768 [--out f.json]
+    python bench/e2e_comfy.py --comfyui PATH --case wan13b --sizes 832x480x81
+    python bench/e2e_comfy.py --smoke --device cpu --comfyui PATH --case flux   # checks the script
+
+"GPU busy" = kernel time in the torch profiler / wall time of a profiled run: well under ~90% means
+the host (Python, launches) is the bottleneck.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -20,167 +27,200 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+FLUX_DEV = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768, patch_size=[1, 2, 2],
+               axes_dim=[16, 56, 56], meanflow=False, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+               num_heads=24, depth=20, depth_single_blocks=40, theta=256, qkv_bias=True, byt5=False,
+               guidance_embed=True)
+WAN13B = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=1536, ffn_dim=8960,
+              freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30, eps=1e-6)
+WAN14B = dict(WAN13B, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+# name: (supported_models class, unet config, conditioning (tokens, width, pooled, valid tokens), video?)
+CASES = {
+    "flux": ("Flux", FLUX_DEV, (512, 4096, 768, None), False),
+    "hunyuan": ("HunyuanVideo", HUNYUAN, (256, 4096, 768, 200), True),
+    "wan13b": ("WAN21_T2V", WAN13B, (512, 4096, None, None), True),
+    "wan14b": ("WAN21_T2V", WAN14B, (512, 4096, None, None), True),
+}
+VARIANTS = {
+    "stock": None,
+    "chipmunk": {},
+    "chipmunk+cache": {"step_cache": "fixed"},
+    "attention only": {"mlp_sparsity": 0.0},
+    "sparsity 0": {"attention_sparsity": 0.0, "mlp_sparsity": 0.0},
+}
+
 
 def import_pack():
-    """The core and the hooks as subpackages of the pack, without ComfyUI's node registry."""
+    """The pack's modules as a package named chipmunk_pack (no ComfyUI node registry needed)."""
     for name, path in (("chipmunk_pack", ROOT), ("chipmunk_pack.nodes", ROOT / "nodes")):
         module = types.ModuleType(name)
         module.__path__ = [str(path)]
         sys.modules.setdefault(name, module)
-    from chipmunk_pack.chipmunk_core import adapter_for, resolve_config
     from chipmunk_pack.nodes import hooks
-    return adapter_for, resolve_config, hooks
+    return hooks
 
 
-CASES = {
-    # name: (supported_models class, unet config, latent shape, conditioning (tokens, width, pooled), steps)
-    # FLUX.1-dev's width with 4 + 8 of its 19 + 38 blocks, and the whole FLUX.1-dev.
-    "flux": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                          hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=4, depth_single_blocks=8,
-                          axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
-             (1, 16, 128, 128), (512, 4096, 768), 20),
-    "flux_full": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                               hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
-                               axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
-                  (1, 16, 128, 128), (512, 4096, 768), 50),
-    # HunyuanVideo's width with 2 + 6 of its 20 + 40 blocks, 720x1280, 129 frames (118800 video tokens),
-    # 256 text tokens of which 200 are real (the rest is padding, masked).
-    "hunyuan720": ("HunyuanVideo", dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
-                                        patch_size=[1, 2, 2], axes_dim=[16, 56, 56], meanflow=False, context_in_dim=4096,
-                                        hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=2, depth_single_blocks=6,
-                                        theta=256, qkv_bias=True, byt5=False, guidance_embed=True),
-                   (1, 16, 33, 90, 160), (256, 4096, 768, 200), 10),
-    "wan13b": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=1536,
-                                 ffn_dim=8960, freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30,
-                                 eps=1e-6),
-               (1, 16, 21, 60, 104), (512, 4096, None), 20),
-}
+def complete_config(unet: dict) -> dict:
+    """Fields newer ComfyUI requires that this (older) description lacks, at their neutral values."""
+    import comfy.ldm.flux.model
+    import comfy.ldm.hunyuan_video.model
+    params = {"flux": comfy.ldm.flux.model.FluxParams,
+              "hunyuan_video": getattr(comfy.ldm.hunyuan_video.model, "HunyuanVideoParams", None)}
+    neutral = {"txt_ids_dims": [], "use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}
+    cls = params.get(unet.get("image_model"))
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return dict(unet)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {**unet, **{k: v for k, v in neutral.items() if k in fields and k not in unet}}
 
 
-def build(comfy, name, device, dtype):
+def build(name: str, device, dtype, smoke: bool):
     import torch
-    cls_name, unet, _, _, _ = CASES[name]
+    import comfy.model_patcher
+    import comfy.supported_models
+    cls_name, unet, _, _ = CASES[name]
+    unet = complete_config(unet)
+    if smoke:  # narrow and shallow: checks the script, not the speed
+        small = dict(depth=1, depth_single_blocks=2, num_layers=3, hidden_size=256, num_heads=2, dim=256,
+                     ffn_dim=1024, context_in_dim=64, text_dim=64)
+        unet.update({k: v for k, v in small.items() if k in unet})
     config = getattr(comfy.supported_models, cls_name)(unet)
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for pname, p in model.diffusion_model.named_parameters():
-            if pname.endswith("scale") or (("norm" in pname) and pname.endswith("weight")):
+            if pname.endswith("scale") or ("norm" in pname and pname.endswith("weight")):
                 p.fill_(1)
             elif pname.endswith("bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(p.dtype))
+                p.copy_(torch.randn(p.shape, generator=generator, device=device).mul_(0.02).to(p.dtype))
     return comfy.model_patcher.ModelPatcher(model, torch.device(device), torch.device("cpu"))
 
 
-def conditioning(name, seed):
+def conditioning(name: str, seed: int, smoke: bool):
     import torch
-    tokens, width, pooled, *valid = CASES[name][3]
-    g = torch.Generator().manual_seed(seed)
-    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": 3.5}
-    if valid:  # text padding, masked as a text encoder's attention mask does
+    tokens, width, pooled, valid = CASES[name][2]
+    if smoke:
+        tokens, width, valid = 32, 64, None if valid is None else 24
+    generator = torch.Generator().manual_seed(seed)
+    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=generator), "guidance": 3.5}
+    if valid is not None:  # text padding, masked as a text encoder's attention mask does
         mask = torch.zeros(1, tokens, dtype=torch.long)
-        mask[:, : valid[0]] = 1
+        mask[:, :valid] = 1
         extra["attention_mask"] = mask
-    return [[torch.randn(1, tokens, width, generator=g), extra]]
+    return [[torch.randn(1, tokens, width, generator=generator), extra]]
 
 
-def print_profile(run, title):
+def latent_shape(name: str, size: str, batch: int, smoke: bool) -> tuple:
+    numbers = [int(n) for n in size.split("x")]
+    width, height = numbers[:2]
+    if smoke:
+        width, height = 128, 96
+    if CASES[name][3]:
+        frames = numbers[2] if len(numbers) > 2 else 81
+        frames = 5 if smoke else frames
+        return (batch, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    return (batch, 16, height // 8, width // 8)
+
+
+def gpu_busy(run) -> float | None:
+    """Kernel time / wall time of one profiled run (None on the CPU)."""
     import torch
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
-    print(f"--- {title}: top GPU time", flush=True)
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    if not torch.cuda.is_available():
+        return None
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        wall, _ = run()
+    kernel_us = sum(e.device_time_total for e in profile.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernel_us / 1e6 / wall
+
+
+def versions(torch) -> dict:
+    import comfyui_version
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(date=datetime.date.today().isoformat(), device=device, torch=torch.__version__,
+                triton=triton_version, comfyui=comfyui_version.__version__)
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--case", choices=sorted(CASES), required=True)
+    parser.add_argument("--sizes", default="1024x1024", help="comma list: WxH (images) or WxHxFRAMES (video)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg", type=float, default=1.0)
+    parser.add_argument("--variants", default="stock,chipmunk,chipmunk+cache", help=", ".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is kept)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run per size")
+    parser.add_argument("--busy", action="store_true", help="also profile one run per variant for the GPU busy share")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--host-caches", default="hunyuan720",
-                        help="cases that also run with the caches forced into host memory")
-    parser.add_argument("--steps", type=int, default=None, help="override every case's step count")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
-    parser.add_argument("--profile", action="store_true", help="print where the Chipmunk runs spend GPU time")
+    parser.add_argument("--out", default=None)
     ns = parser.parse_args()
+
     sys.path.insert(0, ns.comfyui)
     from comfy.cli_args import args as comfy_args
     comfy_args.cpu = ns.device == "cpu"
     import torch
     import comfy.model_management  # noqa: F401
-    import comfy.model_patcher
     import comfy.sample
-    import comfy.supported_models
-    import triton
-    adapter_for, resolve_config, hooks = import_pack()
-    from chipmunk_pack.chipmunk_core.memory import place_caches
-    comfy_ns = types.SimpleNamespace(supported_models=comfy.supported_models, model_patcher=comfy.model_patcher)
+    hooks = import_pack()
 
-    if ns.smoke:
-        CASES["flux"][1].update(depth=1, depth_single_blocks=3)
-        CASES["wan13b"][1].update(num_layers=3)
-        CASES["flux_full"][1].update(depth=1, depth_single_blocks=3)
-        CASES["hunyuan720"][1].update(depth=1, depth_single_blocks=3)
-        for name, (cls_name, unet, shape, cond, steps) in list(CASES.items()):
-            CASES[name] = (cls_name, unet, shape[:2] + (3,) * (len(shape) - 4) + (16, 24), cond, 6)
+    dtype = torch.bfloat16 if ns.device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if ns.device == "cuda" else (lambda: None)
+    stock = build(ns.case, ns.device, dtype, ns.smoke)
+    pos, neg = conditioning(ns.case, 5, ns.smoke), conditioning(ns.case, 6, ns.smoke)
     rows = []
-    for name in ns.cases.split(","):
-        _, _, latent_shape, _, steps = CASES[name]
-        steps = ns.steps or steps
-        stock = build(comfy_ns, name, ns.device, torch.bfloat16 if ns.device == "cuda" else torch.float32)
-        adapter = adapter_for(stock.get_model_object("diffusion_model"))
-        variants = [("stock", None), ("chipmunk auto", resolve_config(adapter.family))]
-        if adapter.family == "flux":
-            variants.append(("chipmunk attention only", resolve_config(adapter.family, mlp_sparsity=0.0)))
-        if name in ns.host_caches.split(","):
-            variants.append(("chipmunk auto, caches in host memory", resolve_config(adapter.family)))
-        latent = torch.zeros(latent_shape)
+    for size in ns.sizes.split(","):
+        shape = latent_shape(ns.case, size, ns.batch, ns.smoke)
+        latent = torch.zeros(shape)
         noise = comfy.sample.prepare_noise(latent, 1)
-        pos, neg = conditioning(name, 5), conditioning(name, 6)
-        reference = None
-        for label, config in variants:
-            model = stock
-            state_module = sys.modules["chipmunk_pack.chipmunk_core.state"]
-            state_module.place_caches = (lambda needed, free, device: torch.device("cpu")) if "host" in label \
-                else place_caches
-            if config is not None:
-                model = stock.clone()
-                hooks.install(model, adapter, config)
+        reference = stock_seconds = None
+        for label in ns.variants.split(","):
+            settings = VARIANTS[label]
+            model = stock if settings is None else hooks.accelerate(stock, **settings)
 
-            def run():
+            def run(steps=ns.steps):
                 sync()
                 start = time.perf_counter()
-                out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", pos, neg, latent, seed=1,
+                out = comfy.sample.sample(model, noise, steps, ns.cfg, "euler", "simple", pos, neg, latent, seed=1,
                                           disable_pbar=True)
                 sync()
                 return time.perf_counter() - start, out
 
-            run()  # warm-up: model load, kernel compilation
+            run(ns.warmup_steps)  # model load, kernel compilation and autotuning
             seconds, out = min((run() for _ in range(ns.repeats)), key=lambda r: r[0])
-            if ns.profile:
-                print_profile(run, f"{name} {label}")
+            busy = gpu_busy(run) if ns.busy else None
             if reference is None:
                 reference, stock_seconds = out, seconds
             deviation = float((out.float() - reference.float()).norm() / reference.float().norm())
-            rows.append(dict(case=name, variant=label, latent=list(latent_shape), steps=steps, seconds=round(seconds, 3),
-                             speedup=round(stock_seconds / seconds, 3), rel_deviation=deviation,
-                             finite=bool(torch.isfinite(out).all()),
-                             settings=None if config is None else config.describe()))
-            print(f"{name:8s} {label:26s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}  dev {deviation:.2e}",
-                  flush=True)
-        del stock, reference
+            config = None if settings is None else model.model_options["transformer_options"]["chipmunk"].config
+            rows.append(dict(case=ns.case, size=size, batch=ns.batch, latent=list(shape), steps=ns.steps, cfg=ns.cfg,
+                             variant=label, settings=None if config is None else config.describe(),
+                             seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
+                             gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
+                             finite=bool(torch.isfinite(out).all())))
+            busy_text = "" if busy is None else f"  busy {busy:4.0%}"
+            print(f"{ns.case:8s} {size:12s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
+                  f"{busy_text}  dev {deviation:.2e}", flush=True)
+            del model
         if ns.device == "cuda":
             torch.cuda.empty_cache()
-    device_name = torch.cuda.get_device_name() if ns.device == "cuda" else "cpu"
-    result = dict(date=datetime.date.today().isoformat(), device=device_name,
-                  torch=torch.__version__, triton=triton.__version__, rows=rows)
+    result = dict(versions(torch), command=" ".join(["e2e_comfy.py"] + sys.argv[1:]), rows=rows)
+    result["command"] = result["command"].replace(ns.comfyui, "COMFYUI")
     if ns.out:
         Path(ns.out).write_text(json.dumps(result, indent=2))
 
