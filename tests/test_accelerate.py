@@ -1,123 +1,145 @@
 """Chipmunk Accelerate in a real ComfyUI process: real models, the real KSampler, the real node.
 
-FLUX is the narrow FLUX built from ComfyUI's own classes (the stock loader only accepts full-width
-FLUX; that path runs through the server in test_comfyui_pack.py). HunyuanVideo and WAN2.1 are tiny
-checkpoints loaded through the stock loader. Every run has 8 steps, so sparse steps really run
-(FLUX and WAN: dense at 0 and 1; HunyuanVideo: dense at 0, 1, 2 and 6).
+Every supported model kind of the ComfyUI version under test is a tiny checkpoint built from
+ComfyUI's own classes (tools/tiny_models.py) and loaded through the stock loader where detection
+allows; inputs come from the stock nodes a workflow would use (tests/harness/inprocess.py). The
+narrow FLUX covers FLUX.1 at several token counts. Runs have 8 steps, so sparse steps really run.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import re
 
 import pytest
 import torch
 
+from harness import chipmunk as cm
+
 pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
 
 STEPS = 8
-# family -> sizes as (width px, height px, frames); token counts are not multiples of 192.
-SIZES = {
-    "flux": [(256, 256, 1), (200, 328, 1)],
-    "hunyuan_video": [(160, 96, 9), (144, 112, 5)],
-    "wan21": [(160, 96, 9), (136, 104, 5)],
-}
-CONDITIONING_FAMILY = {"flux": "flux", "hunyuan_video": "hunyuan_video", "wan21": "wan"}
-CHECKPOINT = {"hunyuan_video": "hunyuan_video", "wan21": "wan_t2v"}
-AUTO = "auto (per model)"
-
-
-class Family:
-    def __init__(self, comfy, node, name, model):
-        self.comfy, self.node, self.name, self.model = comfy, node, name, model
-
-    def conditioning(self, seed, tokens=32):
-        widths = {"context_width": 64} if self.name == "flux" else {}
-        return self.comfy.conditioning(CONDITIONING_FAMILY[self.name], seed=seed, tokens=tokens, **widths)
-
-    def accelerate(self, model=None, **settings):
-        preset = AUTO if not settings else "custom"
-        (patched,) = self.comfy.run_node(self.node, model=model or self.model, preset=preset, **settings)
-        return patched
-
-    def sample(self, model, size, *, seed=1, cfg=1.0, negative_tokens=32):
-        width, height, frames = size
-        latent = self.comfy.empty_latent(CONDITIONING_FAMILY[self.name], width=width, height=height, frames=frames)
-        return self.comfy.ksampler(model, self.conditioning(5), self.conditioning(6, negative_tokens), latent,
-                                   seed=seed, steps=STEPS, cfg=cfg)
-
-
-@pytest.fixture(scope="module", params=list(SIZES))
-def family(request, comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
-    name = request.param
-    if name == "flux":
-        model = comfy_inprocess.narrow_flux()
-    else:
-        tiny = comfy_inprocess.tiny_models
-        model = comfy_inprocess.load_diffusion_model(tiny.write_checkpoint(CHECKPOINT[name], tiny_models_dir))
-    return Family(comfy_inprocess, chipmunk_pack_nodes["ChipmunkAccelerate"], name, model)
+# Sizes (width px, height px, frames); token counts are not multiples of 192.
+IMAGE_SIZES = [(200, 328, 1), (256, 192, 1)]
+VIDEO_SIZES = [(160, 96, 9), (136, 104, 5)]
+# Kinds Chipmunk accelerates (attention, and the MLP where the fingerprint allows), per family.
+ACCELERATED = ["flux1_dev", "flux1_schnell", "flux1_kontext", "flux1_fill", "flux2_dev", "flux2_klein", "chroma",
+               "hunyuan_video", "hunyuan_video_i2v", "hunyuan_video_15", "wan21_t2v", "wan21_i2v",
+               "wan22_a14b_high", "wan22_ti2v_5b"]
+ATTENTION_ONLY = ["wan_vace", "wan_camera"]
 
 
 def _relative(a, b):
-    return ((a - b).float().norm() / b.float().norm()).item()
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+class Kind:
+    """One tiny model kind with its inputs, and the pack's node applied to it."""
+
+    def __init__(self, comfy, node, name, model, video):
+        self.comfy, self.node, self.name, self.model, self.video = comfy, node, name, model, video
+
+    @property
+    def sizes(self):
+        return VIDEO_SIZES if self.video else IMAGE_SIZES
+
+    def accelerate(self, model=None, preset=cm.AUTO, step_cache="off", **values):
+        inputs = cm.node_inputs(self.node, preset=preset, step_cache=step_cache, **values)
+        (patched,) = self.comfy.run_node(self.node, model=model or self.model, **inputs)
+        return patched
+
+    def inputs(self, size, seed=5, tokens=32, batch=1):
+        width, height, frames = size
+        positive, negative, latent = self.comfy.sampling_inputs(self.name, seed=seed, width=width, height=height,
+                                                                frames=frames, tokens=tokens)
+        if batch > 1:
+            latent = {**latent, "samples": latent["samples"].repeat(batch, *([1] * (latent["samples"].dim() - 1)))}
+        return positive, negative, latent
+
+    def sample(self, model, size, *, seed=1, cfg=1.0, steps=STEPS, sampler="euler", batch=1):
+        positive, negative, latent = self.inputs(size, batch=batch)
+        return self.comfy.ksampler(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg,
+                                   sampler_name=sampler)
+
+
+def _kind(comfy, nodes, models_dir, name):
+    tiny = comfy.tiny_models
+    if name not in tiny.available_kinds(comfy.version):
+        pytest.skip(f"{name} does not exist in ComfyUI {'.'.join(map(str, comfy.version))}")
+    if name == "flux1_narrow":
+        model = comfy.narrow_flux()
+    else:
+        model = comfy.tiny_model(name, models_dir)
+    video = tiny.kind_named(name).family in ("hunyuan_video", "wan")
+    return Kind(comfy, nodes["ChipmunkAccelerate"], name, model, video)
+
+
+@pytest.fixture(scope="module", params=ACCELERATED)
+def kind(request, comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
+    return _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, request.param)
+
+
+@pytest.fixture(scope="module")
+def flux(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
+    return _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "flux1_dev")
+
+
+@pytest.fixture(scope="module")
+def wan(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
+    return _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "wan21_t2v")
+
+
+# --- every kind: sparsity 0 is stock, defaults are close, nothing leaks ---------------------------
+@pytest.mark.parametrize("cfg", [1.0, 3.5])
+def test_sparsity_zero_reproduces_the_stock_model_exactly(kind, cfg):
+    size = kind.sizes[1]
+    stock = kind.sample(kind.model, size, cfg=cfg)
+    dense = kind.accelerate(preset=cm.CUSTOM, **cm.DENSE)
+    assert torch.equal(kind.sample(dense, size, cfg=cfg), stock)  # tolerance 0
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.5])
-def test_sparsity_zero_reproduces_the_stock_model_exactly(family, cfg):
-    size = SIZES[family.name][1]
-    stock = family.sample(family.model, size, cfg=cfg)
-    dense = family.accelerate(attention_sparsity=0.0, mlp_sparsity=0.0, dense_warmup_steps=2,
-                              dense_interval=10, first_dense_layers=0)
-    # Same operations in the same order: bit-identical (tolerance 0).
-    assert torch.equal(family.sample(dense, size, cfg=cfg), stock)
-
-
-@pytest.mark.parametrize("cfg", [1.0, 3.5])
-def test_defaults_run_sparse_steps_and_stay_close_to_dense(family, cfg, caplog):
-    patched = family.accelerate()
-    for size in SIZES[family.name]:
-        stock = family.sample(family.model, size, cfg=cfg)
+def test_defaults_run_sparse_steps_and_stay_close_to_stock(kind, cfg, caplog):
+    patched = kind.accelerate()
+    for size in kind.sizes:
+        stock = kind.sample(kind.model, size, cfg=cfg)
         with caplog.at_level(logging.INFO):
-            fast = family.sample(patched, size, cfg=cfg)
+            fast = kind.sample(patched, size, cfg=cfg)
         assert torch.isfinite(fast).all()
         deviation = _relative(fast, stock)
-        print(f"{family.name} size={size} cfg={cfg}: relative deviation from dense {deviation:.2e}")
+        print(f"{kind.name} size={size} cfg={cfg}: relative deviation from stock {deviation:.2e}")
         assert 0 < deviation < 0.2
-    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Chipmunk run:")]
-    assert summary, "one summary line per sampling run"
-    sparse_attention_steps = int(re.search(r"attention (\d+) dense / (\d+) sparse", summary[-1]).group(2))
-    assert sparse_attention_steps > 0, summary[-1]
+    report = cm.reports(caplog)[-1]
+    assert cm.step_counts(report)["sparse"] > 0, report
+    assert "achieved sparsity" in report and "attention -" not in report, report
 
 
-def test_mlp_sparsity_runs_and_differs(family):
-    size = SIZES[family.name][0]
-    stock = family.sample(family.model, size)
-    patched = family.accelerate(attention_sparsity=0.0, mlp_sparsity=0.7, dense_warmup_steps=2,
-                                dense_interval=0, first_dense_layers=1)
-    fast = family.sample(patched, size)
-    assert torch.isfinite(fast).all() and 0 < _relative(fast, stock) < 0.2
-
-
-def test_same_seed_is_identical_and_runs_do_not_leak_state(family):
-    first_size, other_size = SIZES[family.name]
-    original = family.sample(family.model, first_size)
-    patched = family.accelerate()
-    a = family.sample(patched, first_size)
-    family.sample(patched, other_size, seed=9)  # another resolution in between
-    b = family.sample(patched, first_size)
-    assert torch.equal(a, b)
+def test_same_seed_is_identical_and_runs_do_not_leak_state(kind):
+    first_size, other_size = kind.sizes
+    original = kind.sample(kind.model, first_size)
+    patched = kind.accelerate()
+    a = kind.sample(patched, first_size)
+    kind.sample(patched, other_size, seed=9)  # another resolution in between
+    assert torch.equal(kind.sample(patched, first_size), a)
     # The model the node received is untouched: it still gives exactly its original output.
-    assert torch.equal(family.sample(family.model, first_size), original)
-    assert "chipmunk_config" not in family.model.model_options.get("transformer_options", {})
+    assert torch.equal(kind.sample(kind.model, first_size), original)
+    assert "chipmunk" not in kind.model.model_options.get("transformer_options", {})
+    assert not kind.model.object_patches
 
 
-def test_cfg_with_separate_calls_per_conditioning(family):
-    """Conditionings ComfyUI cannot batch run as separate model calls: one cache set each."""
-    size = SIZES[family.name][0]
-    stock = family.sample(family.model, size, cfg=4.0, negative_tokens=7)
-    fast = family.sample(family.accelerate(), size, cfg=4.0, negative_tokens=7)
-    assert torch.isfinite(fast).all() and 0 < _relative(fast, stock) < 0.2
+def test_attention_only_kinds_run_and_say_so(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, caplog):
+    ran = 0
+    for name in ATTENTION_ONLY:
+        if name not in comfy_inprocess.tiny_models.available_kinds(comfy_inprocess.version):
+            continue
+        kind = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, name)
+        with caplog.at_level(logging.INFO):
+            out = kind.sample(kind.accelerate(step_cache="fixed"), kind.sizes[0], steps=12)
+        assert torch.isfinite(out).all()
+        report = cm.reports(caplog)[-1]
+        assert "runs its attention only" in report and cm.step_counts(report)["skipped"] == 0, report
+        ran += 1
+    assert ran, "no attention-only kind exists in this ComfyUI"
 
 
 def test_unsupported_model_is_refused_when_the_node_runs(comfy_inprocess, chipmunk_pack_nodes):
@@ -131,43 +153,185 @@ def test_unsupported_model_is_refused_when_the_node_runs(comfy_inprocess, chipmu
             "transformer_depth_output": [1, 1], "use_temporal_attention": False, "use_temporal_resblock": False}
     sd15 = comfy.model_patcher.ModelPatcher(comfy.supported_models.SD15(unet).get_model({}),
                                             torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="supports FLUX, HunyuanVideo, WAN2.1 models; this model is UNetModel"):
-        comfy_inprocess.run_node(chipmunk_pack_nodes["ChipmunkAccelerate"], model=sd15, preset=AUTO)
+    node = chipmunk_pack_nodes["ChipmunkAccelerate"]
+    with pytest.raises(ValueError, match=r"does not support this model \(UNetModel\)\. Supported: FLUX"):
+        comfy_inprocess.run_node(node, model=sd15, **cm.node_inputs(node))
 
 
-def test_batch_of_two_with_cfg(family):
-    size = SIZES[family.name][0]
-    width, height, frames = size
-    single = family.comfy.empty_latent(CONDITIONING_FAMILY[family.name], width=width, height=height, frames=frames)
-    latent = {"samples": single["samples"].repeat(2, *([1] * (single["samples"].dim() - 1)))}
-    positive, negative = family.conditioning(5), family.conditioning(6)
-    stock = family.comfy.ksampler(family.model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.5)
-    fast = family.comfy.ksampler(family.accelerate(), positive, negative, latent, seed=3, steps=STEPS, cfg=3.5)
-    assert fast.shape == stock.shape and fast.shape[0] == 2
+# --- the MLP replacement: fingerprint and self-check ----------------------------------------------
+def test_mlp_of_a_changed_block_falls_back_with_one_message(flux, caplog, monkeypatch):
+    """A block whose code changed under the pack (here: monkeypatched) fails the parity self-check:
+    its MLP keeps ComfyUI's code, the run says so, attention stays sparse."""
+    import comfy.ldm.flux.layers as layers
+
+    stock_forward = layers.SingleStreamBlock.forward
+
+    def drifted(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
+        return stock_forward(self, x, vec, pe, attn_mask, modulation_dims, transformer_options) * 1.001
+
+    monkeypatch.setattr(layers.SingleStreamBlock, "forward", drifted)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(flux.accelerate(), flux.sizes[0])
+    assert torch.isfinite(out).all()
+    report = cm.reports(caplog)[-1]
+    assert "MLP of single blocks kept dense: the self-check failed" in report, report
+    assert cm.step_counts(report)["sparse"] > 0
+    messages = [r.getMessage() for r in caplog.records if "self-check failed" in r.getMessage()]
+    assert len(messages) == 2, messages  # one warning, one report line
+
+
+def test_batch_items_are_independent(flux, wan):
+    """An image in a batch of 2 equals the same seed sampled alone (within stock ComfyUI's own batch
+    tolerance), with the sparse MLP too: random picks are seeded per sample."""
+    for kind in (flux, wan):
+        size = kind.sizes[0]
+        stock_gap = _relative(kind.sample(kind.model, size, batch=2)[:1], kind.sample(kind.model, size))
+        patched = kind.accelerate(preset=cm.CUSTOM, attention_sparsity=0.8, mlp_sparsity=0.7, first_dense_layers=0)
+        gap = _relative(kind.sample(patched, size, batch=2)[:1], kind.sample(patched, size))
+        print(f"{kind.name}: batch row 0 vs alone, stock {stock_gap:.1e}, Chipmunk {gap:.1e}")
+        assert gap <= max(10 * stock_gap, 1e-5)
+
+
+# --- HunyuanVideo's padded text ------------------------------------------------------------------
+def test_hunyuan_video_with_padded_text_goes_sparse_and_is_stock_at_sparsity_zero(
+        comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, caplog):
+    kind = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "hunyuan_video")
+    positive, negative, latent = kind.inputs(kind.sizes[0])
+    for conditioning in (positive, negative):  # a text encoder pads to a fixed length and masks the rest
+        tokens = conditioning[0][0].shape[1]
+        mask = torch.ones(1, tokens, dtype=torch.long)
+        mask[:, tokens * 3 // 4:] = 0
+        conditioning[0][1]["attention_mask"] = mask
+
+    def sample(model):
+        return comfy_inprocess.ksampler(model, positive, negative, latent, seed=1, steps=STEPS, cfg=3.5)
+
+    stock = sample(kind.model)
+    assert torch.equal(sample(kind.accelerate(preset=cm.CUSTOM, **cm.DENSE)), stock)
+    with caplog.at_level(logging.INFO):
+        fast = sample(kind.accelerate())
+    report = cm.reports(caplog)[-1]
+    assert cm.step_counts(report)["sparse"] > 0 and "attention -" not in report, report
+    assert "not key padding" not in report
+    assert 0 < _relative(fast, stock) < 0.2
+
+
+# --- WAN2.2: two experts in one workflow ---------------------------------------------------------
+def test_wan22_high_and_low_noise_models_in_one_workflow(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir,
+                                                        caplog):
+    """KSamplerAdvanced runs the high-noise expert for the first half and the low-noise expert for
+    the rest, the node on both: each run has its own state; the second half rebuilds its caches
+    with one dense step, not the whole warm-up; no state is left behind."""
+    if "wan22_a14b_low" not in comfy_inprocess.tiny_models.available_kinds(comfy_inprocess.version):
+        pytest.skip("WAN2.2 does not exist in this ComfyUI")
+    high = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "wan22_a14b_high")
+    low = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "wan22_a14b_low")
+    positive, negative, latent = high.inputs(high.sizes[0])
+    advanced = comfy_inprocess.nodes.KSamplerAdvanced()
+    steps = 12
+
+    def two_experts(high_model, low_model):
+        (half,) = advanced.sample(high_model, "enable", 3, steps, 3.5, "euler", "simple", positive, negative, latent,
+                                  0, steps // 2, "enable")
+        (done,) = advanced.sample(low_model, "disable", 3, steps, 3.5, "euler", "simple", positive, negative, half,
+                                  steps // 2, steps, "disable")
+        return done["samples"]
+
+    stock = two_experts(high.model, low.model)
+    fast_high, fast_low = high.accelerate(), low.accelerate()
+    with caplog.at_level(logging.INFO):
+        fast = two_experts(fast_high, fast_low)
     assert torch.isfinite(fast).all() and 0 < _relative(fast, stock) < 0.2
+    first, second = cm.reports(caplog)[-2:]
+    assert cm.step_counts(first)["dense"] == 2 and cm.step_counts(second)["dense"] == 1, (first, second)
+    for model in (fast_high, fast_low):
+        assert model.model_options["transformer_options"]["chipmunk"].run is None
 
 
-def test_an_interrupted_run_releases_its_state(family, caplog):
+# --- interrupts ----------------------------------------------------------------------------------
+def test_an_interrupted_run_releases_its_state(flux, caplog):
     """An interrupt (or any error) mid-sampling ends the run cleanly; the next run is unaffected."""
     import comfy.model_management
     import comfy.patcher_extension
 
-    size = SIZES[family.name][0]
-    patched = family.accelerate()
-    expected = family.sample(patched, size)
+    size = flux.sizes[0]
+    patched = flux.accelerate(step_cache="fixed")
+    expected = flux.sample(patched, size, steps=12)
     interrupted = patched.clone()
     calls = []
 
-    def interrupt_after_three_calls(executor, *args, **kwargs):
+    def interrupt_after_five_calls(executor, *args, **kwargs):
         calls.append(None)
-        if len(calls) > 3:  # past the dense warm-up: sparse caches exist by now
+        if len(calls) > 5:  # past the dense warm-up: sparse caches and a step-cache residual exist
             raise comfy.model_management.InterruptProcessingException()
         return executor(*args, **kwargs)
 
     interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-interrupt",
-                                     interrupt_after_three_calls)
+                                     interrupt_after_five_calls)
     with caplog.at_level(logging.INFO), pytest.raises(comfy.model_management.InterruptProcessingException):
-        family.sample(interrupted, size)
-    assert any(r.getMessage().startswith("Chipmunk run:") for r in caplog.records), "state released in a finally"
-    assert "chipmunk_run" not in patched.model_options["transformer_options"]
-    assert torch.equal(family.sample(patched, size), expected)
+        flux.sample(interrupted, size, steps=12)
+    assert cm.reports(caplog), "the run report is written in a finally"
+    assert patched.model_options["transformer_options"]["chipmunk"].run is None
+    assert torch.equal(flux.sample(patched, size, steps=12), expected)
+
+
+# --- stacking with other nodes -------------------------------------------------------------------
+def test_another_attention_override_gets_every_call_chipmunk_does_not_serve(flux, caplog):
+    """A node that installs ComfyUI's attention override (core's sparse attention, an attention
+    backend node) keeps it: Chipmunk serves the self-attention of its sparse layers first and hands
+    every other call to it, and says so once."""
+    served = []
+
+    def other_override(func, *args, **kwargs):
+        served.append((kwargs.get("transformer_options") or {}).get("block_index"))
+        return func(*args, **kwargs)
+
+    other = flux.model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other_override
+    size = flux.sizes[0]
+    stock_with_other = flux.sample(other, size)
+    calls_alone = len(served)
+    served.clear()
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(flux.accelerate(other), size)
+    assert torch.isfinite(out).all() and 0 < _relative(out, stock_with_other) < 0.2
+    assert 0 < len(served) < calls_alone, "the other override gets the calls Chipmunk does not serve"
+    report = cm.reports(caplog)[-1]
+    assert "another attention override is installed" in report, report
+    # With both sparsities at 0 Chipmunk serves nothing: the other override sees every call again.
+    served.clear()
+    assert torch.equal(flux.sample(flux.accelerate(other, preset=cm.CUSTOM, **cm.DENSE), size), stock_with_other)
+    assert len(served) == calls_alone
+
+
+def test_nag_runs_with_chipmunk(comfy_inprocess, flux, caplog):
+    """Core's NAG patches the attention output: two-stream blocks keep running Chipmunk's MLP; single
+    blocks run ComfyUI's own code with Chipmunk attention, and the run says so."""
+    try:
+        nag = importlib.import_module("comfy_extras.nodes_nag").NAGuidance
+    except ImportError:
+        pytest.skip("this ComfyUI has no NAG node")
+    (guided,) = comfy_inprocess.run_node(nag, model=flux.model, nag_scale=3.0, nag_alpha=0.25, nag_tau=2.5)
+    size = flux.sizes[0]
+    stock = flux.sample(guided, size, cfg=3.5)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(flux.accelerate(guided), size, cfg=3.5)
+    assert torch.isfinite(out).all() and 0 < _relative(out, stock) < 0.2
+    assert "attention patches (NAG, KV caches) are present" in cm.reports(caplog)[-1]
+    assert torch.equal(flux.sample(flux.accelerate(guided, preset=cm.CUSTOM, **cm.DENSE), size, cfg=3.5), stock)
+
+
+# --- torch.compile -------------------------------------------------------------------------------
+def test_torch_compile_model_after_the_node(comfy_inprocess, chipmunk_pack_nodes):
+    """ComfyUI's TorchCompileModel after the node: several prompts in a row (new seeds, another
+    resolution) run and match the uncompiled node within compile's tolerance."""
+    compile_node = importlib.import_module("comfy_extras.nodes_torch_compile").TorchCompileModel
+    kind = Kind(comfy_inprocess, chipmunk_pack_nodes["ChipmunkAccelerate"], "flux1_dev",
+                comfy_inprocess.narrow_flux(depth=1, depth_single_blocks=1), False)
+    patched = kind.accelerate(preset=cm.CUSTOM, first_dense_layers=0)
+    (compiled,) = comfy_inprocess.run_node(compile_node, model=patched, backend="inductor")
+    for seed, size in ((1, (128, 160, 1)), (2, (128, 160, 1)), (3, (160, 96, 1))):
+        expected = kind.sample(patched, size, seed=seed, steps=4)
+        got = kind.sample(compiled, size, seed=seed, steps=4)
+        assert torch.isfinite(got).all()
+        assert _relative(got, expected) < 1e-4, (seed, size)
