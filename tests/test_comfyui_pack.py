@@ -14,21 +14,20 @@ import pytest
 import requests
 import torch
 
+from harness import chipmunk as cm
 from harness.paths import PACK_NAME, REPO_ROOT
-from harness.prompts import (ACCELERATE_NODE, CONDITIONING_NODE, SAVE_NODE_ID,
-                             flux_text_to_image, widget_defaults)
+from harness.prompts import ACCELERATE_NODE, CONDITIONING_NODE, SAVE_NODE_ID, flux_text_to_image
 from harness.server import ComfyServerError
 
 pytestmark = pytest.mark.comfyui
 
-# Settings that make every layer of the shallow tiny FLUX go sparse after one dense step; only
-# the ones the node declares are used, so the node can grow or drop inputs.
-SPARSE_EVERY_LAYER = {"preset": "custom", "dense_warmup_steps": 1, "first_dense_layers": 0}
+# Settings that make every layer of the shallow tiny FLUX go sparse after one dense step.
+SPARSE_EVERY_LAYER = {"preset": cm.CUSTOM, "dense_warmup_steps": 1, "first_dense_layers": 0}
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 
 
-def accelerate_inputs(declared: dict, overrides: dict) -> dict:
-    return {**declared, **{k: v for k, v in overrides.items() if k in declared}}
+def dynamic_node(comfy_server) -> bool:
+    return comfy_server.object_info(ACCELERATE_NODE)["input"]["required"]["preset"][0] == "COMFY_DYNAMICCOMBO_V3"
 
 
 def assert_finite_latent(latent: torch.Tensor, shape: tuple) -> None:
@@ -62,8 +61,17 @@ def test_accelerate_is_listed_with_sparsity_sliders(comfy_server):
     assert info["output"] == ["MODEL"]
     required = info["input"]["required"]
     assert required["model"][0] == "MODEL"
+    if dynamic_node(comfy_server):  # the sliders exist only under preset = custom
+        options = {o["key"]: o["inputs"]["required"] for o in required["preset"][1]["options"]}
+        assert options[cm.AUTO] == {}, "auto shows no slider: nothing it would ignore"
+        sliders = options[cm.CUSTOM]
+        caches = {o["key"]: o["inputs"]["required"] for o in required["step_cache"][1]["options"]}
+        assert set(caches) == {"off", "fixed", "adaptive"} and not caches["off"] and not caches["fixed"]
+        assert set(caches["adaptive"]) == set(cm.CACHE_SETTINGS)
+    else:
+        sliders = required
     for name in ("attention_sparsity", "mlp_sparsity"):
-        kind, options = required[name]
+        kind, options = sliders[name]
         assert kind == "FLOAT", name
         assert options.get("display") == "slider", f"{name} is not shown as a slider: {options}"
         assert 0.0 <= options["min"] <= options["default"] <= options["max"] <= 1.0, options
@@ -89,14 +97,40 @@ def test_dense_flux_workflow_runs_through_stock_loader(comfy_server, tiny_checkp
 
 
 @pytest.mark.chipmunk_node
-@pytest.mark.parametrize("overrides", [{}, SPARSE_EVERY_LAYER],
-                         ids=["node-defaults", "sparse-every-layer"])
+@pytest.mark.parametrize("overrides", [{}, SPARSE_EVERY_LAYER, {"step_cache": "fixed"}],
+                         ids=["node-defaults", "sparse-every-layer", "step-cache"])
 def test_accelerated_flux_workflow_gives_finite_latent(comfy_server, tiny_checkpoints, overrides):
-    declared = widget_defaults(comfy_server.object_info(ACCELERATE_NODE))
-    prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=2, steps=4,
-                                chipmunk=accelerate_inputs(declared, overrides))
+    prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=2, steps=12 if overrides.get("step_cache") else 4,
+                                chipmunk=cm.prompt_inputs(dynamic_node(comfy_server), **overrides))
     entry = comfy_server.run_prompt(prompt)
     assert_finite_latent(comfy_server.read_latent(entry, SAVE_NODE_ID), (1, 16, 32, 32))
+
+
+@pytest.mark.chipmunk_node
+def test_sliders_at_zero_give_stock_output_bit_for_bit(comfy_server, tiny_checkpoints):
+    dynamic = dynamic_node(comfy_server)
+    stock = comfy_server.read_latent(comfy_server.run_prompt(
+        flux_text_to_image(tiny_checkpoints["flux"].name, seed=3, steps=4)), SAVE_NODE_ID)
+    for step_cache in ("off", "adaptive"):  # adaptive at threshold 0 never skips
+        zero = cm.prompt_inputs(dynamic, preset=cm.CUSTOM, step_cache=step_cache, step_cache_threshold=0.0,
+                                **cm.DENSE)
+        out = comfy_server.read_latent(comfy_server.run_prompt(
+            flux_text_to_image(tiny_checkpoints["flux"].name, seed=3, steps=4, chipmunk=zero)), SAVE_NODE_ID)
+        assert torch.equal(out, stock), step_cache
+
+
+@pytest.mark.chipmunk_node
+def test_run_report_arrives_on_the_node(comfy_server, tiny_checkpoints):
+    """After the run the server sends the report to the Chipmunk node (ComfyUI's progress text)."""
+    prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=4, steps=12,
+                                chipmunk=cm.prompt_inputs(dynamic_node(comfy_server), step_cache="fixed"))
+    _, texts = comfy_server.run_prompt_with_texts(prompt)
+    assert "chipmunk" in texts, f"no text for the Chipmunk node: {texts}"
+    report = texts["chipmunk"][-1]
+    assert report.startswith("Chipmunk: FLUX.1, 12 steps in "), report
+    counts = cm.step_counts(report)
+    assert counts["dense"] == 3 and counts["skipped"] == 4 and counts["sparse"] == 5, report
+    assert "achieved sparsity" in report and "cache:" in report, report
 
 
 def test_rejected_prompt_error_names_node_and_input(comfy_server):
@@ -142,12 +176,10 @@ def test_pack_registers_accelerate_when_imported_like_comfyui(chipmunk_pack_node
 
 
 @pytest.mark.chipmunk_node
-def test_accelerated_narrow_flux_samples_finite(comfy_inprocess, chipmunk_pack_nodes,
-                                                narrow_flux):
+def test_accelerated_narrow_flux_samples_finite(comfy_inprocess, chipmunk_pack_nodes, narrow_flux):
     node = chipmunk_pack_nodes[ACCELERATE_NODE]
-    declared = widget_defaults({"input": node.INPUT_TYPES()})
-    (patched,) = comfy_inprocess.run_node(
-        node, model=narrow_flux, **accelerate_inputs(declared, SPARSE_EVERY_LAYER))
+    (patched,) = comfy_inprocess.run_node(node, model=narrow_flux, **cm.node_inputs(
+        node, preset=cm.CUSTOM, dense_warmup_steps=1, first_dense_layers=0))
     out = comfy_inprocess.ksampler(
         patched, comfy_inprocess.conditioning("flux", seed=1, context_width=64),
         comfy_inprocess.conditioning("flux", seed=2, context_width=64),

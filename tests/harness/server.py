@@ -169,6 +169,41 @@ class ComfyServer:
     def run_prompt(self, prompt: dict, timeout: float = 900.0) -> dict:
         return self.wait_for(self.queue_prompt(prompt), timeout)
 
+    def run_prompt_with_texts(self, prompt: dict, timeout: float = 900.0) -> tuple[dict, dict[str, list[str]]]:
+        """Run a prompt as the front end does (a websocket client id) and collect the progress
+        texts the server sent to nodes while it ran: (history entry, {node id: [texts]})."""
+        import asyncio
+        import uuid
+
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        texts: dict[str, list[str]] = {}
+
+        async def listen():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url.replace('http', 'ws', 1)}/ws?clientId={client_id}") as ws:
+                    response = await session.post(f"{self.url}/prompt",
+                                                  json={"prompt": prompt, "client_id": client_id})
+                    if response.status != 200:
+                        raise ComfyServerError(f"/prompt rejected the prompt ({response.status}): "
+                                               f"{await response.text()}")
+                    prompt_id = (await response.json())["prompt_id"]
+                    async for message in ws:
+                        if message.type == aiohttp.WSMsgType.BINARY:
+                            _collect_text(message.data, texts)
+                        elif message.type == aiohttp.WSMsgType.TEXT:
+                            event = json.loads(message.data)
+                            data = event.get("data", {})
+                            if data.get("prompt_id") == prompt_id and (
+                                    event["type"] in ("execution_success", "execution_error")
+                                    or (event["type"] == "executing" and data.get("node") is None)):
+                                return prompt_id
+                    raise ComfyServerError("the websocket closed before the prompt finished")
+
+        prompt_id = asyncio.run(asyncio.wait_for(listen(), timeout))
+        return self.wait_for(prompt_id, timeout), texts
+
     # --- outputs ---------------------------------------------------------------------------
     def output_files(self, entry: dict, node_id: str, kind: str) -> list[Path]:
         """Files a node reported in its UI output (``kind``: "latents", "images", ...)."""
@@ -185,6 +220,21 @@ class ComfyServer:
 
         (path,) = self.output_files(entry, node_id, "latents")
         return load_file(str(path))["latent_tensor"]
+
+
+# ComfyUI's binary websocket events: 4-byte big-endian type, then the payload. Type 3 (TEXT) is
+# a progress text for a node: 4-byte node-id length, node id, UTF-8 text.
+_TEXT_EVENT = 3
+
+
+def _collect_text(data: bytes, texts: dict[str, list[str]]) -> None:
+    import struct
+
+    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != _TEXT_EVENT:
+        return
+    (length,) = struct.unpack(">I", data[4:8])
+    node_id = data[8:8 + length].decode("utf-8")
+    texts.setdefault(node_id, []).append(data[8 + length:].decode("utf-8"))
 
 
 def _die_with_parent() -> None:
