@@ -1,18 +1,39 @@
 """Sparse-delta attention for one layer: the delta cache, the key lists, and the two kinds of step.
 
-Dense step: full attention O, key scores per query group, S_g = forced keys + top-k + random keys,
-and the cache C = O - A_S (A_S: attention with the softmax taken over S_g only).
+Dense step: full attention O and the cache C = O - A_S (A_S: attention with the softmax taken over
+each query group's key list S_g only). A dense step that selects (``select=True``) also scores the
+keys per query group (exact column sums, or sums over a sample of the group's queries) and
+chooses S_g = forced keys + random keys + top-k; one that does not keeps the stored lists and
+takes O from the fastest dense attention (``scaled_dot_product_attention``: cuDNN on Hopper).
 Sparse step: O ~= C + A_S from the current q, k, v. Exact on the dense step by construction.
+
+Once the state holds caches for a shape, neither step synchronises with the host, draws from a
+generator or allocates its long-lived buffers again (the returned output is a buffer of the state,
+overwritten by the next call of this layer): the steps can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
 from .memory import to_compute, to_storage
+
+
+def selects_keys(config: ChipmunkConfig, step: int) -> bool:
+    """Whether a dense step at sampling step ``step`` re-selects the key lists (``select=``).
+
+    A dense step whose layer holds no lists for the shape selects whatever this says.
+    """
+    return config.attention_selection == "every_dense_step" or step < config.dense_warmup_steps
+
+
+def _fits(buffer, shape, like) -> bool:
+    return (buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == like.dtype
+            and buffer.device == like.device)
 
 
 class SparseDeltaAttention:
@@ -26,8 +47,10 @@ class SparseDeltaAttention:
         self.indices = None
         self.counts = None
         self.delta = None  # [B, N, H, D] buffer, token order
-        self.lse = None
+        self.lse = None    # row log-sum-exp of the last dense step that computed exact column sums
         self.signature = None
+        self._forced = None  # (layout, n_keys, kernels.ForcedColumns) of the last selection
+        self._out = None     # [B, N, H, D] result buffer, returned by the steps
 
     @staticmethod
     def _signature(q, k):
@@ -40,39 +63,73 @@ class SparseDeltaAttention:
         tensors = (self.indices, self.counts, self.delta, self.lse)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, generator) -> torch.Tensor:
+    def _result_buffer(self, q) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
-        out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
-        lse_hint = self.lse if self.ready_for(q, k) else None
-        scores, lse = kernels.attention_with_column_sums(
-            q, k, v, layout.query_order, config.query_group, out.transpose(1, 2), lse_hint)
-        n_keys = k.shape[2]
-        self.indices, self.counts = kernels.build_index_lists(
-            scores, keep_count=round(config.attention_keep * n_keys),
-            random_count=round(config.attention_random_fraction * n_keys),
-            forced=layout.forced_below(n_keys), generator=generator, pad_to=config.selection_tile)
-        del scores
-        delta = self.delta if self._delta_reusable(out) else torch.empty_like(out)
-        kernels.column_sparse_attention(
-            q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
-            base=out.transpose(1, 2), out=delta.transpose(1, 2), sign=-1.0)
+        if not _fits(self._out, (batch, n_tokens, heads, head_dim), q):
+            self._out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+        return self._out
+
+    def _forced_columns(self, layout: JointLayout, n_keys: int):
+        if self._forced is None or self._forced[0] is not layout or self._forced[1] != n_keys:
+            forced = None
+            if layout.forced_keys.numel():
+                forced = kernels.forced_columns(layout.forced_keys, n_keys)
+            self._forced = (layout, n_keys, forced)
+        return self._forced[2]
+
+    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, seeds: torch.Tensor,
+                   select: bool = True) -> torch.Tensor:
+        """Dense attention (returned) and a fresh delta cache.
+
+        ``seeds``: int64 [B] on q's device, one per batch row (the random keys of a row depend on
+        its seed only). ``select=False`` keeps the stored key lists when they fit this shape.
+        """
+        batch, heads, n_tokens, head_dim = q.shape
+        ready = self.ready_for(q, k)
+        if select or not ready:
+            dense = self._dense_and_new_lists(q, k, v, layout, config, seeds, ready)
+        else:
+            dense = F.scaled_dot_product_attention(q, k, v)
+        indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
+        delta = self.delta if _fits(self.delta, (batch, n_tokens, heads, head_dim), q) else None
+        if delta is None:
+            delta = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+        kernels.column_sparse_attention(q, k, v, indices, counts, layout.query_order, config.query_group,
+                                        base=dense, out=delta.transpose(1, 2), sign=-1.0)
         storage = self.storage or delta.device
         self.delta = to_storage(delta, storage)
-        self.indices, self.counts = to_storage(self.indices, storage), to_storage(self.counts, storage)
-        self.lse = lse
+        self.indices, self.counts = to_storage(indices, storage), to_storage(counts, storage)
         self.signature = self._signature(q, k)
-        return out.view(batch, n_tokens, heads * head_dim)
+        return dense.transpose(1, 2).reshape(batch, n_tokens, heads * head_dim)
 
-    def _delta_reusable(self, out) -> bool:
-        """The old delta buffer can take the new cache in place (same shape, on the device)."""
-        delta = self.delta
-        return delta is not None and delta.shape == out.shape and delta.dtype == out.dtype and delta.device == out.device
+    def _dense_and_new_lists(self, q, k, v, layout, config, seeds, ready):
+        """Dense attention ([B, H, N, D] view) and new key lists in self.indices / self.counts."""
+        n_keys = k.shape[2]
+        if config.attention_score_queries:
+            dense = F.scaled_dot_product_attention(q, k, v)
+            scores = kernels.sampled_column_sums(q, k, layout.query_order, config.query_group,
+                                                 config.attention_score_queries)
+        else:
+            dense = self._result_buffer(q).transpose(1, 2)
+            lse_hint = self.lse if ready and self.lse is not None else None
+            scores, self.lse = kernels.attention_with_column_sums(q, k, v, layout.query_order, config.query_group,
+                                                                  dense, lse_hint)
+        keep_count = round(config.attention_keep * n_keys)
+        forced = self._forced_columns(layout, n_keys)
+        width = kernels.list_width(n_keys, keep_count, config.selection_tile, forced.width if forced else 0)
+        out = None
+        if ready and self.indices.device == q.device and self.indices.shape[-1] == width:
+            out = (self.indices, self.counts)  # refill the lists in place (stable addresses)
+        self.indices, self.counts = kernels.build_index_lists(
+            scores, keep_count=keep_count, random_count=round(config.attention_random_fraction * n_keys),
+            forced=forced, row_seeds=seeds, pad_to=config.selection_tile, out=out)
+        return dense
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
         delta = to_compute(self.delta, q.device)
         indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-        out = torch.empty_like(delta)
+        out = self._result_buffer(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,
             base=delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)

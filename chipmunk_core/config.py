@@ -11,6 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 
 FAMILIES = ("flux", "hunyuan_video", "wan21")
+# "warmup_steps": lists chosen on the dense warm-up steps only and kept on the later dense
+# refreshes, which then cost one dense attention plus the cache pass (the reference's FLUX setting).
+ATTENTION_SELECTIONS = ("every_dense_step", "warmup_steps")
+SCORE_QUERY_COUNTS = (0, 4, 8, 16, 32, 64)  # what the sampled column-sum kernel takes
 FAMILY_NAMES = {"flux": "FLUX", "hunyuan_video": "HunyuanVideo", "wan21": "WAN2.1"}
 
 
@@ -33,6 +37,10 @@ class ChipmunkConfig:
     # Sparse steps between re-rankings of the MLP units (the reference re-ranks every second step).
     mlp_selection_interval: int = 2
     selection_tile: int = 64
+    # Dense steps that re-select the attention key lists (ATTENTION_SELECTIONS); the others keep them.
+    attention_selection: str = "every_dense_step"
+    # Queries per group that score the keys when lists are selected (0: all, exact column sums).
+    attention_score_queries: int = 0
 
     def __post_init__(self):
         problems = []
@@ -53,6 +61,12 @@ class ChipmunkConfig:
             value = getattr(self, name)
             if value < 16 or value % 16:
                 problems.append(f"{name} must be a positive multiple of 16, got {value}")
+        if self.attention_selection not in ATTENTION_SELECTIONS:
+            problems.append(f"attention_selection must be one of {', '.join(ATTENTION_SELECTIONS)}, "
+                            f"not {self.attention_selection!r}")
+        if self.attention_score_queries not in SCORE_QUERY_COUNTS or self.attention_score_queries > self.query_group:
+            problems.append(f"attention_score_queries must be one of {SCORE_QUERY_COUNTS} and at most query_group, "
+                            f"got {self.attention_score_queries}")
         if problems:
             raise ValueError("Invalid Chipmunk settings: " + "; ".join(problems))
 
