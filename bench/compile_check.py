@@ -110,11 +110,15 @@ def selection_cases(dtype):
     ptrs = {"Scores": "fp32", "Current": dtype, "Mean": "fp32", "Forced": "u8", "Seeds": "i64", "Idx": "i32",
             "Cnt": "i32"}
     for size_class in ("big", "small"):
-        for label, abs_diff, forced, rand in (("attention keys, forced + random", False, True, True),
-                                              ("MLP units, random, block-mean refresh", True, False, True)):
-            const = {"ABS_DIFF": abs_diff, "HAS_FORCED": forced, "HAS_RANDOM": rand, "BLOCK_C": 4096}
+        for label, abs_diff, forced, rand, n_cols in (
+                ("attention keys (FLUX), forced + random", False, True, True, 4608),
+                ("MLP units (FLUX), random, block-mean refresh", True, False, True, 12288),
+                ("attention keys (video length), forced + random", False, True, True, 75600)):
+            in_registers, block_c, warps = it._launch_config(n_cols, {})
+            const = {"ABS_DIFF": abs_diff, "HAS_FORCED": forced, "HAS_RANDOM": rand, "BLOCK_C": block_c,
+                     "IN_REGISTERS": in_registers}
             yield f"index lists {size_class} {label}", size_class, it._select_columns_kernel, ptrs, const, \
-                {"num_warps": 8, "num_stages": 1}
+                {"num_warps": warps, "num_stages": 1}
 
 
 def sampled_cases(dtype):

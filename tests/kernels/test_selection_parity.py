@@ -21,11 +21,13 @@ from chipmunk_pack.kernels.mlp_reference import block_means_reference, sparse_ml
 from test_triton_parity import assert_matches
 
 INDEX_CASES = [
-    # scores shape, keep, random, pad, forced, ties
-    ((1, 2, 2, 100), 20, 6, 8, "per_group", False),  # attention: per-group forced keys (some past C), random
-    ((2, 1, 2, 70), 16, 4, 16, "shared", True),      # batch 2, shared forced keys, many tied scores
-    ((1, 3, 150), 40, 0, 8, None, False),            # signed scores, no forced, no random
-    ((1, 2, 40), 8, 0, 8, "wide", False),            # more forced columns than the budget
+    # scores shape, keep, random, pad, forced, ties, kernel configuration
+    ((1, 2, 2, 100), 20, 6, 8, "per_group", False, None),  # attention: per-group forced keys (some past C), random
+    ((2, 1, 2, 70), 16, 4, 16, "shared", True, None),      # batch 2, shared forced keys, many tied scores
+    ((1, 3, 150), 40, 0, 8, None, False, None),            # signed scores, no forced, no random
+    ((1, 2, 40), 8, 0, 8, "wide", False, None),            # more forced columns than the budget
+    # rows longer than a block: read chunk by chunk in every pass (what video lengths take)
+    ((1, 1, 2, 150), 30, 5, 8, "per_group", True, {"in_registers": False, "block_c": 64}),
 ]
 
 
@@ -39,9 +41,10 @@ def _forced(kind, rows, n_cols):
     return None
 
 
-@pytest.mark.parametrize("case", INDEX_CASES, ids=lambda c: f"{c[0]}-keep{c[1]}-rand{c[2]}-{c[4]}-ties{c[5]}")
+@pytest.mark.parametrize("case", INDEX_CASES,
+                         ids=lambda c: f"{c[0]}-keep{c[1]}-rand{c[2]}-{c[4]}-ties{c[5]}-{'chunks' if c[6] else 'regs'}")
 def test_index_lists_match_bit_for_bit(interpreted, case):
-    shape, keep, n_random, pad, forced_kind, ties = case
+    shape, keep, n_random, pad, forced_kind, ties, config = case
     gen = torch.Generator().manual_seed(sum(shape) + keep)
     scores = torch.randn(*shape, generator=gen)
     if ties:
@@ -51,7 +54,7 @@ def test_index_lists_match_bit_for_bit(interpreted, case):
     expected = build_index_lists_reference(scores, keep, n_random, forced, seeds, pad)
     kernel = interpreted["index_lists_triton"]
     buffers = (torch.full_like(expected[0], -9), torch.full_like(expected[1], -9))
-    got = kernel.build_index_lists_triton(scores, keep, n_random, forced, seeds, pad, out=buffers)
+    got = kernel.build_index_lists_triton(scores, keep, n_random, forced, seeds, pad, out=buffers, config=config)
     assert got[0] is buffers[0]
     assert torch.equal(got[1], expected[1]), "counts"
     assert torch.equal(got[0], expected[0]), "indices"
