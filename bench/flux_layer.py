@@ -167,7 +167,7 @@ def bench_attention(pack, shape, grid, table, bench_ms):
                       lambda: state.dense_step(q2, k2, v2, layout, config, seeds, select=True), bench_ms, sdpa,
                       err=err)
         keep = round(config.attention_keep * n)
-        forced = state._forced_columns(layout, n)
+        forced = pack.kernels.forced_columns(layout.forced_keys, n)
         if queries:
             scores = pack.kernels.sampled_column_sums(q2, k2, layout.query_order, 192, queries)
             table.measure(shape, "  part: key scores", label, lambda: pack.kernels.sampled_column_sums(

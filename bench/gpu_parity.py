@@ -207,7 +207,7 @@ def mlp_block_order_case(n, dtype, gen, d_in=256, hidden=1024, d_out=192, block=
     sparse_mlp_delta_reference(x, w1, None, w2, units, counts, order, block, ref_h, ref_o, hidden_in_block_order=True)
     k_h, k_o, result = h_cache.clone(), o_cache.clone(), torch.full_like(o_cache, float("nan"))
     sparse_mlp_delta_triton(x, w1, None, w2.t().contiguous().t(), units, counts, order, block, k_h, k_o,
-                            hidden_in_block_order=True, result=result, workspace={})
+                            hidden_in_block_order=True, result=result)
     label = f"mlp block-order hidden + result n{n} {str(dtype)[6:]}"
     check(label + " hidden", k_h, ref_h, dtype)
     check(label + " out update", k_o.float() - o_cache.float(), ref_o - o_cache.float(), dtype)

@@ -7,9 +7,10 @@ chooses S_g = forced keys + random keys + top-k; one that does not keeps the sto
 takes O from the fastest dense attention (``scaled_dot_product_attention``: cuDNN on Hopper).
 Sparse step: O ~= C + A_S from the current q, k, v. Exact on the dense step by construction.
 
-Once the state holds caches for a shape, neither step synchronises with the host, draws from a
-generator or allocates its long-lived buffers again (the returned output is a buffer of the state,
-overwritten by the next call of this layer): the steps can be captured in a CUDA graph.
+Once the state holds caches for a shape, neither step synchronises with the host or draws from a
+generator, and the long-lived tensors (delta cache, key lists) are refilled in place: the steps can
+be captured in a CUDA graph. Outputs are allocated per call: under a graph they come from its
+memory pool, and a buffer kept per layer would hold the memory of one output per layer.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ class SparseDeltaAttention:
         self.delta = None  # [B, N, H, D] buffer, token order
         self.lse = None    # row log-sum-exp of the last dense step that computed exact column sums
         self.signature = None
-        self._forced = None  # (layout, n_keys, kernels.ForcedColumns) of the last selection
-        self._out = None     # [B, N, H, D] result buffer, returned by the steps
 
     @staticmethod
     def _signature(q, k):
@@ -63,19 +62,11 @@ class SparseDeltaAttention:
         tensors = (self.indices, self.counts, self.delta, self.lse)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def _result_buffer(self, q) -> torch.Tensor:
+    @staticmethod
+    def _output(q) -> torch.Tensor:
+        """A [B, N, H, D] output (token-major: the model's layout), seen as [B, H, N, D]."""
         batch, heads, n_tokens, head_dim = q.shape
-        if not _fits(self._out, (batch, n_tokens, heads, head_dim), q):
-            self._out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
-        return self._out
-
-    def _forced_columns(self, layout: JointLayout, n_keys: int):
-        if self._forced is None or self._forced[0] is not layout or self._forced[1] != n_keys:
-            forced = None
-            if layout.forced_keys.numel():
-                forced = kernels.forced_columns(layout.forced_keys, n_keys)
-            self._forced = (layout, n_keys, forced)
-        return self._forced[2]
+        return torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
 
     def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, seeds: torch.Tensor,
                    select: bool = True) -> torch.Tensor:
@@ -110,12 +101,12 @@ class SparseDeltaAttention:
             scores = kernels.sampled_column_sums(q, k, layout.query_order, config.query_group,
                                                  config.attention_score_queries)
         else:
-            dense = self._result_buffer(q).transpose(1, 2)
+            dense = self._output(q)
             lse_hint = self.lse if ready and self.lse is not None else None
             scores, self.lse = kernels.attention_with_column_sums(q, k, v, layout.query_order, config.query_group,
                                                                   dense, lse_hint)
         keep_count = round(config.attention_keep * n_keys)
-        forced = self._forced_columns(layout, n_keys)
+        forced = kernels.forced_columns(layout.forced_keys, n_keys) if layout.forced_keys.numel() else None
         width = kernels.list_width(n_keys, keep_count, config.selection_tile, forced.width if forced else 0)
         out = None
         if ready and self.indices.device == q.device and self.indices.shape[-1] == width:
@@ -129,8 +120,8 @@ class SparseDeltaAttention:
         batch, heads, n_tokens, head_dim = q.shape
         delta = to_compute(self.delta, q.device)
         indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-        out = self._result_buffer(q)
+        out = self._output(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,
-            base=delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)
-        return out.view(batch, n_tokens, heads * head_dim)
+            base=delta.transpose(1, 2), out=out, sign=1.0)
+        return out.transpose(1, 2).view(batch, n_tokens, heads * head_dim)

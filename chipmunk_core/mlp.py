@@ -12,8 +12,8 @@ recomputed.
 A sparse step is two launches (the update) plus three when it ranks (block means of x, fc1 of the
 means, one selection kernel that also refreshes the block means). The row order is folded into
 the kernels (x and the output stay in the model's token order; only the hidden cache is kept in
-block order), and the output is written into a buffer of the state, so that a step neither
-synchronises with the host nor allocates once the state exists for a shape.
+block order). Once the state exists for a shape, a step neither synchronises with the host nor
+draws from a generator, and the long-lived tensors are updated in place (CUDA-graph safe).
 """
 
 from __future__ import annotations
@@ -62,9 +62,7 @@ class SparseDeltaMLP:
         self._w2_t = None       # (key, fc2 weight transposed to [M, Dout])
         self._selection = None  # (indices, counts) of the last ranking (buffers reused by the next)
         self._sparse_steps = 0  # sparse steps since the last dense step
-        self._result = None     # [B, N, Dout] output buffer returned by sparse steps
         self._x_mean = None     # [B, NB, Din] block means of x, fc1's dtype
-        self._workspace = {}    # kernel scratch kept between calls
 
     def ready_for(self, x) -> bool:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
@@ -114,7 +112,7 @@ class SparseDeltaMLP:
                     rank: bool | None = None) -> torch.Tensor:
         """The MLP output after recomputing the chosen units of every row block.
 
-        The result is a buffer of this state, overwritten by its next sparse step. ``seeds``:
+        ``seeds``:
         int64 [B] on x's device (a row's random units depend on its seed only). ``w2_key``
         identifies fc2's weight when it is the layer's own parameter (its transpose is then
         reused across steps); None means the weight may differ per call (LoRA, casting).
@@ -129,15 +127,14 @@ class SparseDeltaMLP:
             self._rank_units(x, w1, b1, row_order, config, seeds)
         indices, counts = self._selection
         hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
-        self._result = _reuse(self._result, out.shape, out.dtype, out.device)
+        result = torch.empty_like(out)  # the caller's copy: the model may change it in place
         w2_t = self._transposed_fc2(w2, w2_key)
         kernels.sparse_mlp_delta(x, w1, b1, w2_t.t(), indices, counts, row_order, config.mlp_block,
-                                 hidden.transpose(1, 2), out, ACTIVATION, hidden_in_block_order=True,
-                                 result=self._result, workspace=self._workspace)
+                                 hidden.transpose(1, 2), out, ACTIVATION, hidden_in_block_order=True, result=result)
         if hidden is not self.hidden:  # caches kept off the device: write the updates back
             self.hidden.copy_(hidden, non_blocking=True)
             self.out.copy_(out, non_blocking=True)
-        return self._result
+        return result
 
     def _rank_units(self, x, w1, b1, row_order, config: ChipmunkConfig, seeds):
         """Units to recompute per row block; refreshes the block means of the chosen units."""

@@ -77,19 +77,17 @@ def column_sparse_attention(q, k, v, indices, counts, query_order, group_size, b
 
 
 def sparse_mlp_delta(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                     hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False, result=None,
-                     workspace=None):
+                     hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False, result=None):
     """Recompute the listed hidden units per row block and push the change into ``out_cache``.
 
     Updates ``hidden_cache`` and ``out_cache`` in place and, if given, copies the updated output
-    rows into ``result``; ``workspace`` is a dict kept by the caller for scratch buffers. See
-    ``sparse_mlp_delta_reference``.
+    rows into ``result``. See ``sparse_mlp_delta_reference``.
     """
     if backend_for(x) == "triton":
         from .mlp_triton import sparse_mlp_delta_triton
         return sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                                        hidden_cache, out_cache, activation, hidden_in_block_order=hidden_in_block_order,
-                                       result=result, workspace=workspace)
+                                       result=result)
     return sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                                       hidden_cache, out_cache, activation, hidden_in_block_order=hidden_in_block_order,
                                       result=result)

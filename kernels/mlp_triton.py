@@ -7,7 +7,8 @@ Two launches per call:
    activation, the change against ``hidden_cache`` (updated in place), and that change written to
    a compact scratch ``[B, K, rows]``.
 2. ``_mlp_delta_down_kernel``: per row tile and tile of output features, ``delta @ w2[:, units]^T``
-   added into ``out_cache``.
+   added into ``out_cache`` (and the updated rows copied into ``result`` when one is given: the
+   caller's output without a separate copy).
 
 Layouts the caller chooses (any strides work; these are the fast ones, measured in bench/NOTES.md):
 - ``w2``: pass it as ``w2_t.t()``, the transposed view of a ``[M, Dout]`` copy cached once per
@@ -15,8 +16,13 @@ Layouts the caller chooses (any strides work; these are the fast ones, measured 
   gathers each unit as a strided column (the second launch runs ~3x slower).
 - ``hidden_cache``: in token order ``[B, N, M]`` each recomputed value is a scattered 2-byte store
   (half of the first launch's time at the FLUX shape). Stored unit-major (``[B, M, N]`` passed as
-  its ``.transpose(1, 2)``) with ``row_order=None`` (rows already in block order), the rows of a
-  tile are contiguous for every unit and the stores coalesce.
+  its ``.transpose(1, 2)``) in block order (``hidden_in_block_order``: row ``p`` holds the token
+  ``row_order[p]``), the rows of a tile are contiguous for every unit and the stores coalesce,
+  while x and the output stay in token order (their rows are whole contiguous vectors, so loads
+  through the row order stay coalesced, and no permuted copy of x or y is made).
+
+``block_means_triton`` (the inputs of the unit ranking) is here too: one launch, rows taken
+through the row order.
 
 Programs are numbered row tile first: the same unit-tile position of different row blocks covers
 nearby (sorted) units, so the weight rows they gather are shared through L2.
@@ -209,13 +215,12 @@ def _fits_int32(t) -> bool:
 
 def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                             hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False,
-                            result=None, workspace=None, config=None):
+                            result=None, config=None):
     """Triton version of ``sparse_mlp_delta_reference`` (same arguments, same in-place updates).
 
     Pass ``w2`` as ``w2_t.t()`` of a cached contiguous ``[M, Dout]`` copy for coalesced loads of
     the listed units (see the module docstring); a plain ``[Dout, M]`` view works too.
-    ``workspace`` (a dict the caller keeps) holds the scratch between calls, so that repeated
-    calls at one shape allocate nothing. ``config`` (optional dict with "up"/"down" entries)
+    ``config`` (optional dict with "up"/"down" entries)
     overrides ``MLP_CONFIGS``; for benchmarks.
     """
     if activation not in _ACTIVATION_IDS:
@@ -261,12 +266,8 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     # so that its stores do not share a layout with the gathered loads of hidden_cache (Triton
     # would then give those 8-element strips per thread: scattered across 8 units each).
     row_pad = max(row_tile(block_size, up["block_m"]), row_tile(block_size, down["block_m"]))
-    delta_shape = (batch, triton.cdiv(k_cap, up["block_n"]) * up["block_n"], triton.cdiv(n_tokens, row_pad) * row_pad)
-    delta = None if workspace is None else workspace.get("delta")
-    if delta is None or tuple(delta.shape) != delta_shape or delta.dtype != x.dtype or delta.device != x.device:
-        delta = torch.empty(delta_shape, dtype=x.dtype, device=x.device)
-        if workspace is not None:
-            workspace["delta"] = delta
+    delta = torch.empty(batch, triton.cdiv(k_cap, up["block_n"]) * up["block_n"],
+                        triton.cdiv(n_tokens, row_pad) * row_pad, dtype=x.dtype, device=x.device)
     if delta[0].numel() >= 2 ** 31:  # the kernels address the scratch with 32-bit offsets
         raise ValueError("too many rows x listed units for one call: split the batch or the tokens")
 

@@ -265,10 +265,9 @@ def test_mlp_rank_can_be_told_and_then_leaves_the_step_counter_alone():
     assert state.ranks_next_step(config)
     state.sparse_step(x + torch.randn(1, 32, 16), w1, b1, w2, order, config, _seeds(1), rank=True)
     first, address = state._selection[0].clone(), state._selection[0].data_ptr()
-    result = state.sparse_step(x + 3 * torch.randn(1, 32, 16), w1, b1, w2, order, config, _seeds(1), rank=False)
+    state.sparse_step(x + 3 * torch.randn(1, 32, 16), w1, b1, w2, order, config, _seeds(1), rank=False)
     assert torch.equal(state._selection[0], first) and state._sparse_steps == 0
-    again = state.sparse_step(x + 5 * torch.randn(1, 32, 16), w1, b1, w2, order, config, _seeds(1), rank=True)
-    assert again.data_ptr() == result.data_ptr()  # one output buffer, refilled
+    state.sparse_step(x + 5 * torch.randn(1, 32, 16), w1, b1, w2, order, config, _seeds(1), rank=True)
     assert state._selection[0].data_ptr() == address and not torch.equal(state._selection[0], first)
 
 
@@ -398,7 +397,6 @@ def test_triton_launchers_do_not_synchronise(no_host_sync, monkeypatch):
     units = torch.zeros(b, 3, 64, dtype=torch.int32), torch.full((b, 3), 64, dtype=torch.int32)
     hidden, mlp_out, result = torch.empty(b, 96, n).bfloat16().transpose(1, 2), torch.empty(b, n, 32).bfloat16(), \
         torch.empty(b, n, 32).bfloat16()
-    workspace = {}
     forced = forced_columns(torch.arange(5), n)
     mean = torch.zeros(b, 3, 96)
     key_scores, unit_scores = torch.rand(b, h, 3, n), torch.randn(b, 3, 96).bfloat16()
@@ -406,9 +404,8 @@ def test_triton_launchers_do_not_synchronise(no_host_sync, monkeypatch):
         attention_triton.column_sparse_attention_triton(q, k, v, *lists, order, group, out, out, 1.0)
         attention_triton.attention_with_column_sums_triton(q, k, v, order, group, out, torch.zeros(b, h, n))
         attention_triton.sampled_column_sums_triton(q, k, order, group, 16)
-        for _ in range(2):
-            mlp_triton.sparse_mlp_delta_triton(x, w1, b1, w2, *units, order, group, hidden, mlp_out,
-                                               hidden_in_block_order=True, result=result, workspace=workspace)
+        mlp_triton.sparse_mlp_delta_triton(x, w1, b1, w2, *units, order, group, hidden, mlp_out,
+                                           hidden_in_block_order=True, result=result)
         mlp_triton.block_means_triton(x, order, group, out=torch.empty(b, 3, 32).bfloat16())
         index_lists_triton.build_index_lists_triton(key_scores, 40, 4, forced, _seeds(b), 8,
                                                     out=(torch.empty(b, h, 3, 40, dtype=torch.int32),

@@ -117,15 +117,9 @@ def test_sparse_mlp_delta_with_hidden_in_block_order_and_result(interpreted):
                                hidden_in_block_order=True)
     kernel_hidden, kernel_out = hidden.clone(), out.clone()
     result = torch.full_like(out, float("nan"))
-    workspace = {}
     interpreted["mlp_triton"].sparse_mlp_delta_triton(
         x, w1, b1, w2.t().contiguous().t(), units, counts, order, block, kernel_hidden, kernel_out,
-        hidden_in_block_order=True, result=result, workspace=workspace)
+        hidden_in_block_order=True, result=result)
     assert_matches(kernel_hidden, ref_hidden, dtype, "hidden cache")
     assert_matches(kernel_out.float() - out.float(), ref_out - out.float(), dtype, "output update")
     assert torch.equal(result, kernel_out)
-    scratch = workspace["delta"]
-    interpreted["mlp_triton"].sparse_mlp_delta_triton(
-        x, w1, b1, w2.t().contiguous().t(), units, counts, order, block, kernel_hidden, kernel_out,
-        hidden_in_block_order=True, result=result, workspace=workspace)
-    assert workspace["delta"] is scratch  # no new scratch at the same shape
