@@ -112,18 +112,18 @@ class SparseDeltaMLP:
                     rank: bool | None = None) -> torch.Tensor:
         """The MLP output after recomputing the chosen units of every row block.
 
-        ``seeds``:
-        int64 [B] on x's device (a row's random units depend on its seed only). ``w2_key``
-        identifies fc2's weight when it is the layer's own parameter (its transpose is then
-        reused across steps); None means the weight may differ per call (LoRA, casting).
+        ``seeds``: int64 [B] on x's device (a row's random units depend on its seed only).
+        ``w2_key`` identifies fc2's weight when it is the layer's own parameter (its transpose is
+        then reused across steps); None means the weight may differ per call (LoRA, casting).
         ``rank``: re-rank the units now (True), keep the last lists (False), or follow
         ``mlp_selection_interval`` (None, which counts this state's sparse steps on the host: a
-        captured graph that replays steps must be told).
+        captured graph that replays steps must be told). Lists of another shape are never kept.
         """
         if rank is None:
             rank = self.ranks_next_step(config)
             self._sparse_steps += 1
-        if rank or self._selection is None:
+        stale = self._selection is None or self._selection[0].shape[:2] != self.block_mean.shape[:2]
+        if rank or stale:
             self._rank_units(x, w1, b1, row_order, config, seeds)
         indices, counts = self._selection
         hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
