@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `kernels`
 
 from kernels import attention_triton as at  # noqa: E402
+from kernels import index_lists_triton as it  # noqa: E402
 from kernels import mlp_triton as mt  # noqa: E402
 
 # Shared memory a block may use, by compute capability (bytes).
@@ -89,14 +90,43 @@ def dense_cases(dtype):
 def mlp_cases(dtype):
     up_ptrs = {"X": dtype, "W1": dtype, "B1": dtype, "Hidden": dtype, "Delta": dtype, "Idx": "i32", "Cnt": "i32",
                "Order": "i32"}
-    down_ptrs = {"Delta": dtype, "W2": dtype, "Out": dtype, "Idx": "i32", "Cnt": "i32", "Order": "i32"}
+    down_ptrs = {"Delta": dtype, "W2": dtype, "Out": dtype, "Result": dtype, "Idx": "i32", "Cnt": "i32",
+                 "Order": "i32"}
     for size_class, parts in mt.MLP_CONFIGS.items():
         up, down = parts["up"], parts["down"]
         const = {"HAS_BIAS": True, "ACTIVATION": 0, "BLOCK_M": up["block_m"], "BLOCK_N": up["block_n"],
-                 "BLOCK_K": up["block_k"], "EVEN_K": True, "HIDDEN_OFFSET_TYPE": tl.int32}
+                 "BLOCK_K": up["block_k"], "EVEN_K": True, "HIDDEN_OFFSET_TYPE": tl.int32, "HIDDEN_BY_POSITION": True}
         yield f"mlp up {size_class}", size_class, mt._mlp_delta_up_kernel, up_ptrs, const, up
-        const = {"BLOCK_M": down["block_m"], "BLOCK_N": down["block_n"], "BLOCK_K": down["block_k"], "EVEN_N": True}
+        const = {"BLOCK_M": down["block_m"], "BLOCK_N": down["block_n"], "BLOCK_K": down["block_k"], "EVEN_N": True,
+                 "HAS_RESULT": True}
         yield f"mlp down {size_class}", size_class, mt._mlp_delta_down_kernel, down_ptrs, const, down
+        yield f"block means {size_class}", size_class, mt._block_means_kernel, \
+            {"T": dtype, "Out": dtype, "Order": "i32"}, {"BLOCK_R": 32, "BLOCK_C": 128}, \
+            {"num_warps": 4, "num_stages": 3}
+
+
+def selection_cases(dtype):
+    """The index-list kernel (same configuration in both size classes: it uses no shared tiles)."""
+    ptrs = {"Scores": "fp32", "Current": dtype, "Mean": "fp32", "Forced": "u8", "Seeds": "i64", "Idx": "i32",
+            "Cnt": "i32"}
+    for size_class in ("big", "small"):
+        for label, abs_diff, forced, rand, n_cols in (
+                ("attention keys (FLUX), forced + random", False, True, True, 4608),
+                ("MLP units (FLUX), random, block-mean refresh", True, False, True, 12288),
+                ("attention keys (video length), forced + random", False, True, True, 75600)):
+            in_registers, block_c, warps = it._launch_config(n_cols, {})
+            const = {"ABS_DIFF": abs_diff, "HAS_FORCED": forced, "HAS_RANDOM": rand, "BLOCK_C": block_c,
+                     "IN_REGISTERS": in_registers}
+            yield f"index lists {size_class} {label}", size_class, it._select_columns_kernel, ptrs, const, \
+                {"num_warps": warps, "num_stages": 1}
+
+
+def sampled_cases(dtype):
+    ptrs = {"Q": dtype, "K": dtype, "Order": "i32", "ColSum": "fp32"}
+    cfg = at.SAMPLED_CONFIG
+    for size_class in ("big", "small"):
+        const = {"SAMPLES": 32, "HEAD_DIM": 128, "BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"]}
+        yield f"sampled column sums {size_class}", size_class, at._sampled_column_sums_kernel, ptrs, const, cfg
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -123,7 +153,8 @@ def main():
     for arch in (int(a) for a in args.archs.split(",")):
         wanted = "small" if arch in SMALL else "big"
         for dtype in args.dtypes.split(","):
-            for label, size_class, fn, ptrs, const, cfg in (*sparse_cases(dtype), *dense_cases(dtype), *mlp_cases(dtype)):
+            for label, size_class, fn, ptrs, const, cfg in (*sparse_cases(dtype), *dense_cases(dtype), *mlp_cases(dtype),
+                                                           *selection_cases(dtype), *sampled_cases(dtype)):
                 if size_class != wanted:
                     continue
                 sig = signature(fn, ptrs, const)

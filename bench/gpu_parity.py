@@ -5,8 +5,10 @@ through Triton's interpreter on the CPU; this checks what the GPU compiler makes
 
 Covers the launchers' default configurations and every configuration the benchmark sweeps, at
 awkward sizes (token counts off the tile, short and empty key lists, batch 2, fp16 and bf16), and
-the dense kernel's hint paths (hint near, far above, far below, infinite). Prints one line per
-case and exits 1 if any case is off.
+the dense kernel's hint paths (hint near, far above, far below, infinite); the index lists and
+the MLP's unit ranking bit for bit at FLUX sizes (and rows of video length), block means, key
+scores from sampled queries, the MLP update in the core's layout. Prints one line per case and
+exits 1 if any case is off.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `kernels`
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference  # noqa: E402
-from kernels.attention_triton import attention_with_column_sums_triton, column_sparse_attention_triton  # noqa: E402
-from kernels.mlp_reference import sparse_mlp_delta_reference  # noqa: E402
-from kernels.mlp_triton import sparse_mlp_delta_triton  # noqa: E402
+from kernels.attention_reference import (  # noqa: E402
+    attention_with_column_sums_reference, column_sparse_attention_reference, sampled_column_sums_reference)
+from kernels.attention_triton import (  # noqa: E402
+    attention_with_column_sums_triton, column_sparse_attention_triton, sampled_column_sums_triton)
+from kernels.index_lists import build_index_lists_reference, rank_units_reference  # noqa: E402
+from kernels.index_lists_triton import build_index_lists_triton, rank_units_triton  # noqa: E402
+from kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference  # noqa: E402
+from kernels.mlp_triton import block_means_triton, sparse_mlp_delta_triton  # noqa: E402
 
 # bench/kernels.py (the sweep lists) under another name: `kernels` is the package
 _spec = importlib.util.spec_from_file_location("bench_sweeps", Path(__file__).resolve().parent / "kernels.py")
@@ -133,6 +139,101 @@ def mlp_case(n, dtype, config, gen, d_in=256, hidden=1024, d_out=192, block=128,
     check(label + " out update", k_o.float() - o_cache.float(), ref_o - o_cache.float(), dtype)
 
 
+def check_equal(label, actual, expected):
+    """Bit-for-bit equality (the index lists are exact integer results)."""
+    ok = all(torch.equal(a, e) for a, e in zip(actual, expected))
+    if not ok:
+        failures.append(label)
+    print(f"{'ok  ' if ok else 'FAIL'} {label}: {'identical' if ok else 'differs'}", flush=True)
+
+
+def index_list_case(shape, keep, n_random, forced, gen, ties=False):
+    scores = torch.rand(shape, device=DEV, generator=gen)
+    if ties:
+        scores = (scores * 8).floor()
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (shape[0],), device=DEV, generator=gen)
+    expected = build_index_lists_reference(scores, keep, n_random, forced, seeds, 64)
+    got = build_index_lists_triton(scores, keep, n_random, forced, seeds, 64)
+    forced_label = "none" if forced is None else tuple(forced.shape)
+    check_equal(f"index lists {tuple(shape)} keep {keep} random {n_random} forced {forced_label} ties {ties}",
+                got, expected)
+
+
+def rank_units_case(blocks, units, keep, n_random, gen):
+    current = torch.randn(1, blocks, units, device=DEV, generator=gen).bfloat16()
+    mean = torch.randn(1, blocks, units, device=DEV, generator=gen)
+    mean[0, 0] = current[0, 0].float()  # an unchanged block: every score ties
+    seeds = torch.tensor([12345], device=DEV)
+    ref_mean, kernel_mean = mean.clone(), mean.clone()
+    expected = rank_units_reference(current, ref_mean, keep, n_random, seeds, 64)
+    got = rank_units_triton(current, kernel_mean, keep, n_random, seeds, 64)
+    check_equal(f"rank units [{blocks}, {units}] keep {keep} random {n_random}", (*got, kernel_mean),
+                (*expected, ref_mean))
+
+
+def block_means_case(n, channels, block, dtype, gen):
+    t = torch.randn(2, n, channels, device=DEV, generator=gen).to(dtype)
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    out = torch.empty(2, math.ceil(n / block), channels, device=DEV, dtype=dtype)
+    check(f"block means n{n} c{channels} block {block} {str(dtype)[6:]}", block_means_triton(t, order, block, out),
+          block_means_reference(t, order, block), dtype)
+
+
+def sampled_case(n, heads, group, samples, dtype, gen):
+    q, k = (torch.randn(1, n, heads, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    got = sampled_column_sums_triton(q, k, order, group, samples)
+    ref_heads = min(heads, 2)
+    expected = sampled_column_sums_reference(q[:, :ref_heads], k[:, :ref_heads], order, group, samples)
+    check(f"sampled column sums n{n} G={group} S={samples} {str(dtype)[6:]}", got[:, :ref_heads], expected,
+          torch.bfloat16)
+
+
+def mlp_block_order_case(n, dtype, gen, d_in=256, hidden=1024, d_out=192, block=128, capacity=300):
+    """The core's layout: hidden cache unit-major in block order, x and output in token order,
+    a result copy of the output rows."""
+    x = torch.randn(1, n, d_in, device=DEV, generator=gen).to(dtype)
+    w1 = (torch.randn(hidden, d_in, device=DEV, generator=gen) * d_in ** -0.5).to(dtype)
+    w2 = (torch.randn(d_out, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
+                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).int()
+    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).int()
+    counts[0, 0] = 0
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    h_cache = torch.randn(1, hidden, n, device=DEV, generator=gen).to(dtype).transpose(1, 2)
+    o_cache = torch.randn(1, n, d_out, device=DEV, generator=gen).to(dtype)
+    ref_h, ref_o = h_cache.float(), o_cache.float()
+    sparse_mlp_delta_reference(x, w1, None, w2, units, counts, order, block, ref_h, ref_o, hidden_in_block_order=True)
+    k_h, k_o, result = h_cache.clone(), o_cache.clone(), torch.full_like(o_cache, float("nan"))
+    sparse_mlp_delta_triton(x, w1, None, w2.t().contiguous().t(), units, counts, order, block, k_h, k_o,
+                            hidden_in_block_order=True, result=result)
+    label = f"mlp block-order hidden + result n{n} {str(dtype)[6:]}"
+    check(label + " hidden", k_h, ref_h, dtype)
+    check(label + " out update", k_o.float() - o_cache.float(), ref_o - o_cache.float(), dtype)
+    check_equal(label + " result == out", (result,), (k_o,))
+
+
+def selection_cases(gen):
+    """The index lists and the kernels around them, at the sizes that matter (tiny on the CPU)."""
+    big = DEV == "cuda"
+    text = torch.arange(512 if big else 8, device=DEV)
+    n = 4608 if big else 300
+    index_list_case((1, 24 if big else 1, 24 if big else 2, n), round(0.165 * n), 0, text, gen)
+    index_list_case((2, 24 if big else 1, 24 if big else 2, n), round(0.165 * n), round(0.01 * n), text, gen,
+                    ties=True)
+    if big:  # rows longer than one chunk of the kernel (WAN / HunyuanVideo lengths), per-group forced keys
+        window = torch.randint(-1, 75600, (4, 3000), device=DEV, generator=gen)
+        index_list_case((1, 2, 4, 75600), 7560, 756, window, gen)
+    rank_units_case(36 if big else 2, 12288 if big else 300, round(0.3 * (12288 if big else 300)),
+                    round(0.05 * (12288 if big else 300)), gen)
+    for dtype in (torch.bfloat16, torch.float16):
+        block_means_case(4608 if big else 200, 3072 if big else 64, 128, dtype, gen)
+        for samples in (32, 16):
+            sampled_case(4608 if big else 300, 24 if big else 2, 192, samples, dtype, gen)
+        mlp_block_order_case(700, dtype, gen)
+
+
 def main():
     if DEV == "cuda" and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -152,6 +253,7 @@ def main():
             dense_case(1, 2, 600, 192, dtype, config, None, gen, layout="bnhd", n_keys=537)
         for config in bench_sweeps.mlp_configs(True) + [{}]:
             mlp_case(700, dtype, config, gen)
+    selection_cases(gen)
     print(f"{len(failures)} case(s) off" if failures else "all cases match")
     sys.exit(1 if failures else 0)
 

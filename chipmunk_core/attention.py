@@ -1,18 +1,40 @@
 """Sparse-delta attention for one layer: the delta cache, the key lists, and the two kinds of step.
 
-Dense step: full attention O, key scores per query group, S_g = forced keys + top-k + random keys,
-and the cache C = O - A_S (A_S: attention with the softmax taken over S_g only).
+Dense step: full attention O and the cache C = O - A_S (A_S: attention with the softmax taken over
+each query group's key list S_g only). A dense step that selects (``select=True``) also scores the
+keys per query group (exact column sums, or sums over a sample of the group's queries) and
+chooses S_g = forced keys + random keys + top-k; one that does not keeps the stored lists and
+takes O from the fastest dense attention (``scaled_dot_product_attention``: cuDNN on Hopper).
 Sparse step: O ~= C + A_S from the current q, k, v. Exact on the dense step by construction.
+
+Once the state holds caches for a shape, neither step synchronises with the host or draws from a
+generator, and the long-lived tensors (delta cache, key lists) are refilled in place: the steps can
+be captured in a CUDA graph. Outputs are allocated per call: under a graph they come from its
+memory pool, and a buffer kept per layer would hold the memory of one output per layer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
 from .memory import to_compute, to_storage
+
+
+def selects_keys(config: ChipmunkConfig, step: int) -> bool:
+    """Whether a dense step at sampling step ``step`` re-selects the key lists (``select=``).
+
+    A dense step whose layer holds no lists for the shape selects whatever this says.
+    """
+    return config.attention_selection == "every_dense_step" or step < config.dense_warmup_steps
+
+
+def _fits(buffer, shape, like) -> bool:
+    return (buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == like.dtype
+            and buffer.device == like.device)
 
 
 class SparseDeltaAttention:
@@ -26,7 +48,7 @@ class SparseDeltaAttention:
         self.indices = None
         self.counts = None
         self.delta = None  # [B, N, H, D] buffer, token order
-        self.lse = None
+        self.lse = None    # row log-sum-exp of the last dense step that computed exact column sums
         self.signature = None
         self.kept = 0
 
@@ -42,49 +64,73 @@ class SparseDeltaAttention:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def kept_keys(self) -> int:
-        """Keys each query group recomputes on sparse steps (the selection size)."""
+        """Keys each query group recomputes on sparse steps (the selection size, random keys in)."""
         return self.kept
 
-    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, seeds, forced=None,
-                   select: bool = True) -> torch.Tensor:
-        """Dense attention, new key lists (``forced``: the keys every group keeps; default: the
-        layout's), and the delta cache. ``seeds``: int64 [B], the random picks' seed per row."""
+    @staticmethod
+    def _output(q) -> torch.Tensor:
+        """A [B, N, H, D] output (token-major: the model's layout), seen as [B, H, N, D]."""
         batch, heads, n_tokens, head_dim = q.shape
-        generator = torch.Generator(device=q.device).manual_seed(int(seeds[0]))
-        out = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
-        lse_hint = self.lse if self.ready_for(q, k) else None
-        scores, lse = kernels.attention_with_column_sums(
-            q, k, v, layout.query_order, config.query_group, out.transpose(1, 2), lse_hint)
-        n_keys = k.shape[2]
-        self.kept = kernels.selection_size(n_keys, round(config.attention_keep * n_keys), config.selection_tile)
-        self.indices, self.counts = kernels.build_index_lists(
-            scores, keep_count=round(config.attention_keep * n_keys),
-            random_count=round(config.attention_random_fraction * n_keys),
-            forced=layout.forced_below(n_keys) if forced is None else forced, generator=generator,
-            pad_to=config.selection_tile)
-        del scores
-        delta = self.delta if self._delta_reusable(out) else torch.empty_like(out)
-        kernels.column_sparse_attention(
-            q, k, v, self.indices, self.counts, layout.query_order, config.query_group,
-            base=out.transpose(1, 2), out=delta.transpose(1, 2), sign=-1.0)
+        return torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+    def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, seeds: torch.Tensor,
+                   select: bool = True, forced: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense attention (returned) and a fresh delta cache.
+
+        ``seeds``: int64 [B] on q's device, one per batch row (the random keys of a row depend on
+        its seed only). ``select=False`` keeps the stored key lists when they fit this shape.
+        ``forced``: the key columns every group keeps, when not the layout's (keys a mask dropped
+        are renumbered).
+        """
+        batch, heads, n_tokens, head_dim = q.shape
+        ready = self.ready_for(q, k)
+        if select or not ready:
+            dense = self._dense_and_new_lists(q, k, v, layout, config, seeds, ready, forced)
+        else:
+            dense = F.scaled_dot_product_attention(q, k, v)
+        indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
+        delta = self.delta if _fits(self.delta, (batch, n_tokens, heads, head_dim), q) else None
+        if delta is None:
+            delta = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+        kernels.column_sparse_attention(q, k, v, indices, counts, layout.query_order, config.query_group,
+                                        base=dense, out=delta.transpose(1, 2), sign=-1.0)
         storage = self.storage or delta.device
         self.delta = to_storage(delta, storage)
-        self.indices, self.counts = to_storage(self.indices, storage), to_storage(self.counts, storage)
-        self.lse = lse
+        self.indices, self.counts = to_storage(indices, storage), to_storage(counts, storage)
         self.signature = self._signature(q, k)
-        return out.view(batch, n_tokens, heads * head_dim)
+        return dense.transpose(1, 2).reshape(batch, n_tokens, heads * head_dim)
 
-    def _delta_reusable(self, out) -> bool:
-        """The old delta buffer can take the new cache in place (same shape, on the device)."""
-        delta = self.delta
-        return delta is not None and delta.shape == out.shape and delta.dtype == out.dtype and delta.device == out.device
+    def _dense_and_new_lists(self, q, k, v, layout, config, seeds, ready, forced_keys=None):
+        """Dense attention ([B, H, N, D] view) and new key lists in self.indices / self.counts."""
+        n_keys = k.shape[2]
+        if config.attention_score_queries:
+            dense = F.scaled_dot_product_attention(q, k, v)
+            scores = kernels.sampled_column_sums(q, k, layout.query_order, config.query_group,
+                                                 config.attention_score_queries)
+        else:
+            dense = self._output(q)
+            lse_hint = self.lse if ready and self.lse is not None else None
+            scores, self.lse = kernels.attention_with_column_sums(q, k, v, layout.query_order, config.query_group,
+                                                                  dense, lse_hint)
+        keep_count = round(config.attention_keep * n_keys)
+        forced_keys = layout.forced_keys if forced_keys is None else forced_keys
+        forced = kernels.forced_columns(forced_keys, n_keys) if forced_keys.numel() else None
+        self.kept = kernels.selection_size(n_keys, keep_count, config.selection_tile)
+        width = kernels.list_width(n_keys, keep_count, config.selection_tile, forced.width if forced else 0)
+        out = None
+        if ready and self.indices.device == q.device and self.indices.shape[-1] == width:
+            out = (self.indices, self.counts)  # refill the lists in place (stable addresses)
+        self.indices, self.counts = kernels.build_index_lists(
+            scores, keep_count=keep_count, random_count=round(config.attention_random_fraction * n_keys),
+            forced=forced, row_seeds=seeds, pad_to=config.selection_tile, out=out)
+        return dense
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
         delta = to_compute(self.delta, q.device)
         indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-        out = torch.empty_like(delta)
+        out = self._output(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,
-            base=delta.transpose(1, 2), out=out.transpose(1, 2), sign=1.0)
-        return out.view(batch, n_tokens, heads * head_dim)
+            base=delta.transpose(1, 2), out=out, sign=1.0)
+        return out.transpose(1, 2).view(batch, n_tokens, heads * head_dim)

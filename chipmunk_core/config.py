@@ -13,6 +13,10 @@ from dataclasses import dataclass
 FAMILIES = ("flux", "hunyuan_video", "wan")
 FAMILY_NAMES = {"flux": "FLUX", "hunyuan_video": "HunyuanVideo", "wan": "WAN"}
 STEP_CACHE_MODES = ("off", "fixed", "adaptive")
+# "warmup_steps": lists chosen on the dense warm-up steps only and kept on the later dense
+# refreshes, which then cost one dense attention plus the cache pass (the reference's FLUX setting).
+ATTENTION_SELECTIONS = ("every_dense_step", "warmup_steps")
+SCORE_QUERY_COUNTS = (0, 4, 8, 16, 32, 64)  # what the sampled column-sum kernel takes
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class ChipmunkConfig:
     step_cache: str = "off"
     step_cache_threshold: float = 0.1
     step_cache_max_skips: int = 2
+    # Dense steps that re-select the attention key lists (ATTENTION_SELECTIONS); the others keep them.
+    attention_selection: str = "every_dense_step"
+    # Queries per group that score the keys when lists are selected (0: all, exact column sums).
+    attention_score_queries: int = 0
 
     def __post_init__(self):
         problems = []
@@ -63,6 +71,12 @@ class ChipmunkConfig:
             problems.append(f"step_cache must be one of {', '.join(STEP_CACHE_MODES)}, not {self.step_cache!r}")
         if not self.step_cache_threshold >= 0.0:
             problems.append(f"step_cache_threshold must be >= 0, got {self.step_cache_threshold}")
+        if self.attention_selection not in ATTENTION_SELECTIONS:
+            problems.append(f"attention_selection must be one of {', '.join(ATTENTION_SELECTIONS)}, "
+                            f"not {self.attention_selection!r}")
+        if self.attention_score_queries not in SCORE_QUERY_COUNTS or self.attention_score_queries > self.query_group:
+            problems.append(f"attention_score_queries must be one of {SCORE_QUERY_COUNTS} and at most query_group, "
+                            f"got {self.attention_score_queries}")
         if problems:
             raise ValueError("Invalid Chipmunk settings: " + "; ".join(problems))
 

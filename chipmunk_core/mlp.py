@@ -7,8 +7,13 @@ exactly the change of the block's mean pre-activation), recompute the top ones p
 ones, and update H and Y by the delta. The block mean of the recomputed units is refreshed, so the
 next ranking measures change since each unit was last recomputed. Like the reference, the
 ranking is redone every ``mlp_selection_interval`` sparse steps; in between, the same units are
-recomputed (ranking costs a dozen small operations per layer, which matters when the GPU work per
-layer is small).
+recomputed.
+
+A sparse step is two launches (the update) plus three when it ranks (block means of x, fc1 of the
+means, one selection kernel that also refreshes the block means). The row order is folded into
+the kernels (x and the output stay in the model's token order; only the hidden cache is kept in
+block order). Once the state exists for a shape, a step neither synchronises with the host nor
+draws from a generator, and the long-lived tensors are updated in place (CUDA-graph safe).
 """
 
 from __future__ import annotations
@@ -24,30 +29,24 @@ from .memory import to_compute, to_storage
 ACTIVATION = "gelu_tanh"
 
 
-def block_means(t: torch.Tensor, row_order: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over each row block (consecutive ``block`` positions of ``row_order``): [B, NB, C]."""
-    return _ordered_block_means(t.index_select(1, row_order.long()), block)
-
-
-def _ordered_block_means(ordered: torch.Tensor, block: int) -> torch.Tensor:
-    batch, n_rows, channels = ordered.shape
-    full = n_rows // block
-    parts = []
-    if full:
-        parts.append(ordered[:, : full * block].reshape(batch, full, block, channels).float().mean(2))
-    if n_rows % block:
-        parts.append(ordered[:, full * block:].float().mean(1, keepdim=True))
-    return torch.cat(parts, dim=1)
+def _reuse(buffer, shape, dtype, device, pinned=False):
+    """``buffer`` when it has this shape, dtype and device, else a new empty tensor (in pinned host
+    memory with ``pinned``, so that copies from the GPU into it are asynchronous)."""
+    device = torch.device(device)
+    if buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == dtype and buffer.device == device:
+        return buffer
+    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned and device.type == "cpu")
 
 
 class SparseDeltaMLP:
     """Per-layer, per-conditioning MLP caches; x is [B, N, Din].
 
-    The caches are kept in block order (rows permuted by ``row_order``, so a row block is
-    contiguous) and the hidden cache unit-major ([B, M, N]): the layouts the Triton kernel reads
-    and writes with coalesced accesses (scattered 2-byte stores into a token-major cache cost half
-    the sparse MLP's time on an H100). fc2's weight is handed to the kernel transposed
-    (``w2_t.t()``), made once per run when the weight is the layer's own parameter.
+    The hidden cache is kept in block order (rows permuted by ``row_order``, so a row block is
+    contiguous) and unit-major ([B, M, N]): the layout the Triton kernel reads and writes with
+    coalesced accesses (scattered 2-byte stores into a token-major cache cost half the sparse
+    MLP's time on an H100). The output cache stays in token order (its rows are whole, contiguous
+    vectors wherever they sit). fc2's weight is handed to the kernel transposed (``w2_t.t()``),
+    made once per run when the weight is the layer's own parameter.
     """
 
     def __init__(self, storage: torch.device | None = None):
@@ -56,14 +55,14 @@ class SparseDeltaMLP:
 
     def reset(self):
         self.hidden = None      # [B, M, N] post-activation, block order, unit-major
-        self.out = None         # [B, N, Dout] MLP output as last computed, block order
+        self.out = None         # [B, N, Dout] MLP output as last computed, token order
         self.block_mean = None  # [B, NB, M] fp32 pre-activation mean per row block
         self.signature = None
-        self._order = None      # row order of the last dense step (int64) and its inverse
-        self._inverse = None
+        self._order = None      # row order of the last dense step
         self._w2_t = None       # (key, fc2 weight transposed to [M, Dout])
-        self._selection = None  # (indices, counts) of the last ranking
+        self._selection = None  # (indices, counts) of the last ranking (buffers reused by the next)
         self._sparse_steps = 0  # sparse steps since the last dense step
+        self._x_mean = None     # [B, NB, Din] block means of x, fc1's dtype
 
     def ready_for(self, x) -> bool:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
@@ -74,22 +73,33 @@ class SparseDeltaMLP:
 
     def hidden_in_token_order(self) -> torch.Tensor:
         """The hidden cache as [B, N, M] in the model's token order (for inspection and tests)."""
-        return self.hidden.transpose(1, 2).index_select(1, self._inverse.to(self.hidden.device))
+        inverse = inverse_permutation(self._order.long()).to(self.hidden.device)
+        return self.hidden.transpose(1, 2).index_select(1, inverse)
 
     def dense_step(self, x, pre_activation, row_order, config: ChipmunkConfig) -> torch.Tensor:
         """Record a dense step from fc1's output; returns the activation for the caller's fc2."""
         hidden = ACTIVATIONS[ACTIVATION](pre_activation)
-        self._order = row_order.long()
-        self._inverse = inverse_permutation(self._order)
-        blocked = hidden.index_select(1, self._order).transpose(1, 2).contiguous()
-        self.hidden = to_storage(blocked, self.storage or hidden.device)
-        self.block_mean = block_means(pre_activation, row_order, config.mlp_block)
+        batch, n_tokens, n_units = hidden.shape
+        self._order = row_order
+        blocked = hidden.index_select(1, row_order.long()).transpose(1, 2)
+        storage = self.storage or hidden.device
+        self.hidden = _reuse(self.hidden, (batch, n_units, n_tokens), hidden.dtype, storage, hidden.is_cuda)
+        self.hidden.copy_(blocked, non_blocking=True)
+        n_blocks = -(-n_tokens // config.mlp_block)
+        self.block_mean = kernels.block_means(
+            pre_activation, row_order, config.mlp_block,
+            out=_reuse(self.block_mean, (batch, n_blocks, n_units), torch.float32, hidden.device))
         self.signature = (tuple(x.shape), x.dtype, x.device)
-        self._selection, self._sparse_steps = None, 0
+        self._sparse_steps = 0
         return hidden
 
     def store_output(self, y: torch.Tensor):
-        self.out = to_storage(y.index_select(1, self._order), self.storage or y.device)
+        self.out = _reuse(self.out, y.shape, y.dtype, self.storage or y.device, y.is_cuda)
+        self.out.copy_(y, non_blocking=True)
+
+    def ranks_next_step(self, config: ChipmunkConfig) -> bool:
+        """Whether the next sparse step re-ranks the units when it is not told (``rank=None``)."""
+        return self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0
 
     def _transposed_fc2(self, w2, w2_key):
         if w2_key is not None and self._w2_t is not None and self._w2_t[0] == w2_key:
@@ -102,38 +112,49 @@ class SparseDeltaMLP:
         """Hidden units of the MLP (0 before the first dense step)."""
         return 0 if self.hidden is None else self.hidden.shape[1]
 
-    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, seeds, w2_key=None) -> torch.Tensor:
-        """The MLP output (a new tensor) after recomputing the chosen units of every row block.
+    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, seeds: torch.Tensor, w2_key=None,
+                    rank: bool | None = None) -> torch.Tensor:
+        """The MLP output after recomputing the chosen units of every row block.
 
+        ``seeds``: int64 [B] on x's device (a row's random units depend on its seed only).
         ``w2_key`` identifies fc2's weight when it is the layer's own parameter (its transpose is
         then reused across steps); None means the weight may differ per call (LoRA, casting).
+        ``rank``: re-rank the units now (True), keep the last lists (False), or follow
+        ``mlp_selection_interval`` (None, which counts this state's sparse steps on the host: a
+        captured graph that replays steps must be told). Lists of another shape are never kept.
         """
-        x_ordered = x.index_select(1, row_order.long())
-        if self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0:
-            generator = torch.Generator(device=x.device).manual_seed(int(seeds[0]))
-            self._selection = self._rank_units(x_ordered, w1, b1, config, generator)
-        self._sparse_steps += 1
+        if rank is None:
+            rank = self.ranks_next_step(config)
+            self._sparse_steps += 1
+        stale = self._selection is None or self._selection[0].shape[:2] != self.block_mean.shape[:2]
+        if rank or stale:
+            self._rank_units(x, w1, b1, row_order, config, seeds)
         indices, counts = self._selection
         hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
+        result = torch.empty_like(out)  # the caller's copy: the model may change it in place
         w2_t = self._transposed_fc2(w2, w2_key)
-        kernels.sparse_mlp_delta(x_ordered, w1, b1, w2_t.t(), indices, counts, None,
-                                 config.mlp_block, hidden.transpose(1, 2), out, ACTIVATION)
+        kernels.sparse_mlp_delta(x, w1, b1, w2_t.t(), indices, counts, row_order, config.mlp_block,
+                                 hidden.transpose(1, 2), out, ACTIVATION, hidden_in_block_order=True, result=result)
         if hidden is not self.hidden:  # caches kept off the device: write the updates back
             self.hidden.copy_(hidden, non_blocking=True)
             self.out.copy_(out, non_blocking=True)
-        return out.index_select(1, self._inverse)
+        return result
 
-    def _rank_units(self, x_ordered, w1, b1, config: ChipmunkConfig, generator):
+    def _rank_units(self, x, w1, b1, row_order, config: ChipmunkConfig, seeds):
         """Units to recompute per row block; refreshes the block means of the chosen units."""
+        batch, n_tokens, d_in = x.shape
         n_units = w1.shape[0]
-        x_mean = _ordered_block_means(x_ordered, config.mlp_block)
-        current = torch.nn.functional.linear(x_mean.to(w1.dtype), w1, b1).float()
-        indices, counts = kernels.build_index_lists(
-            (current - self.block_mean).abs(), keep_count=round(config.mlp_keep * n_units),
-            random_count=round(config.mlp_random_fraction * n_units), generator=generator,
-            pad_to=config.selection_tile)
-        chosen = indices.long()
-        recomputed = torch.arange(chosen.shape[-1], device=chosen.device) < counts[..., None]
-        refreshed = torch.where(recomputed, current.gather(2, chosen), self.block_mean.gather(2, chosen))
-        self.block_mean.scatter_(2, chosen, refreshed)
-        return indices, counts
+        n_blocks = self.block_mean.shape[1]
+        self._x_mean = kernels.block_means(x, row_order, config.mlp_block,
+                                           out=_reuse(self._x_mean, (batch, n_blocks, d_in), w1.dtype, x.device))
+        current = torch.nn.functional.linear(self._x_mean, w1, b1)
+        keep_count = round(config.mlp_keep * n_units)
+        out = None
+        if self._selection is not None:
+            width = kernels.list_width(n_units, keep_count, config.selection_tile)
+            if self._selection[0].shape == (batch, n_blocks, width) and self._selection[0].device == x.device:
+                out = self._selection
+        self._selection = kernels.rank_units(
+            current, self.block_mean, keep_count=keep_count,
+            random_count=round(config.mlp_random_fraction * n_units), row_seeds=seeds,
+            pad_to=config.selection_tile, out=out)

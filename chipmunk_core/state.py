@@ -20,7 +20,7 @@ from collections import Counter
 
 import torch
 
-from .attention import SparseDeltaAttention
+from .attention import SparseDeltaAttention, selects_keys
 from .config import ChipmunkConfig
 from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import ModelDims, cache_bytes, place_caches
@@ -312,17 +312,17 @@ class LayerCall:
             q, k, v = (t.view(batch, n_tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
         kind, value = padding
         layout = self.layout
-        forced = layout.forced_keys
+        forced = None  # the layout's (keys past a prefix mask are dropped by the selection)
         if kind == "prefix":
             k, v = k[:, :, :value], v[:, :, :value]
-            forced = layout.forced_below(value)
         elif kind == "index":
             k, v = k.index_select(2, value), v.index_select(2, value)
             forced = layout.forced_among(value)
         state = self.call.caches.attention_state(self.index)
         n_keys = k.shape[2]
         if self._dense_now(state, "attention", q, k):
-            out = state.dense_step(q, k, v, layout, self.config, self.seeds, forced=forced)
+            out = state.dense_step(q, k, v, layout, self.config, self.seeds, forced=forced,
+                                   select=selects_keys(self.config, self.call.step))
         else:
             out = state.sparse_step(q, k, v, layout, self.config)
             self._count("attention", state.kept_keys() * n_tokens, n_keys * n_tokens)

@@ -10,8 +10,9 @@ Contract shared by the attention operations
 - ``query_order``: int32 ``[N]`` permutation of the tokens; query group ``g`` is the tokens at
   positions ``[g * group_size, (g + 1) * group_size)`` of it (the last group may be shorter).
   Token reordering lives in this table, so q/k/v/out stay in the model's token order.
-- Key index lists: ``indices`` int32 ``[B, H, G, K]`` (ascending within each count),
-  ``counts`` int32 ``[B, H, G]``; entries past a group's count are ignored.
+- Key index lists: ``indices`` int32 ``[B, H, G, K]``, ``counts`` int32 ``[B, H, G]``; entries
+  past a group's count are ignored. The kernels take the entries in any order; the lists built
+  here are ascending (a free by-product of how they are built, and it keeps gathers local).
 - Outputs go into caller-provided views in token order (``out`` may be a transposed view of a
   ``[B, N, H, D]`` buffer so that no copy is needed to hand the result back to the model).
 """
@@ -19,15 +20,23 @@ Contract shared by the attention operations
 from __future__ import annotations
 
 from ._dispatch import backend_for
-from .attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
-from .index_lists import build_index_lists, selection_size
-from .mlp_reference import sparse_mlp_delta_reference
+from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
+                                  sampled_column_sums_reference)
+from .index_lists import (ForcedColumns, build_index_lists_reference, forced_columns, list_width, rank_units_reference,
+                          selection_size)
+from .mlp_reference import block_means_reference, sparse_mlp_delta_reference
 
 __all__ = [
     "attention_with_column_sums",
+    "sampled_column_sums",
     "column_sparse_attention",
     "sparse_mlp_delta",
+    "block_means",
     "build_index_lists",
+    "rank_units",
+    "forced_columns",
+    "ForcedColumns",
+    "list_width",
     "selection_size",
     "backend_for",
 ]
@@ -44,6 +53,17 @@ def attention_with_column_sums(q, k, v, query_order, group_size, out, lse_hint=N
     return attention_with_column_sums_reference(q, k, v, query_order, group_size, out, lse_hint)
 
 
+def sampled_column_sums(q, k, query_order, group_size, samples):
+    """Key scores per query group from ``samples`` of its queries: ``[B, H, G, N_keys]`` fp32.
+
+    See ``sampled_column_sums_reference``; needs no output and no previous statistics.
+    """
+    if backend_for(q) == "triton":
+        from .attention_triton import sampled_column_sums_triton
+        return sampled_column_sums_triton(q, k, query_order, group_size, samples)
+    return sampled_column_sums_reference(q, k, query_order, group_size, samples)
+
+
 def column_sparse_attention(q, k, v, indices, counts, query_order, group_size, base, out, sign):
     """``out = base + sign * (attention restricted to each group's key list)``; returns ``out``.
 
@@ -57,14 +77,60 @@ def column_sparse_attention(q, k, v, indices, counts, query_order, group_size, b
 
 
 def sparse_mlp_delta(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                     hidden_cache, out_cache, activation="gelu_tanh"):
+                     hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False, result=None):
     """Recompute the listed hidden units per row block and push the change into ``out_cache``.
 
-    Updates ``hidden_cache`` and ``out_cache`` in place; see ``sparse_mlp_delta_reference``.
+    Updates ``hidden_cache`` and ``out_cache`` in place and, if given, copies the updated output
+    rows into ``result``. See ``sparse_mlp_delta_reference``.
     """
     if backend_for(x) == "triton":
         from .mlp_triton import sparse_mlp_delta_triton
         return sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                                       hidden_cache, out_cache, activation)
+                                       hidden_cache, out_cache, activation, hidden_in_block_order=hidden_in_block_order,
+                                       result=result)
     return sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                                      hidden_cache, out_cache, activation)
+                                      hidden_cache, out_cache, activation, hidden_in_block_order=hidden_in_block_order,
+                                      result=result)
+
+
+def block_means(t, row_order, block_size, out=None):
+    """Mean of each row block of ``t`` ([B, N, C], rows taken in ``row_order``): [B, NB, C].
+
+    See ``block_means_reference``; ``out`` (optional) may be any float dtype.
+    """
+    if backend_for(t) == "triton":
+        from .mlp_triton import block_means_triton
+        return block_means_triton(t, row_order, block_size, out)
+    return block_means_reference(t, row_order, block_size, out)
+
+
+def build_index_lists(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64, out=None):
+    """Per row of ``scores`` ([..., R, C]): forced + random + top-scoring columns, ascending.
+
+    Returns ``(indices [..., R, K] int32, counts [..., R] int32)`` (into ``out`` if given); see
+    ``build_index_lists_reference`` for the exact definition (ties go to the lower column; random
+    columns come from a hash of ``row_seeds[b]``, the row and the column).
+    """
+    if backend_for(scores) == "triton":
+        from .index_lists_triton import build_index_lists_triton
+        return build_index_lists_triton(scores, keep_count, random_count, forced, row_seeds, pad_to, out)
+    indices, counts = build_index_lists_reference(scores, keep_count, random_count, forced, row_seeds, pad_to)
+    return _into(out, indices, counts)
+
+
+def rank_units(current, block_mean, keep_count, random_count=0, row_seeds=None, pad_to=64, out=None):
+    """The MLP's unit lists from ``|current - block_mean|`` ([B, NB, M]); refreshes ``block_mean``
+    (float32, in place) of the chosen units. See ``rank_units_reference``."""
+    if backend_for(current) == "triton":
+        from .index_lists_triton import rank_units_triton
+        return rank_units_triton(current, block_mean, keep_count, random_count, row_seeds, pad_to, out)
+    indices, counts = rank_units_reference(current, block_mean, keep_count, random_count, row_seeds, pad_to)
+    return _into(out, indices, counts)
+
+
+def _into(out, indices, counts):
+    if out is None:
+        return indices, counts
+    out[0].copy_(indices)
+    out[1].copy_(counts)
+    return out

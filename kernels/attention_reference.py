@@ -90,3 +90,35 @@ def column_sparse_attention_reference(q, k, v, indices, counts, query_order, gro
         result = delta if base is None else base[:, :, rows].float() + delta
         out[:, :, rows] = result.to(out.dtype)
     return out
+
+
+def sampled_positions(n_tokens: int, group_size: int, samples: int, device=None) -> torch.Tensor:
+    """Positions (in the query order) of the queries that score the keys for each group: ``samples``
+    evenly spaced ones per group, int64 ``[G, samples]``; -1 where a short last group has none."""
+    n_groups = math.ceil(n_tokens / group_size)
+    stride = max(1, group_size // samples)
+    pos = (torch.arange(n_groups, device=device)[:, None] * group_size
+           + torch.arange(samples, device=device)[None, :] * stride)
+    return torch.where(pos < n_tokens, pos, -1)
+
+
+def sampled_column_sums_reference(q, k, query_order, group_size, samples):
+    """Key scores per query group from a sample of its queries: ``[B, H, G, N_keys]`` float32.
+
+    ``scores[b, h, g, j] = sum over the sampled queries t of group g of exp(s_tj - L_t)``, with
+    ``s = q k^T / sqrt(D)`` and ``L_t`` the exact row log-sum-exp; the sampled queries are
+    ``sampled_positions(N, group_size, samples)`` of ``query_order``. No output and no previous
+    step's statistics are needed, so a dense step can take its output from any attention backend.
+    """
+    batch, heads, n_tokens, head_dim = q.shape
+    positions = sampled_positions(n_tokens, group_size, samples, q.device)
+    n_groups = positions.shape[0]
+    order = query_order.long().to(q.device)
+    scale = head_dim ** -0.5
+    sums = torch.zeros(batch, heads, n_groups, k.shape[2], dtype=torch.float32, device=q.device)
+    kf = k.float()
+    for g in range(n_groups):
+        pos = positions[g][positions[g] >= 0]
+        scores = torch.matmul(q[:, :, order[pos]].float(), kf.transpose(-1, -2)) * scale
+        sums[:, :, g] = torch.exp(scores - torch.logsumexp(scores, -1, keepdim=True)).sum(2)
+    return sums

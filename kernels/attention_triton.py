@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ._device import note_fallback, row_tile, size_class, tensor_descriptors
-from .attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
+from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
+                                  sampled_column_sums_reference)
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
 
@@ -317,6 +318,59 @@ def _attention_with_column_sums_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Key scores from a sample of each group's queries
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sampled_column_sums_kernel(
+    Q, K, Order, ColSum,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_cb, s_ch, s_cg,
+    H, N, N_KEYS, n_groups, group_size, stride, qk_scale,
+    SAMPLES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per BLOCK_M sampled queries (BLOCK_M // SAMPLES whole groups) of one head: the
+    exact row log-sum-exp of each sampled query (first pass over the keys), then the per-group sums
+    of exp(s - lse) (second pass), stored directly: no other program touches these groups."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    first_group = tl.program_id(0) * (BLOCK_M // SAMPLES)
+    lanes = tl.arange(0, BLOCK_M)
+    group = first_group + lanes // SAMPLES
+    pos = group * group_size + (lanes % SAMPLES) * stride
+    row_valid = (group < n_groups) & (pos < N)
+    rows = tl.load(Order + pos, mask=row_valid, other=0)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None].to(tl.int64) * s_qn + dims[None, :], mask=row_valid[:, None],
+                other=0.0)
+    k_head = K + b * s_kb + h * s_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, N_KEYS, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_valid = cols < N_KEYS
+        k = tl.load(k_head + cols[:, None].to(tl.int64) * s_kn + dims[None, :], mask=col_valid[:, None], other=0.0)
+        qk = tl.where(col_valid[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
+        m_i = m_new
+    lse2 = tl.where(row_valid, m_i + tl.math.log2(l_i), float("inf"))  # invalid rows add nothing
+    slot = tl.arange(0, 16)
+    # [16, BLOCK_M]: lane s marks the rows of group first_group + s
+    member = tl.where((lanes[None, :] // SAMPLES) == slot[:, None], 1.0, 0.0).to(tl.bfloat16)
+    out_groups = first_group + slot
+    out_valid = (slot < BLOCK_M // SAMPLES) & (out_groups < n_groups)
+    out_head = ColSum + b * s_cb + h * s_ch + out_groups[:, None].to(tl.int64) * s_cg
+    for start in range(0, N_KEYS, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_valid = cols < N_KEYS
+        k = tl.load(k_head + cols[:, None].to(tl.int64) * s_kn + dims[None, :], mask=col_valid[:, None], other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        sums = tl.dot(member, p.to(tl.bfloat16))
+        tl.store(out_head + cols[None, :], sums, mask=out_valid[:, None] & col_valid[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -468,3 +522,36 @@ def attention_with_column_sums_triton(q, k, v, query_order, group_size, out, lse
         **_launch_options(cfg),
     )
     return (column_sums if want_sums else None), lse
+
+
+SAMPLED_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
+def sampled_column_sums_triton(q, k, query_order, group_size, samples, *, config=None):
+    """Triton version of ``sampled_column_sums_reference`` (same arguments and result).
+
+    ``samples`` must divide the 64-row tile (a power of two from 4 to 64); the sums carry bf16
+    rounding of the probabilities (~1e-3 relative), like the dense kernel's.
+    """
+    cfg = {**SAMPLED_CONFIG, **(config or {})}
+    batch, heads, n_tokens, head_dim = q.shape
+    reason = _unsupported(q, k, k)
+    if reason is None and (samples < 4 or cfg["block_m"] % samples or samples > group_size):
+        reason = f"{samples} sampled queries per group (the kernel takes a power of two from 4 to 64, <= the group)"
+    if reason is not None:
+        note_fallback("sampled_column_sums", reason)
+        return sampled_column_sums_reference(q, k, query_order, group_size, samples)
+    n_groups = math.ceil(n_tokens / group_size)
+    sums = torch.empty(batch, heads, n_groups, k.shape[2], dtype=torch.float32, device=q.device)
+    order = query_order.to(device=q.device, dtype=torch.int32)
+    groups_per_tile = cfg["block_m"] // samples
+    grid = (triton.cdiv(n_groups, groups_per_tile), batch * heads)
+    _sampled_column_sums_kernel[grid](
+        q, k, order, sums,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        sums.stride(0), sums.stride(1), sums.stride(2),
+        heads, n_tokens, k.shape[2], n_groups, group_size, max(1, group_size // samples), head_dim ** -0.5 * _LOG2E,
+        SAMPLES=samples, HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return sums

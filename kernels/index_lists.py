@@ -1,13 +1,30 @@
-"""Index lists for the column-sparse kernels, built on the device with no host round trip.
+"""Index lists for the column-sparse kernels: which columns each row recomputes (the reference).
 
 One operation serves attention (rows = query groups, columns = keys) and the MLP (rows = token
-blocks, columns = hidden units): per row, keep the forced columns, the top-scoring columns and a
-few random ones, and hand back a padded, ascending list plus a count.
+blocks, columns = hidden units): per row, keep the forced columns, a few random ones and the
+top-scoring rest, and hand back an ascending list padded to a fixed width plus a count. This file
+holds the definition (a PyTorch reference, also the path off CUDA); ``index_lists_triton.py``
+computes the same lists, bit for bit, in one launch.
+
+The random columns come from a counter-based hash of (row seed, row, column): no generator state,
+nothing drawn on the host, so a batch row picks the same columns whatever else is in the batch,
+and the lists can be built inside a CUDA graph.
+
+Ties are broken towards the lower column (order: key descending, then column ascending), so the
+lists are fully determined by their inputs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+_MASK32 = 0xFFFFFFFF
+# The two multipliers of a 32-bit integer finaliser (xor-shift / multiply rounds); the Triton
+# kernel uses the same constants.
+HASH_MUL1 = 0x7FEB352D
+HASH_MUL2 = 0x846CA68B
 
 
 def selection_size(n_columns: int, keep_count: int, pad_to: int) -> int:
@@ -18,55 +35,180 @@ def selection_size(n_columns: int, keep_count: int, pad_to: int) -> int:
     return min(kept, n_columns)
 
 
-def build_index_lists(scores, keep_count, random_count=0, forced=None, generator=None, pad_to=64):
+@dataclass(frozen=True)
+class ForcedColumns:
+    """Columns every row keeps, as a mask: ``mask`` bool ``[F_rows, C]`` (``F_rows`` is 1, shared by
+    every row, or the number of rows R of the last row dimension: row ``r`` uses mask row
+    ``r % F_rows``); ``width`` the most forced columns a row can have (a Python int, so that the list
+    width is known without reading the device)."""
+
+    mask: torch.Tensor
+    width: int
+
+
+def forced_columns(forced: torch.Tensor, n_columns: int) -> ForcedColumns:
+    """``ForcedColumns`` from index lists: int ``[F]`` (every row) or ``[R, F]``, -1 = padding.
+
+    Entries ``>= n_columns`` are dropped (keys cut off by a padding mask), so one list serves every
+    key count. ``width`` is the lists' width ``F`` (an upper bound of any row's count).
+    """
+    lists = forced.long()
+    if lists.dim() == 1:
+        lists = lists[None]
+    keep = (lists >= 0) & (lists < n_columns)
+    mark = torch.zeros(lists.shape[0], n_columns + 1, dtype=torch.bool, device=lists.device)
+    mark.scatter_(1, torch.where(keep, lists, n_columns), True)
+    return ForcedColumns(mark[:, :n_columns].contiguous(), int(lists.shape[-1]))
+
+
+def list_width(n_columns: int, keep_count: int, pad_to: int, forced_width: int = 0) -> int:
+    """Width K of the index lists (the rows' largest possible count)."""
+    return min(n_columns, max(selection_size(n_columns, keep_count, pad_to), forced_width))
+
+
+def random_budget(n_columns: int, keep_count: int, random_count: int, pad_to: int, forced_width: int = 0) -> int:
+    """Random columns per row: what the keep count leaves after the widest forced set."""
+    return max(0, min(random_count, selection_size(n_columns, keep_count, pad_to) - forced_width))
+
+
+# --------------------------------------------------------------------------------------------
+# The counter-based hash (int64 tensors holding 32-bit values; no overflow anywhere)
+# --------------------------------------------------------------------------------------------
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for 0 <= x < 2^32, in 16-bit halves so that int64 never overflows."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values (int64 tensors in [0, 2^32))."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, HASH_MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, HASH_MUL2)
+    return x ^ (x >> 16)
+
+
+def row_keys(row_seeds: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per (batch row, row) 32-bit keys: ``[B, n_rows]`` int64 from int64 seeds ``[B]``."""
+    seeds = row_seeds.long()
+    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
+    batch_key = hash32(low ^ hash32(high))
+    rows = torch.arange(n_rows, device=seeds.device, dtype=torch.int64)
+    return hash32(batch_key[:, None] ^ rows[None, :])
+
+
+def column_noise(row_seeds: torch.Tensor, n_rows: int, n_columns: int) -> torch.Tensor:
+    """The random priority of every (batch row, row, column): int64 ``[B, n_rows, C]`` in [0, 2^32)."""
+    columns = torch.arange(n_columns, device=row_seeds.device, dtype=torch.int64)
+    return hash32(row_keys(row_seeds, n_rows)[..., None] ^ columns)
+
+
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving 32-bit keys of float scores (int64 in [0, 2^32); larger score, larger key)."""
+    bits = scores.float().contiguous().view(torch.int32).long() & _MASK32
+    negative = bits >> 31
+    return torch.where(negative == 1, bits ^ _MASK32, bits | 0x80000000)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------------
+
+def _first_by_key(keys: torch.Tensor, eligible: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``wanted`` ([rows]) eligible columns with the largest keys, ties to the lower column."""
+    ranked = torch.where(eligible, keys, -1)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(keys.shape[-1], device=keys.device).expand_as(order))
+    return eligible & (rank < wanted[..., None])
+
+
+def split_rows(shape) -> tuple[int, int, int]:
+    """(batch rows B, rows per batch row R', columns C) of a ``[..., R, C]`` score shape."""
+    if len(shape) < 2:
+        raise ValueError(f"scores must be [..., R, C], got {tuple(shape)}")
+    batch = shape[0] if len(shape) >= 3 else 1
+    rows = 1
+    for s in shape[1 if len(shape) >= 3 else 0:-1]:
+        rows *= s
+    return batch, rows, shape[-1]
+
+
+def _check_seeds(row_seeds, batch, n_random):
+    if n_random and row_seeds is None:
+        raise ValueError("random columns need row_seeds (int64, one seed per batch row)")
+    if row_seeds is not None and tuple(row_seeds.shape) != (batch,):
+        raise ValueError(f"row_seeds must be [B] = [{batch}], got {tuple(row_seeds.shape)}")
+
+
+def as_forced(forced, n_columns: int) -> ForcedColumns | None:
+    if forced is None or isinstance(forced, ForcedColumns):
+        return forced
+    if forced.numel() == 0:
+        return None
+    return forced_columns(forced, n_columns)
+
+
+def build_index_lists_reference(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64):
     """Pick, per row of ``scores`` ([..., R, C], higher = more important), the columns to recompute.
 
     Every row keeps ``selection_size(C, keep_count, pad_to)`` columns (or all of its forced
-    columns, when there are more of those): first the forced columns (``forced``: int [R, F] or
-    [F], -1 = padding), then ``random_count`` columns drawn uniformly among the rest with
-    ``generator``, then the best-scoring remaining columns. Returns ``(indices, counts)``: int32
-    ``[..., R, K]`` sorted ascending within each row's count (entries past the count are valid
-    column ids that the kernels ignore) and int32 ``[..., R]``.
+    columns, when there are more of those): its forced columns (``forced``: ``ForcedColumns`` or
+    int index lists ``[R, F]`` / ``[F]``, -1 = padding, entries >= C ignored), then
+    ``random_budget(...)`` columns chosen among the rest by the hash of (``row_seeds[b]``, row,
+    column) (``row_seeds``: int64 ``[B]``, B = ``scores.shape[0]`` for 3+ dimensions, else 1; the
+    row index counts every row dimension after the first), then the best-scoring remaining columns.
+    Returns ``(indices, counts)``: int32 ``[..., R, K]`` ascending within each row's count (entries
+    past it are 0) and int32 ``[..., R]``, with ``K = list_width(C, keep_count, pad_to, forced width)``.
     """
-    n_cols = scores.shape[-1]
+    batch, n_rows, n_cols = split_rows(scores.shape)
+    forced = as_forced(forced, n_cols)
+    width = forced.width if forced is not None else 0
     total = selection_size(n_cols, keep_count, pad_to)
+    capacity = list_width(n_cols, keep_count, pad_to, width)
+    n_random = random_budget(n_cols, keep_count, random_count, pad_to, width)
+    _check_seeds(row_seeds, batch, n_random)
     device = scores.device
-    priority = scores.detach().float().clone()
-    n_forced = torch.zeros(scores.shape[-2], dtype=torch.long, device=device)
-    if forced is not None and forced.numel():
-        forced = forced.to(device).long()
-        if forced.dim() == 1:
-            forced = forced[None].expand(scores.shape[-2], -1)
-        present = forced >= 0
-        n_forced = present.sum(-1)
-        mark = torch.zeros(forced.shape[0], n_cols + 1, dtype=torch.bool, device=device)
-        mark.scatter_(1, torch.where(present, forced, n_cols), True)
-        priority = priority.masked_fill(mark[:, :n_cols], float("inf"))
-        max_forced = int(forced.shape[-1])
-    else:
-        max_forced = 0
-    capacity = min(n_cols, max(total, max_forced))
+    lead = scores.shape[:-1]
     if capacity == 0:
-        shape = scores.shape[:-1]
-        return (torch.zeros(*shape, 0, dtype=torch.int32, device=device),
-                torch.zeros(shape, dtype=torch.int32, device=device))
-    n_random = max(0, min(random_count, total - max_forced))
+        return (torch.zeros(*lead, 0, dtype=torch.int32, device=device),
+                torch.zeros(lead, dtype=torch.int32, device=device))
+    keys = score_keys(scores.reshape(batch, n_rows, n_cols))
+    if forced is not None:
+        mask_rows = forced.mask.shape[0]
+        pick = torch.arange(n_rows, device=device) % mask_rows
+        is_forced = forced.mask.to(device)[pick][None].expand(batch, -1, -1)
+    else:
+        is_forced = torch.zeros(batch, n_rows, n_cols, dtype=torch.bool, device=device)
+    n_forced = is_forced.sum(-1)
+    counts = torch.clamp(torch.clamp(n_forced, min=total), max=capacity)
+    chosen = is_forced
+    taken_random = torch.zeros_like(n_forced)
     if n_random:
-        # Random columns outrank every scored one but not the forced ones.
-        noise = torch.rand(priority.shape, generator=generator, device=device, dtype=torch.float32)
-        finite = torch.isfinite(priority)
-        random_pick = torch.topk(torch.where(finite, noise, -1.0), n_random, dim=-1).indices
-        priority.scatter_(-1, random_pick, float("3e38"))
-    chosen = torch.topk(priority, capacity, dim=-1, sorted=max_forced > total).indices
-    if max_forced <= total:  # every row keeps exactly `total` columns: no tail to push back
-        counts = torch.full(chosen.shape[:-1], total, dtype=torch.int32, device=device)
-        return torch.sort(chosen, dim=-1).values.to(torch.int32), counts
-    counts = torch.maximum(torch.full_like(n_forced, total), n_forced).clamp(max=capacity)
-    counts = counts.expand(chosen.shape[:-1]).to(torch.int32)
-    # Sort the kept prefix (topk gave it first, by priority); the tail beyond each row's count is
-    # pushed after it.
-    slot = torch.arange(capacity, device=device)
-    keyed = torch.where(slot < counts[..., None].long(), chosen, chosen + n_cols)
-    indices = torch.sort(keyed, dim=-1).values
-    indices = torch.where(indices >= n_cols, indices - n_cols, indices)
-    return indices.to(torch.int32), counts.contiguous()
+        taken_random = torch.clamp(n_cols - n_forced, max=n_random)
+        chosen = chosen | _first_by_key(column_noise(row_seeds.to(device), n_rows, n_cols), ~is_forced, taken_random)
+    wanted_top = torch.clamp(counts - n_forced - taken_random, min=0)
+    chosen = chosen | _first_by_key(keys, ~chosen, wanted_top)
+    # ascending compaction: slot of each chosen column = how many chosen columns precede it
+    slot = torch.where(chosen, torch.cumsum(chosen, -1) - 1, capacity)
+    columns = torch.arange(n_cols, device=device, dtype=torch.int32).expand(batch, n_rows, -1)
+    indices = torch.zeros(batch, n_rows, capacity + 1, dtype=torch.int32, device=device)
+    indices.scatter_(-1, slot, columns)
+    return indices[..., :capacity].reshape(*lead, capacity), counts.to(torch.int32).reshape(lead)
+
+
+def rank_units_reference(current, block_mean, keep_count, random_count=0, row_seeds=None, pad_to=64):
+    """The MLP's unit lists: ``build_index_lists_reference`` of ``|current - block_mean|`` (both
+    ``[B, NB, M]``; ``block_mean`` float32), then ``block_mean`` of every chosen unit set to
+    ``current`` in place (the next ranking measures change since a unit was last recomputed)."""
+    indices, counts = build_index_lists_reference((current.float() - block_mean).abs(), keep_count, random_count,
+                                                  None, row_seeds, pad_to)
+    n_units = current.shape[-1]
+    listed = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    chosen = torch.zeros(*current.shape[:-1], n_units + 1, dtype=torch.bool, device=current.device)
+    chosen.scatter_(-1, torch.where(listed, indices.long(), n_units), True)
+    block_mean.copy_(torch.where(chosen[..., :n_units], current.float(), block_mean))
+    return indices, counts

@@ -25,13 +25,17 @@ ACTIVATIONS = {
 
 
 def sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                               hidden_cache, out_cache, activation="gelu_tanh"):
+                               hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False,
+                               result=None):
     """Apply the sparse-delta update in place to ``hidden_cache`` and ``out_cache``.
 
     ``x``: [B, N, Din]; ``w1``: [M, Din]; ``b1``: [M] or None; ``w2``: [Dout, M] (any strides);
     ``unit_indices``: int32 [B, NB, K], ``unit_counts``: int32 [B, NB] (entries past the count are
     ignored); ``row_order``: int32 permutation of range(N) or None for identity;
-    ``hidden_cache``: [B, N, M] and ``out_cache``: [B, N, Dout], token order.
+    ``hidden_cache``: [B, N, M], in token order, or in block order (row ``p`` holds the token
+    ``row_order[p]``) with ``hidden_in_block_order``; ``out_cache``: [B, N, Dout], token order.
+    ``result`` ([B, N, Dout], optional) receives a copy of every row of ``out_cache`` the update
+    writes (rows of a block with no listed unit are copied unchanged).
     """
     act = ACTIVATIONS[activation]
     batch, n_tokens, _ = x.shape
@@ -41,15 +45,37 @@ def sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_ord
     w2f = w2.float()
     for b in range(batch):
         for blk in range(n_blocks):
-            rows = order[blk * block_size: min((blk + 1) * block_size, n_tokens)]
+            positions = torch.arange(blk * block_size, min((blk + 1) * block_size, n_tokens), device=x.device)
+            rows = order[positions]
+            hidden_rows = positions if hidden_in_block_order else rows
             units = unit_indices[b, blk, : int(unit_counts[b, blk])].long()
-            if units.numel() == 0:
-                continue
-            pre = x[b, rows].float() @ w1f[units].T
-            if b1 is not None:
-                pre = pre + b1[units].float()
-            new = act(pre)
-            old = hidden_cache[b, rows[:, None], units[None, :]].float()
-            hidden_cache[b, rows[:, None], units[None, :]] = new.to(hidden_cache.dtype)
-            update = (new - old) @ w2f[:, units].T
-            out_cache[b, rows] = (out_cache[b, rows].float() + update).to(out_cache.dtype)
+            if units.numel():
+                pre = x[b, rows].float() @ w1f[units].T
+                if b1 is not None:
+                    pre = pre + b1[units].float()
+                new = act(pre)
+                old = hidden_cache[b, hidden_rows[:, None], units[None, :]].float()
+                hidden_cache[b, hidden_rows[:, None], units[None, :]] = new.to(hidden_cache.dtype)
+                update = (new - old) @ w2f[:, units].T
+                out_cache[b, rows] = (out_cache[b, rows].float() + update).to(out_cache.dtype)
+            if result is not None:
+                result[b, rows] = out_cache[b, rows].to(result.dtype)
+
+
+def block_means_reference(t, row_order, block_size, out=None):
+    """Mean over each row block of ``t`` ([B, N, C]; block ``i`` = the tokens at positions
+    ``[i * block_size, (i + 1) * block_size)`` of ``row_order``, None = identity; the last block may
+    be shorter): [B, NB, C], float32 unless ``out`` (any float dtype) is given."""
+    batch, n_tokens, channels = t.shape
+    ordered = t if row_order is None else t.index_select(1, row_order.to(t.device).long())
+    full = n_tokens // block_size
+    parts = []
+    if full:
+        parts.append(ordered[:, : full * block_size].reshape(batch, full, block_size, channels).float().mean(2))
+    if n_tokens % block_size:
+        parts.append(ordered[:, full * block_size:].float().mean(1, keepdim=True))
+    means = torch.cat(parts, dim=1)
+    if out is None:
+        return means
+    out.copy_(means)
+    return out

@@ -7,7 +7,8 @@ Two launches per call:
    activation, the change against ``hidden_cache`` (updated in place), and that change written to
    a compact scratch ``[B, K, rows]``.
 2. ``_mlp_delta_down_kernel``: per row tile and tile of output features, ``delta @ w2[:, units]^T``
-   added into ``out_cache``.
+   added into ``out_cache`` (and the updated rows copied into ``result`` when one is given: the
+   caller's output without a separate copy).
 
 Layouts the caller chooses (any strides work; these are the fast ones, measured in bench/NOTES.md):
 - ``w2``: pass it as ``w2_t.t()``, the transposed view of a ``[M, Dout]`` copy cached once per
@@ -15,8 +16,13 @@ Layouts the caller chooses (any strides work; these are the fast ones, measured 
   gathers each unit as a strided column (the second launch runs ~3x slower).
 - ``hidden_cache``: in token order ``[B, N, M]`` each recomputed value is a scattered 2-byte store
   (half of the first launch's time at the FLUX shape). Stored unit-major (``[B, M, N]`` passed as
-  its ``.transpose(1, 2)``) with ``row_order=None`` (rows already in block order), the rows of a
-  tile are contiguous for every unit and the stores coalesce.
+  its ``.transpose(1, 2)``) in block order (``hidden_in_block_order``: row ``p`` holds the token
+  ``row_order[p]``), the rows of a tile are contiguous for every unit and the stores coalesce,
+  while x and the output stay in token order (their rows are whole contiguous vectors, so loads
+  through the row order stay coalesced, and no permuted copy of x or y is made).
+
+``block_means_triton`` (the inputs of the unit ranking) is here too: one launch, rows taken
+through the row order.
 
 Programs are numbered row tile first: the same unit-tile position of different row blocks covers
 nearby (sorted) units, so the weight rows they gather are shared through L2.
@@ -81,7 +87,7 @@ def _mlp_delta_up_kernel(
     N, D_IN, K_CAP, block_size, n_row_tiles,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HIDDEN_OFFSET_TYPE: tl.constexpr,
+    HIDDEN_OFFSET_TYPE: tl.constexpr, HIDDEN_BY_POSITION: tl.constexpr,
 ):
     b, unit_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M)
     first_slot = unit_tile * BLOCK_N
@@ -109,8 +115,10 @@ def _mlp_delta_up_kernel(
             w_ptrs += BLOCK_K
         if HAS_BIAS:
             acc += tl.load(B1 + units, mask=slot_valid, other=0.0).to(tl.float32)[None, :]
-        _up_epilogue(acc, units, slots, count, rows, pos, row_valid, Hidden + b * s_hb, s_hn, s_hm, Delta + b * s_db,
-                     s_dk, ACTIVATION, HIDDEN_OFFSET_TYPE)
+        # The hidden cache is addressed by token, or by position in the row order (block order).
+        hidden_rows = pos if HIDDEN_BY_POSITION else rows
+        _up_epilogue(acc, units, slots, count, hidden_rows, pos, row_valid, Hidden + b * s_hb, s_hn, s_hm,
+                     Delta + b * s_db, s_dk, ACTIVATION, HIDDEN_OFFSET_TYPE)
 
 
 @triton.jit
@@ -138,13 +146,19 @@ def _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, kk, count,
 
 @triton.jit
 def _mlp_delta_down_kernel(
-    Delta, W2, Out, Idx, Cnt, Order,
-    s_db, s_dk, s_w2o, s_w2m, s_ob, s_on, s_ib, s_iblk, s_cb,
+    Delta, W2, Out, Result, Idx, Cnt, Order,
+    s_db, s_dk, s_w2o, s_w2m, s_ob, s_on, s_rb, s_rn, s_ib, s_iblk, s_cb,
     N, D_OUT, K_CAP, block_size, n_row_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_RESULT: tl.constexpr,
 ):
     b, out_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M)
-    if count > 0:
+    # With a result buffer, blocks with an empty list still copy their rows into it.
+    if HAS_RESULT:
+        run = count >= 0
+    else:
+        run = count > 0
+    if run:
         pos = first_pos + tl.arange(0, BLOCK_M)
         row_valid = pos < N
         rows = tl.load(Order + pos, mask=row_valid, other=0).to(tl.int64)
@@ -177,7 +191,11 @@ def _mlp_delta_down_kernel(
             acc = _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, n_full, count, BLOCK_K, EVEN_N,
                              col_valid, True)
         old = tl.load(o_ptrs, mask=mask, other=0.0)
-        tl.store(o_ptrs, (old.to(tl.float32) + acc).to(Out.dtype.element_ty), mask=mask)
+        new = (old.to(tl.float32) + acc).to(Out.dtype.element_ty)
+        tl.store(o_ptrs, new, mask=mask)
+        if HAS_RESULT:
+            tl.store(Result + b * s_rb + rows[:, None] * s_rn + cols[None, :], new.to(Result.dtype.element_ty),
+                     mask=mask)
 
 
 # Tile shapes measured on an H100 with bench/ (see bench/NOTES.md), for GPUs that give a block
@@ -196,12 +214,14 @@ def _fits_int32(t) -> bool:
 
 
 def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                            hidden_cache, out_cache, activation="gelu_tanh", *, config=None):
+                            hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False,
+                            result=None, config=None):
     """Triton version of ``sparse_mlp_delta_reference`` (same arguments, same in-place updates).
 
     Pass ``w2`` as ``w2_t.t()`` of a cached contiguous ``[M, Dout]`` copy for coalesced loads of
     the listed units (see the module docstring); a plain ``[Dout, M]`` view works too.
-    ``config`` (optional dict with "up"/"down" entries) overrides ``MLP_CONFIGS``; for benchmarks.
+    ``config`` (optional dict with "up"/"down" entries)
+    overrides ``MLP_CONFIGS``; for benchmarks.
     """
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown activation {activation!r}")
@@ -223,9 +243,16 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     if reason is not None:
         note_fallback("sparse_mlp_delta", reason)
         return sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                                          hidden_cache, out_cache, activation)
+                                          hidden_cache, out_cache, activation,
+                                          hidden_in_block_order=hidden_in_block_order, result=result)
+    if result is not None and result.stride(2) != 1:
+        raise ValueError("result needs a contiguous last dimension")
     k_cap = unit_indices.shape[2]
-    if k_cap == 0 or n_tokens == 0:
+    if n_tokens == 0:
+        return
+    if k_cap == 0:
+        if result is not None:
+            result.copy_(out_cache)
         return
     order = (torch.arange(n_tokens, device=x.device, dtype=torch.int32) if row_order is None
              else row_order.to(device=x.device, dtype=torch.int32))
@@ -258,17 +285,66 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
             HAS_BIAS=b1 is not None, ACTIVATION=_ACTIVATION_IDS[activation],
             BLOCK_M=bm, BLOCK_N=up["block_n"], BLOCK_K=up["block_k"], EVEN_K=d_in % up["block_k"] == 0,
             HIDDEN_OFFSET_TYPE=tl.int32 if _fits_int32(hidden_cache[0]) else tl.int64,
+            HIDDEN_BY_POSITION=hidden_in_block_order,
             num_warps=up["num_warps"], num_stages=up["num_stages"],
         )
     if "down" in stages:
         bm = row_tile(block_size, down["block_m"])
         n_row_tiles = math.ceil(n_tokens / bm)
         grid = (n_row_tiles * triton.cdiv(d_out, down["block_n"]), batch)
+        res = result if result is not None else out_cache  # never written when HAS_RESULT is False
         _mlp_delta_down_kernel[grid](
-            delta, w2, out_cache, unit_indices, unit_counts, order,
+            delta, w2, out_cache, res, unit_indices, unit_counts, order,
             delta.stride(0), delta.stride(1), w2.stride(0), w2.stride(1), out_cache.stride(0), out_cache.stride(1),
-            unit_indices.stride(0), unit_indices.stride(1), unit_counts.stride(0),
+            res.stride(0), res.stride(1), unit_indices.stride(0), unit_indices.stride(1), unit_counts.stride(0),
             n_tokens, d_out, k_cap, block_size, n_row_tiles,
             BLOCK_M=bm, BLOCK_N=down["block_n"], BLOCK_K=down["block_k"], EVEN_N=d_out % down["block_n"] == 0,
+            HAS_RESULT=result is not None,
             num_warps=down["num_warps"], num_stages=down["num_stages"],
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Block means (the inputs of the unit ranking, and the dense step's pre-activation means)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _block_means_kernel(T, Out, Order, s_tb, s_tn, s_ob, s_oblk, N, C, block_size,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    blk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    col_valid = cols < C
+    first = blk * block_size
+    last = tl.minimum(first + block_size, N)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(first, last, BLOCK_R):
+        pos = p0 + tl.arange(0, BLOCK_R)
+        row_valid = pos < last
+        rows = tl.load(Order + pos, mask=row_valid, other=0).to(tl.int64)
+        tile = tl.load(T + b * s_tb + rows[:, None] * s_tn + cols[None, :],
+                       mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    mean = acc / (last - first).to(tl.float32)
+    tl.store(Out + b * s_ob + blk.to(tl.int64) * s_oblk + cols, mean.to(Out.dtype.element_ty), mask=col_valid)
+
+
+def block_means_triton(t, row_order, block_size, out=None):
+    """Triton version of ``block_means_reference`` (same arguments and result); one launch."""
+    batch, n_tokens, channels = t.shape
+    n_blocks = triton.cdiv(n_tokens, block_size)
+    if out is None:
+        out = torch.empty(batch, n_blocks, channels, dtype=torch.float32, device=t.device)
+    elif tuple(out.shape) != (batch, n_blocks, channels) or out.stride(2) != 1:
+        raise ValueError(f"out must be [B, NB, C] = {(batch, n_blocks, channels)} with a contiguous last dimension")
+    if t.stride(2) != 1:
+        t = t.contiguous()
+    if n_tokens == 0:
+        return out
+    order = (torch.arange(n_tokens, device=t.device, dtype=torch.int32) if row_order is None
+             else row_order.to(device=t.device, dtype=torch.int32))
+    block_c = 128
+    _block_means_kernel[(n_blocks, triton.cdiv(channels, block_c), batch)](
+        t, out, order, t.stride(0), t.stride(1), out.stride(0), out.stride(1), n_tokens, channels, block_size,
+        BLOCK_R=32, BLOCK_C=block_c, num_warps=4)
+    return out

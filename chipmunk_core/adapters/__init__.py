@@ -117,8 +117,8 @@ class FamilyAdapter:
 
     @staticmethod
     def patch_grid(spatial_shape, patch_size) -> tuple[int, ...]:
-        """Token grid after the patch embedding (ComfyUI rounds odd sizes to the nearest patch)."""
-        return tuple((s + p // 2) // p for s, p in zip(spatial_shape, patch_size))
+        """Token grid after the patch embedding (ComfyUI pads the latent to whole patches)."""
+        return tuple(-(-s // p) for s, p in zip(spatial_shape, patch_size))
 
     def plan(self, diffusion_model, name: str, full: bool) -> ModelPlan:
         sites, refusals = [], {}

@@ -19,6 +19,7 @@ class FluxAdapter(FamilyAdapter):
     model_classes = (
         ("comfy.ldm.flux.model", "Flux", "FLUX", True),
         ("comfy.ldm.chroma.model", "Chroma", "Chroma", True),
+        ("comfy.ldm.chroma_radiance.model", "ChromaRadiance", "Chroma Radiance", True),
     )
     grid_first = True
     stream_names = ("img", "txt")
@@ -26,7 +27,11 @@ class FluxAdapter(FamilyAdapter):
     def model_name(self, diffusion_model, display):
         params = getattr(diffusion_model, "params", None)
         if display == "FLUX" and params is not None:
-            return "FLUX.2-style FLUX" if getattr(params, "global_modulation", False) else "FLUX.1"
+            if getattr(params, "global_modulation", False):
+                return "FLUX.2"
+            if getattr(params, "yak_mlp", False) or getattr(params, "txt_norm", False):
+                return "FLUX-architecture model"
+            return "FLUX.1"
         return display
 
     def block_keys(self, diffusion_model):

@@ -35,7 +35,8 @@ _IN_PROCESS = _can_interpret_here()
 if _IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
-_KERNEL_MODULES = ("chipmunk_pack.kernels.attention_triton", "chipmunk_pack.kernels.mlp_triton")
+_KERNEL_MODULES = ("chipmunk_pack.kernels.attention_triton", "chipmunk_pack.kernels.mlp_triton",
+                   "chipmunk_pack.kernels.index_lists_triton")
 
 
 def _patch_bf16_dot_if_broken():

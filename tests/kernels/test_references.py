@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chipmunk_pack.kernels import build_index_lists, selection_size
-from chipmunk_pack.kernels.attention_reference import attention_with_column_sums_reference, column_sparse_attention_reference
-from chipmunk_pack.kernels.mlp_reference import sparse_mlp_delta_reference
+from chipmunk_pack.kernels import build_index_lists, forced_columns, selection_size
+from chipmunk_pack.kernels.attention_reference import (attention_with_column_sums_reference,
+                                                       column_sparse_attention_reference, sampled_column_sums_reference)
+from chipmunk_pack.kernels.index_lists import column_noise, hash32, rank_units_reference
+from chipmunk_pack.kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference
 
 
 def dense_attention(q, k, v):
@@ -153,21 +155,136 @@ class TestBuildIndexLists:
         assert (counts == 80).all()
         assert torch.equal(indices[:, :80].long(), forced)
 
-    def test_random_columns_are_deterministic_with_a_seeded_generator(self):
+    def test_random_columns_come_from_the_row_seeds(self):
         scores = torch.rand(3, 6, 500, generator=torch.Generator().manual_seed(8))
+        seeds = torch.tensor([9, -2, 2 ** 62], dtype=torch.int64)
 
-        def build():
-            return build_index_lists(scores, keep_count=64, random_count=10, generator=torch.Generator().manual_seed(9))
+        def build(row_seeds, rows=scores):
+            return build_index_lists(rows, keep_count=64, random_count=10, row_seeds=row_seeds)
 
-        first, second = build(), build()
+        first, second = build(seeds), build(seeds.clone())
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
         top = torch.topk(scores, 54, dim=-1).indices
-        kept = first[0][..., :64]
-        for row in range(6):
-            assert set(top[0, row].tolist()) <= set(kept[0, row].tolist())  # 54 best + 10 random
-        other = build_index_lists(scores, keep_count=64, random_count=10, generator=torch.Generator().manual_seed(10))
-        assert not torch.equal(first[0], other[0])
+        for b in range(3):
+            for row in range(6):
+                assert set(top[b, row].tolist()) <= set(first[0][b, row].tolist())  # 54 best + 10 random
+        other = build(torch.tensor([10, -2, 2 ** 62]))
+        assert not torch.equal(first[0][0], other[0][0]) and torch.equal(first[0][1:], other[0][1:])
+        # a batch row's lists depend on its own seed and scores only
+        alone = build(seeds[1:2], scores[1:2])
+        assert torch.equal(alone[0][0], first[0][1])
+        with pytest.raises(ValueError, match="row_seeds"):
+            build(None)
+
+    def test_ties_go_to_the_lower_column(self):
+        scores = torch.zeros(2, 40)
+        scores[:, 30:] = 1.0
+        indices, counts = build_index_lists(scores, keep_count=16, pad_to=16)
+        assert indices[0].tolist() == list(range(6)) + list(range(30, 40))
+
+    def test_forced_keys_past_the_columns_are_dropped(self):
+        """Text keys cut off by a padding mask: the forced list still names them."""
+        scores = torch.rand(3, 50)
+        forced = torch.tensor([[1, 48, 60, -1], [2, 3, 70, 71], [-1, -1, -1, -1]])
+        indices, counts = build_index_lists(scores, keep_count=8, forced=forced, pad_to=8)
+        assert counts.tolist() == [8, 8, 8] and indices.shape == (3, 8)  # width: the forced lists' width
+        assert {1, 48} <= set(indices[0].tolist()) and {2, 3} <= set(indices[1].tolist())
+        assert 60 not in indices.tolist()
+
+    def test_forced_columns_object_equals_index_lists(self):
+        scores = torch.rand(2, 4, 90)
+        forced = torch.tensor([[5, 6, -1], [7, -1, -1], [80, 81, 82], [-1, -1, -1]])
+        expected = build_index_lists(scores, keep_count=20, forced=forced, pad_to=8)
+        got = build_index_lists(scores, keep_count=20, forced=forced_columns(forced, 90), pad_to=8)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+    def test_into_given_buffers(self):
+        scores = torch.rand(2, 3, 60)
+        indices, counts = torch.full((2, 3, 16), -7, dtype=torch.int32), torch.empty(2, 3, dtype=torch.int32)
+        result = build_index_lists(scores, keep_count=10, pad_to=16, out=(indices, counts))
+        assert result[0] is indices and result[1] is counts
+        assert torch.equal(indices, build_index_lists(scores, keep_count=10, pad_to=16)[0])
 
     def test_keep_more_than_exists(self):
         indices, counts = build_index_lists(torch.rand(2, 30), keep_count=1000, pad_to=64)
         assert (counts == 30).all() and torch.equal(indices.long(), torch.arange(30).expand(2, -1))
+
+
+def test_hash_is_a_pinned_bijection_without_overflow():
+    values = torch.tensor([0, 1, 2, 0xFFFFFFFF, 0x80000000], dtype=torch.int64)
+    # pinned: the random columns of a seed must not change between versions of the pack
+    assert hash32(values).tolist() == PINNED_HASHES
+    sample = torch.randint(0, 2 ** 32, (20000,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+    mixed = hash32(sample.unique())
+    assert mixed.unique().numel() == sample.unique().numel() and (mixed >= 0).all() and (mixed < 2 ** 32).all()
+    noise = column_noise(torch.tensor([-1, 2 ** 63 - 1]), 3, 1000)
+    assert noise.shape == (2, 3, 1000) and (noise >= 0).all() and (noise < 2 ** 32).all()
+    assert 0.45 < (noise < 2 ** 31).double().mean() < 0.55  # no visible bias
+
+
+PINNED_HASHES = [0, 1753845952, 3507691905, 1734902346, 3427483940]
+
+
+def test_block_means_reference():
+    t = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    order = torch.tensor([4, 0, 3, 1, 2], dtype=torch.int32)
+    means = block_means_reference(t, order, 2)
+    assert means.shape == (2, 3, 3)
+    torch.testing.assert_close(means[1, 0], (t[1, 4] + t[1, 0]) / 2)
+    torch.testing.assert_close(means[0, 2], t[0, 2])  # a short last block
+    out = torch.empty(2, 3, 3, dtype=torch.float64)
+    assert block_means_reference(t, None, 2, out) is out and torch.allclose(out[0, 0], (t[0, 0] + t[0, 1]).double() / 2)
+
+
+def test_rank_units_refreshes_the_means_of_the_chosen_units_only():
+    gen = torch.Generator().manual_seed(12)
+    current = torch.randn(2, 3, 40, generator=gen)
+    mean = torch.randn(2, 3, 40, generator=gen)
+    before = mean.clone()
+    indices, counts = rank_units_reference(current, mean, keep_count=10, random_count=2,
+                                           row_seeds=torch.tensor([1, 2]), pad_to=8)
+    assert (counts == 16).all()
+    chosen = torch.zeros(2, 3, 40, dtype=torch.bool).scatter_(-1, indices.long(), True)
+    assert torch.equal(mean[chosen], current[chosen]) and torch.equal(mean[~chosen], before[~chosen])
+    top = torch.topk((current - before).abs(), 14, dim=-1).indices  # 16 kept: 2 random + 14 best
+    assert chosen.gather(-1, top).all()
+
+
+@pytest.mark.parametrize("samples", [32, 8, 3])
+def test_sampled_column_sums_reference(samples):
+    gen = torch.Generator().manual_seed(13)
+    b, h, n, d, group = 1, 2, 75, 16, 32
+    q, k = (torch.randn(b, h, n, d, generator=gen) for _ in range(2))
+    order = torch.randperm(n, generator=gen).int()
+    sums = sampled_column_sums_reference(q, k, order, group, samples)
+    scores = q.double() @ k.double().transpose(-1, -2) * d ** -0.5
+    probs = torch.softmax(scores, -1)
+    stride = group // samples
+    for g in range(math.ceil(n / group)):
+        pos = [g * group + j * stride for j in range(samples) if g * group + j * stride < n]
+        rows = order[torch.tensor(pos)].long()
+        torch.testing.assert_close(sums[:, :, g].double(), probs[:, :, rows].sum(2), rtol=1e-5, atol=1e-5)
+    if samples == group:  # every query samples: the exact column sums
+        exact, _ = attention_with_column_sums_reference(q, k, k, order, group, torch.empty_like(q))
+        torch.testing.assert_close(sums, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_update_with_the_hidden_cache_in_block_order_and_a_result_copy():
+    gen = torch.Generator().manual_seed(14)
+    b, n, d_in, m, d_out, block = 2, 30, 8, 20, 6, 16
+    x = torch.randn(b, n, d_in, generator=gen, dtype=torch.float64)
+    w1, w2 = torch.randn(m, d_in, generator=gen, dtype=torch.float64), torch.randn(d_out, m, generator=gen,
+                                                                                  dtype=torch.float64)
+    order = torch.randperm(n, generator=gen).int()
+    hidden = torch.randn(b, n, m, generator=gen, dtype=torch.float64)
+    out = hidden @ w2.T
+    units = torch.tensor([[[1, 5, 7], [2, 3, 0]]] * b, dtype=torch.int32)
+    counts = torch.tensor([[3, 0]] * b, dtype=torch.int32)
+    token_hidden, token_out = hidden.clone(), out.clone()
+    sparse_mlp_delta_reference(x, w1, None, w2, units, counts, order, block, token_hidden, token_out)
+    block_hidden, block_out = hidden[:, order.long()].clone(), out.clone()
+    result = torch.full_like(out, float("nan"))
+    sparse_mlp_delta_reference(x, w1, None, w2, units, counts, order, block, block_hidden, block_out,
+                               hidden_in_block_order=True, result=result)
+    assert torch.equal(block_hidden, token_hidden[:, order.long()]) and torch.equal(block_out, token_out)
+    assert torch.equal(result, block_out)  # every row, also those of the block with an empty list

@@ -1,0 +1,112 @@
+"""Replaying a step as one CUDA graph: capture once per key, replay while the key holds.
+
+A sparse step of a FLUX layer is a few milliseconds of GPU work made of dozens of launches; in
+eager mode the host (Python, ComfyUI's own per-layer code, launch overhead) takes about as long as
+the GPU. A ``StepGraph`` records a callable (e.g. a whole sparse model step) once and replays it
+with one launch.
+
+Protocol of ``StepGraph.run(fn, inputs, persistent, settings)``:
+1. The key is (shape, dtype, device of every input; ``data_ptr`` of every persistent tensor;
+   ``settings``). A call whose key differs from the stored one drops the graph and runs ``fn``
+   eagerly: that run is the warm-up (Triton compiles, lazily allocated buffers come into being,
+   cuBLAS picks its kernels) and its result is returned as is.
+2. The next call with the same key copies the inputs into static buffers, captures ``fn`` on them
+   (capture executes nothing on the GPU), replays the graph and returns its static outputs.
+3. Later calls with the same key copy the inputs and replay: ``fn``'s Python does not run.
+
+What the caller must guarantee (nothing here can check it):
+- ``fn`` reads tensors other than ``inputs`` only at fixed addresses: caches updated in place,
+  weights that stay where they are. Every tensor whose address may change between calls (a
+  weight cast or patched per call, a cache re-allocated) is listed in ``persistent``, so that a
+  new address means a new key. A tensor that is replaced without being listed is read stale.
+- ``fn`` makes every decision that can change from one call to the next through ``settings``
+  (which layers are dense, which MLPs re-rank their units this step, ...): at a replay its Python
+  does not run, so host-side counters do not advance and branches are not re-taken. Host state
+  that ``fn`` updates must therefore be updated by the caller, outside ``fn``, on replays too.
+- ``fn`` neither synchronises with the host (``.item()``, ``bool(tensor)``, ``nonzero``, boolean
+  indexing, pageable host-to-device copies) nor draws from a ``torch.Generator``, and allocates
+  nothing it keeps beyond the call except during the warm-up run.
+- The returned tensors are the graph's static outputs, overwritten by the next replay: copy what
+  must outlive it. Memory the graph allocates stays reserved until ``reset()``.
+- Outputs are a tensor or a (possibly nested) tuple/list of tensors; ``inputs`` a tuple of tensors.
+
+The backend is injectable (``GraphBackend``) so that the keying logic is tested without a GPU;
+``CudaGraphBackend`` is the real one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _static_copies(inputs):
+    return tuple(t.detach().clone() for t in inputs)
+
+
+class GraphBackend:
+    """Captures a callable and replays it. ``capture(fn, static_inputs) -> (graph, outputs)``:
+    ``outputs`` are what ``fn(*static_inputs)`` returned during the capture and what every
+    ``replay(graph)`` refreshes."""
+
+    def capture(self, fn, static_inputs):
+        raise NotImplementedError
+
+    def replay(self, graph):
+        raise NotImplementedError
+
+
+class CudaGraphBackend(GraphBackend):
+    """torch.cuda.CUDAGraph; every graph of one backend shares one memory pool."""
+
+    def __init__(self):
+        self.pool = None
+
+    def capture(self, fn, static_inputs):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # (waits for the eager warm-up's work first)
+            outputs = fn(*static_inputs)
+        return graph, outputs
+
+    def replay(self, graph):
+        graph.replay()
+
+
+class StepGraph:
+    """One captured callable and the key it was captured for (see the module docstring)."""
+
+    def __init__(self, backend: GraphBackend | None = None):
+        self.backend = backend if backend is not None else CudaGraphBackend()
+        self.captures = 0
+        self.replays = 0
+        self.reset()
+
+    def reset(self):
+        """Forget the graph (its memory goes back to the pool) and the key."""
+        self.key = None
+        self._graph = None
+        self._static_inputs = None
+        self._outputs = None
+
+    @staticmethod
+    def make_key(inputs, persistent=(), settings=()):
+        shapes = tuple((tuple(t.shape), t.dtype, str(t.device), t.stride()) for t in inputs)
+        return shapes, tuple(t.data_ptr() for t in persistent), settings
+
+    def run(self, fn, inputs: tuple, persistent: tuple = (), settings=()):
+        key = self.make_key(inputs, persistent, settings)
+        if key != self.key:
+            self.reset()
+            self.key = key
+            return fn(*inputs)
+        if self._graph is None:
+            self._static_inputs = _static_copies(inputs)
+            self._graph, self._outputs = self.backend.capture(fn, self._static_inputs)
+            self.captures += 1
+        else:
+            for static, new in zip(self._static_inputs, inputs):
+                static.copy_(new)
+        self.backend.replay(self._graph)
+        self.replays += 1
+        return self._outputs

@@ -1,0 +1,94 @@
+"""StepGraph's keying and replay protocol, with a backend that records instead of capturing."""
+
+import torch
+
+from chipmunk_pack.chipmunk_core.graphs import GraphBackend, StepGraph
+
+
+class RecordingBackend(GraphBackend):
+    """A stand-in for CUDA graphs: 'capture' runs the callable once on the static inputs (as the
+    capture would trace it) and a replay re-runs that same call, which is what a graph does."""
+
+    def __init__(self):
+        self.captured = []
+
+    def capture(self, fn, static_inputs):
+        outputs = fn(*static_inputs)
+        graph = {"fn": fn, "inputs": static_inputs, "outputs": outputs}
+        self.captured.append(graph)
+        return graph, outputs
+
+    def replay(self, graph):
+        fresh = graph["fn"](*graph["inputs"])
+        graph["outputs"].copy_(fresh)
+
+
+def make_step(calls):
+    def step(x, y):
+        calls.append("python")
+        return x * 2 + y
+    return step
+
+
+def test_first_call_is_eager_second_captures_then_replays():
+    calls = []
+    graph = StepGraph(RecordingBackend())
+    step = make_step(calls)
+    x, y = torch.ones(3), torch.zeros(3)
+    assert torch.equal(graph.run(step, (x, y)), torch.full((3,), 2.0))
+    assert graph.captures == 0 and calls == ["python"]
+    second = graph.run(step, (x + 1, y))
+    assert graph.captures == 1 and torch.equal(second, torch.full((3,), 4.0))
+    third = graph.run(step, (x + 2, y + 1))
+    assert graph.captures == 1 and graph.replays == 2
+    assert third is second and torch.equal(third, torch.full((3,), 7.0))  # static outputs, refreshed
+
+
+def test_replays_copy_new_inputs_into_the_static_buffers():
+    graph = StepGraph(RecordingBackend())
+    step = make_step([])
+    x, y = torch.ones(2), torch.ones(2)
+    graph.run(step, (x, y))
+    graph.run(step, (x, y))
+    static = graph._static_inputs
+    graph.run(step, (torch.full((2,), 5.0), y))
+    assert static[0] is graph._static_inputs[0] and torch.equal(static[0], torch.full((2,), 5.0))
+
+
+def test_any_key_change_drops_the_graph_and_runs_eagerly():
+    backend = RecordingBackend()
+    graph = StepGraph(backend)
+    step = make_step([])
+    weight = torch.ones(4)
+    x = torch.ones(4)
+    base = dict(persistent=(weight,), settings=("sparse", 3))
+    graph.run(step, (x, x), **base)
+    graph.run(step, (x, x), **base)
+    assert graph.captures == 1
+    changes = [
+        dict(inputs=(torch.ones(5), torch.ones(5))),                                  # shape
+        dict(inputs=(x.double(), x.double())),                                        # dtype
+        dict(inputs=(torch.ones(8)[::2], x)),                                         # strides
+        dict(persistent=(weight.clone(),)),                                           # a moved tensor
+        dict(settings=("sparse", 4)),                                                 # a per-step decision
+    ]
+    for change in changes:
+        args = {"inputs": (x, x), **base, **change}
+        graph.run(step, args["inputs"], args["persistent"], args["settings"])
+        assert graph._graph is None, change  # eager warm-up at the new key
+        graph.run(step, args["inputs"], args["persistent"], args["settings"])
+        assert graph._graph is not None
+        graph.run(step, (x, x), **base)  # back to the old key: eager again, no stale graph
+        assert graph._graph is None
+
+
+def test_reset_forgets_the_graph():
+    graph = StepGraph(RecordingBackend())
+    step = make_step([])
+    x = torch.ones(2)
+    graph.run(step, (x, x))
+    graph.run(step, (x, x))
+    graph.reset()
+    assert graph.key is None and graph._graph is None
+    graph.run(step, (x, x))
+    assert graph.captures == 1 and graph._graph is None
