@@ -262,9 +262,11 @@ class Lab:
 
     def __init__(self, models_dir: Path | None, gpu: bool):
         comfy_env.import_comfy(comfy_env.comfyui_dir(), cpu=not gpu)
+        import comfy.utils
         import folder_paths
         import nodes
 
+        comfy.utils.PROGRESS_BAR_ENABLED = False
         self.nodes = nodes
         self.pack = pack()  # registers lab/models with ComfyUI's model folders
         if models_dir is not None:

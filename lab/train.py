@@ -195,7 +195,8 @@ def _train_dit(family, bank, ids_bank, device, sizes, seconds, log, args):
             optimizer.step()
             ema.update()
             budget.step += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if budget.step % 10 == 0 or budget.step <= 3:  # .item() waits for the GPU: not every step
+                running = loss.item() if running is None else 0.8 * running + 0.2 * loss.item()
             if budget.step % 200 == 0 or budget.step <= 3:
                 log.point(f"{family}_dit", budget.step, budget.elapsed(), loss=running, grad_norm=grad_norm, lr=lr)
     phase.update(steps=budget.step, seconds=round(budget.elapsed(), 1), final_loss=running,
@@ -234,7 +235,7 @@ def _prompt_condition(width, device, prompts):
 
     table = torch.tensor(vocab.embedding_table(width), device=device)
     ids = torch.tensor([vocab.token_ids(vocab.tokenize(p)[0]) for p in prompts], device=device)
-    weights = torch.tensor([vocab.pooled_weights(i.tolist()) for i in ids], device=device)
+    weights = torch.stack([torch.from_numpy(vocab.pooled_weights(i.tolist())) for i in ids]).to(device)
     context = table[ids]
     return context, (context * weights[..., None]).sum(1)
 
@@ -324,8 +325,9 @@ def _train_tae(tae, make_batch, device, seconds, log, name, sizes, lr=1e-3):
         torch.nn.utils.clip_grad_norm_(tae.parameters(), 1.0)
         optimizer.step()
         budget.step += 1
-        values = {k: v.item() for k, v in terms.items()}
-        running = values if running is None else {k: 0.98 * running[k] + 0.02 * values[k] for k in values}
+        if budget.step % 10 == 0 or budget.step <= 3:  # .item() waits for the GPU: not every step
+            values = {k: v.item() for k, v in terms.items()}
+            running = values if running is None else {k: 0.8 * running[k] + 0.2 * values[k] for k in values}
         if budget.step % 200 == 0 or budget.step <= 3:
             log.point(name, budget.step, budget.elapsed(), **running)
     phase.update(steps=budget.step, seconds=round(budget.elapsed(), 1), final=running)
@@ -501,7 +503,8 @@ def job_classifier(args, sizes: Sizes, out_root: Path, log) -> None:
         loss.backward()
         optimizer.step()
         budget.step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if budget.step % 10 == 0 or budget.step <= 3:  # .item() waits for the GPU: not every step
+            running = loss.item() if running is None else 0.8 * running + 0.2 * loss.item()
         if budget.step % 200 == 0 or budget.step <= 3:
             log.point("classifier", budget.step, budget.elapsed(), loss=running)
     net.eval()
@@ -579,13 +582,16 @@ def drive(args) -> int:
     (work / "logs").mkdir(exist_ok=True)
     devices = args.gpus.split(",") if args.gpus else []
     deadline = time.time() + args.budget
+    from .comfy_env import resolve
+
+    comfyui = str(resolve(args.comfyui))  # unpacked once, before the jobs start
     processes = {}
     for i, job in enumerate(JOBS):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
         command = [sys.executable, "-m", "lab.train", "--job", job, "--device", "cuda" if devices else "cpu",
-                   "--comfyui", args.comfyui, "--data", args.data, "--work", str(work),
+                   "--comfyui", comfyui, "--data", args.data, "--work", str(work),
                    "--deadline", str(deadline), "--classifier-seconds", str(args.classifier_seconds),
                    "--dit-lr", str(args.dit_lr)]
         if args.dit_steps:

@@ -36,7 +36,7 @@ def write_random_models(folder: Path) -> None:
         model = networks.build(family)
         with torch.no_grad():
             for p in model.parameters():  # leave the adaLN-zero start: outputs must depend on the input
-                p.add_(torch.randn_like(p) * 0.02)
+                p.add_(torch.randn_like(p) * 0.05)
         networks.save_checkpoint(model, folder / "diffusion_models" / networks.CHECKPOINT_NAMES[family])
     for autoencoder in (tae.ImageTAE(), tae.VideoTAE()):
         tae.init_weights_(autoencoder)
