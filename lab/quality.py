@@ -418,8 +418,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="*", default=["default"], help="settings to compare with dense")
     parser.add_argument("--family", nargs="*", choices=("flux", "wan"), default=["flux", "wan"])
-    parser.add_argument("--prompts", type=int, help="prompts per family (default 8 FLUX, 4 WAN; --tiny 1)")
-    parser.add_argument("--seeds", type=int, help="seeds per prompt (default 2; --tiny 1)")
+    parser.add_argument("--prompts", type=int, help="prompts per family (default 12 FLUX, 4 WAN; --tiny 1)")
+    parser.add_argument("--seeds", type=int, help="seeds per prompt (default 1)")
     parser.add_argument("--structure-samples", type=int, default=1,
                         help="dense samples per family on which the paper's statistic is measured")
     parser.add_argument("--tiny", action="store_true", help="tiny latents, 4 steps, 1 prompt x 1 seed (tests)")
@@ -434,8 +434,8 @@ def main(argv=None) -> int:
     settings = [parse_setting(s) for s in args.settings]
     results = {"settings": args.settings, "families": {}}
     for family in args.family:
-        count = args.prompts or (1 if args.tiny else {"flux": 8, "wan": 4}[family])
-        seeds = list(range(args.seeds or (1 if args.tiny else 2)))
+        count = args.prompts or (1 if args.tiny else {"flux": 12, "wan": 4}[family])
+        seeds = list(range(args.seeds or 1))
         results["families"][family] = measure(lab, runs[family], settings, prompts_for(family, count), seeds,
                                               args.structure_samples)
     results["seconds"] = round(time.time() - start, 1)
