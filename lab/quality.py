@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from . import comfy_env, scenes, vocab
 from .networks import CHECKPOINT_NAMES
-from .tae import IMAGE_TAE_FILES, VIDEO_TAE_FILE
+from .tae import VIDEO_TAE_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE = "chipmunk_pack"

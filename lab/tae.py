@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .networks import wan_latent_stats
+
 IMAGE_TAE_FILES = ("taef1_encoder.safetensors", "taef1_decoder.safetensors")
 VIDEO_TAE_FILE = "lighttaew2_1.safetensors"
 LATENT_NOISE = 0.03
@@ -61,8 +63,6 @@ class VideoTAE(torch.nn.Module):
         from comfy.taesd.taehv import TAEHV
 
         self.net = TAEHV(latent_channels=16, latent_format=None, parallel=True)
-        from .networks import wan_latent_stats
-
         mean, std = wan_latent_stats()
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def _psnr(a, b) -> float:
     import torch
 
     mse = torch.mean((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).item()
-    return 10.0 * __import__("math").log10(1.0 / max(mse, 1e-12))
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
 class _TokenSampler:
@@ -240,7 +241,7 @@ def _prompt_condition(width, device, prompts):
     return context, (context * weights[..., None]).sum(1)
 
 
-def _check_samples(family, model, decode, device, sizes, log, out_root, prompts, latent_shape, steps, deadline):
+def _check_samples(family, model, decode, device, log, out_root, prompts, latent_shape, steps, deadline):
     """Sample the trained model with several CFG scales; name the samples with the classifier."""
     import torch
 
@@ -386,14 +387,13 @@ def job_image(args, sizes: Sizes, out_root: Path, log) -> None:
 
     generator = torch.Generator().manual_seed(SEED + 5)
     n = sizes.eval_images
-    placement, words = scenes.random_images(n, generator)
+    _, words = scenes.random_images(n, generator)
     classes = torch.arange(n) % len(vocab.CLASSES)
     prompts = [vocab.image_prompt(int(c), w[0], w[2], w[3], w[4], w[5]) for w, c in zip(words, classes)]
     with torch.no_grad():
-        pictures = _check_samples("flux", model, lambda x: tae.decode(x), device, sizes, log, out_root, prompts,
+        pictures = _check_samples("flux", model, lambda x: tae.decode(x), device, log, out_root, prompts,
                                   (16, size // 8, size // 8), sizes.eval_steps_flux, args.deadline)
-    preview = torch.cat([pictures[3.5][:16]])
-    _save_grid(preview, out_root / "previews" / "preview_flux.png")
+    _save_grid(pictures[3.5][:16], out_root / "previews" / "preview_flux.png")
     log.set(image_job_seconds=round(time.time() - start, 1), preview_prompts=prompts[:16])
 
 
@@ -456,7 +456,7 @@ def job_video(args, sizes: Sizes, out_root: Path, log) -> None:
     prompts = [vocab.video_prompt(i % len(vocab.CLASSES), w[0], motions[w[3]], w[4], w[5])
                for i, w in enumerate(words)]
     with torch.no_grad():
-        pictures = _check_samples("wan", model, lambda x: tae.decode(tae.from_model_space(x)), device, sizes, log,
+        pictures = _check_samples("wan", model, lambda x: tae.decode(tae.from_model_space(x)), device, log,
                                   out_root, prompts, (16, latent_frames, size // 8, size // 8),
                                   sizes.eval_steps_wan, args.deadline)
     _save_grid(pictures[3.5][:6], out_root / "previews" / "preview_wan.png", columns=9)
