@@ -333,7 +333,7 @@ def prompts_for(family: str, count: int) -> list[str]:
 
 
 def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str], seeds: list[int],
-            structure_samples: int, log=print) -> dict:
+            structure_samples: int) -> dict:
     base = lab.model(run.family)
     rows = {s.name: {"psnr": [], "ssim": [], "correct": [], "seconds": 0.0} for s in [Setting("dense", None), *settings]}
     structure = None
@@ -373,7 +373,7 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
                 rows[s.name]["ssim"].append(ssim(frames, dense))
                 rows[s.name]["correct"].append(lab.predicted_class(frames) == label)
             sample_index += 1
-            log(f"[quality] {run.family}: {sample_index}/{len(prompts) * len(seeds)} samples")
+            print(f"[quality] {run.family}: {sample_index}/{len(prompts) * len(seeds)} samples", flush=True)
     table = {}
     for name, r in rows.items():
         n = len(r["psnr"])
