@@ -83,6 +83,8 @@ def _setup(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the CPU runs are smoke tests of tiny tensors: threads only wait on each other
     return device
 
 
