@@ -2,7 +2,7 @@
 classifier, in parallel on up to three GPUs, each job bounded by a wall-time budget.
 
     python -m lab.train --comfyui comfyui-v0.19.3.tar.gz --data toy_sprites.npz \
-        --gpus 0,1,2 --budget 510 --out OUT_DIR
+        --gpus 0,1,2 --budget 480 --out OUT_DIR
 
 Jobs (one process each, ``CUDA_VISIBLE_DEVICES`` set to its GPU):
 - ``image``: taef1 autoencoder -> latent bank of composed scenes -> toy FLUX -> a check: samples
@@ -10,8 +10,8 @@ Jobs (one process each, ``CUDA_VISIBLE_DEVICES`` set to its GPU):
 - ``video``: lighttaew2_1 autoencoder -> latent bank of clips -> toy WAN2.1 -> the same check.
 - ``classifier``: the CNN that names the emoji in a picture (lab/classifier.py).
 
-Every job stops on its budget (or after ``--steps``-style fixed counts, for exact re-runs) and
-saves. The results land in ``OUT_DIR`` as at most 6 files: ``models.tar.NN`` (the lab/models tree,
+Every job stops on its budget and saves (``--dit-steps N`` fixes the transformers' step count, to
+re-run a logged training exactly). The results land in ``OUT_DIR`` as at most 6 files: ``models.tar.NN`` (the lab/models tree,
 split into parts under 15 MiB), ``train_log.json`` and a preview PNG per model
 (``python -m lab.install OUT_DIR`` puts the models into lab/models). ``--preset tiny`` runs the same code
 at toy sizes on the CPU (the smoke test); ``--preset check`` runs the GPU run's sizes for one step.
@@ -628,7 +628,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="where the packed results go (driver)")
     parser.add_argument("--gpus", default="", help="GPU ids for the image, video and classifier jobs, e.g. 0,1,2 "
                                                    "(empty: all on the CPU)")
-    parser.add_argument("--budget", type=float, default=510.0, help="wall seconds for all jobs (driver)")
+    parser.add_argument("--budget", type=float, default=480.0, help="wall seconds for all jobs (driver)")
     parser.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "chipmunk-lab-train"))
     parser.add_argument("--classifier-seconds", type=float, default=150.0)
     parser.add_argument("--dit-lr", type=float, default=6e-4)
