@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device call on a machine of several GPUs: every measurement of a session that fits one
+# 10-minute command, each job on its own GPU with its own time limit. Run from the repository root
+# with the carried folder .device/ (the ComfyUI source archive, the toy sprites, wheels in whl/):
+#
+#   bash bench/gpu_session.sh train     # GPUs 0-2: the toy models (lab/train.py); GPU 3: a preflight
+#                                       # of the kernels and two end-to-end runs inside ComfyUI
+#   bash bench/gpu_session.sh final     # GPUs 0-3: the end-to-end tables of the README
+#
+# Results go to $OUT (at most 8 files come back: the measurements are packed into one archive).
+set -uo pipefail
+mode="${1:?train or final}"
+OUT="${OUT:?set by the device tool}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .device/whl/*.whl && export PYTHONPATH=/tmp/site
+mkdir -p /tmp/cf && tar xzf .device/comfyui-v0.19.3.tar.gz -C /tmp/cf
+COMFY=/tmp/cf/ComfyUI
+R=/tmp/results && mkdir -p "$R"
+export PYTHONUNBUFFERED=1
+nvidia-smi -L
+
+job() {  # job GPU SECONDS NAME COMMAND...: one measurement, its log in $R/NAME.log
+    local gpu=$1 seconds=$2 name=$3; shift 3
+    CUDA_VISIBLE_DEVICES=$gpu timeout "$seconds" "$@" >"$R/$name.log" 2>&1
+    echo "[$name] exit $? after $SECONDS s" | tee -a "$R/$name.log"
+}
+e2e() { python3 bench/e2e_comfy.py --comfyui "$COMFY" "$@"; }
+
+case "$mode" in
+train)
+    python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0,1,2 \
+        --budget 470 --out "$OUT" >"$OUT/train_stdout.txt" 2>&1 &
+    (
+        job 3 110 flux_layer python3 bench/flux_layer.py --json "$R/flux_layer.json"
+        job 3 80 gpu_parity python3 bench/gpu_parity.py
+        job 3 170 e2e_flux e2e --case flux --sizes 1024x1024 --variants "stock,chipmunk,chipmunk+cache,sparsity 0" \
+            --busy --out "$R/e2e_flux.json"
+        job 3 150 e2e_wan e2e --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
+            --out "$R/e2e_wan.json"
+    ) &
+    ;;
+final)
+    (
+        job 0 560 flux_a e2e --case flux --sizes 1024x1024,1280x768,512x512,768x768 \
+            --variants "stock,chipmunk,chipmunk+cache,attention only,sparsity 0" --busy --out "$R/e2e_flux_a.json"
+    ) &
+    (
+        job 1 300 flux_b e2e --case flux --sizes 1536x1536,2048x2048 --variants "stock,chipmunk,chipmunk+cache" \
+            --busy --out "$R/e2e_flux_b.json"
+        job 1 250 flux_batch e2e --case flux --sizes 1024x1024 --batch 2 --variants "stock,chipmunk,chipmunk+cache" \
+            --out "$R/e2e_flux_batch2.json"
+    ) &
+    (
+        job 2 200 wan13b e2e --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
+            --busy --out "$R/e2e_wan13b.json"
+        job 2 350 wan14b e2e --case wan14b --sizes 832x480x81 --steps 20 --variants "stock,chipmunk,chipmunk+cache" \
+            --out "$R/e2e_wan14b.json"
+    ) &
+    (
+        job 3 560 hunyuan e2e --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x33}" \
+            --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_hunyuan.json"
+    ) &
+    ;;
+*) echo "unknown mode $mode" >&2; exit 2 ;;
+esac
+wait
+for f in "$R"/*.log; do echo "=== $f"; tail -n 25 "$f"; done
+tar czf "$OUT/measurements.tar.gz" -C "$R" .
+ls -la "$OUT"
