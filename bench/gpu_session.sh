@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_session.sh train     # GPUs 0-2: the toy models (lab/train.py); GPU 3: a preflight
 #                                       # of the kernels and two end-to-end runs inside ComfyUI
+#   bash bench/gpu_session.sh preflight # one GPU: short end-to-end runs that check the scripts
 #   bash bench/gpu_session.sh final     # GPUs 0-3: the end-to-end tables of the README
 #
 # Results go to $OUT (at most 8 files come back: the measurements are packed into one archive).
@@ -24,7 +25,7 @@ job() {  # job GPU SECONDS NAME COMMAND...: one measurement, its log in $R/NAME.
     CUDA_VISIBLE_DEVICES=$gpu timeout "$seconds" "$@" >"$R/$name.log" 2>&1
     echo "[$name] exit $? after $SECONDS s" | tee -a "$R/$name.log"
 }
-e2e() { python3 bench/e2e_comfy.py --comfyui "$COMFY" "$@"; }
+E2E=(python3 bench/e2e_comfy.py --comfyui "$COMFY")
 
 case "$mode" in
 train)
@@ -33,31 +34,39 @@ train)
     (
         job 3 110 flux_layer python3 bench/flux_layer.py --json "$R/flux_layer.json"
         job 3 80 gpu_parity python3 bench/gpu_parity.py
-        job 3 170 e2e_flux e2e --case flux --sizes 1024x1024 --variants "stock,chipmunk,chipmunk+cache,sparsity 0" \
+        job 3 170 e2e_flux "${E2E[@]}" --case flux --sizes 1024x1024 --variants "stock,chipmunk,chipmunk+cache,sparsity 0" \
             --busy --out "$R/e2e_flux.json"
-        job 3 150 e2e_wan e2e --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
+        job 3 150 e2e_wan "${E2E[@]}" --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
             --out "$R/e2e_wan.json"
     ) &
     ;;
+preflight)
+    job 0 150 e2e_flux "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 \
+        --variants "stock,chipmunk,chipmunk+cache,sparsity 0" --busy --out "$R/e2e_flux.json"
+    job 0 100 e2e_wan "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 20 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_wan.json"
+    job 0 60 e2e_hunyuan "${E2E[@]}" --case hunyuan --sizes 1280x720x9 --steps 12 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_hunyuan.json"
+    ;;
 final)
     (
-        job 0 560 flux_a e2e --case flux --sizes 1024x1024,1280x768,512x512,768x768 \
+        job 0 560 flux_a "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,512x512,768x768 \
             --variants "stock,chipmunk,chipmunk+cache,attention only,sparsity 0" --busy --out "$R/e2e_flux_a.json"
     ) &
     (
-        job 1 300 flux_b e2e --case flux --sizes 1536x1536,2048x2048 --variants "stock,chipmunk,chipmunk+cache" \
+        job 1 300 flux_b "${E2E[@]}" --case flux --sizes 1536x1536,2048x2048 --variants "stock,chipmunk,chipmunk+cache" \
             --busy --out "$R/e2e_flux_b.json"
-        job 1 250 flux_batch e2e --case flux --sizes 1024x1024 --batch 2 --variants "stock,chipmunk,chipmunk+cache" \
+        job 1 250 flux_batch "${E2E[@]}" --case flux --sizes 1024x1024 --batch 2 --variants "stock,chipmunk,chipmunk+cache" \
             --out "$R/e2e_flux_batch2.json"
     ) &
     (
-        job 2 200 wan13b e2e --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
+        job 2 200 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
             --busy --out "$R/e2e_wan13b.json"
-        job 2 350 wan14b e2e --case wan14b --sizes 832x480x81 --steps 20 --variants "stock,chipmunk,chipmunk+cache" \
+        job 2 350 wan14b "${E2E[@]}" --case wan14b --sizes 832x480x81 --steps 20 --variants "stock,chipmunk,chipmunk+cache" \
             --out "$R/e2e_wan14b.json"
     ) &
     (
-        job 3 560 hunyuan e2e --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x33}" \
+        job 3 560 hunyuan "${E2E[@]}" --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x33}" \
             --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_hunyuan.json"
     ) &
     ;;
