@@ -50,6 +50,8 @@ VARIANTS = {
     "chipmunk": {},
     "chipmunk+cache": {"step_cache": "fixed"},
     "attention only": {"mlp_sparsity": 0.0},
+    "keep lists": {"attention_selection": "warmup_steps"},
+    "keep lists+cache": {"attention_selection": "warmup_steps", "step_cache": "fixed"},
     "sparsity 0": {"attention_sparsity": 0.0, "mlp_sparsity": 0.0},
 }
 

@@ -51,12 +51,13 @@ preflight)
 final)
     (
         job 0 560 flux_a "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,512x512,768x768 \
-            --variants "stock,chipmunk,chipmunk+cache,attention only,sparsity 0" --busy --out "$R/e2e_flux_a.json"
+            --variants "stock,chipmunk,chipmunk+cache,attention only,keep lists,keep lists+cache,sparsity 0" --busy \
+            --out "$R/e2e_flux_a.json"
     ) &
     (
-        job 1 300 flux_b "${E2E[@]}" --case flux --sizes 1536x1536,2048x2048 --variants "stock,chipmunk,chipmunk+cache" \
+        job 1 340 flux_b "${E2E[@]}" --case flux --sizes 1536x1536,2048x2048 --variants "stock,chipmunk,chipmunk+cache" \
             --busy --out "$R/e2e_flux_b.json"
-        job 1 250 flux_batch "${E2E[@]}" --case flux --sizes 1024x1024 --batch 2 --variants "stock,chipmunk,chipmunk+cache" \
+        job 1 200 flux_batch "${E2E[@]}" --case flux --sizes 1024x1024 --batch 2 --variants "stock,chipmunk,chipmunk+cache" \
             --out "$R/e2e_flux_batch2.json"
     ) &
     (
