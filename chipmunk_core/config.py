@@ -43,6 +43,9 @@ class ChipmunkConfig:
     step_cache: str = "off"
     step_cache_threshold: float = 0.1
     step_cache_max_skips: int = 2
+    # On CUDA, latents with fewer generated tokens than this run their layers stock (the sparse
+    # path does not pay there); 0 = no limit. FLUX's value is measured (README, GPU numbers).
+    min_sparse_tokens: int = 0
     # Dense steps that re-select the attention key lists (ATTENTION_SELECTIONS); the others keep them.
     attention_selection: str = "every_dense_step"
     # Queries per group that score the keys when lists are selected (0: all, exact column sums).
@@ -58,7 +61,8 @@ class ChipmunkConfig:
                 problems.append(f"{name} must be in [0, 1) (0 = dense), got {value}")
         if self.mlp_selection_interval < 1:
             problems.append(f"mlp_selection_interval must be >= 1, got {self.mlp_selection_interval}")
-        for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers", "step_cache_max_skips"):
+        for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers", "step_cache_max_skips",
+                     "min_sparse_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dense_warmup_steps < 1:
@@ -121,7 +125,7 @@ class ChipmunkConfig:
 FAMILY_DEFAULTS = {
     "flux": ChipmunkConfig(
         family="flux", attention_sparsity=0.835, mlp_sparsity=0.70, mlp_random_fraction=0.05,
-        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2),
+        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=4096),
     "hunyuan_video": ChipmunkConfig(
         family="hunyuan_video", attention_sparsity=0.94, attention_random_fraction=0.01, mlp_sparsity=0.0,
         dense_warmup_steps=2, dense_interval=0, dense_at_fractions=(0.2, 0.8), first_dense_layers=2),

@@ -137,11 +137,16 @@ class SamplingRun:
         seeds = row_seeds(self.seed, x.shape[0], cond_or_uncond, step, x.device)
         call = ModelCall(self, step, dense, caches, shape, seeds)
         call.cond_or_uncond = cond_or_uncond
+        grid_tokens = math.prod(shape.grid)
+        if x.is_cuda and grid_tokens < self.config.min_sparse_tokens:
+            call.stock_layers = True
+            self.note("small", f"{grid_tokens} image tokens is below the {self.config.min_sparse_tokens} where sparse "
+                               "steps pay off on the GPUs measured: layers run stock at this size", logging.INFO)
         return call
 
     def end_call(self, call: "ModelCall"):
         kind = "skipped" if call.skipped else ("dense" if call.dense else "sparse")
-        if not self.config.sparse and not call.skipped:
+        if (not self.config.sparse or call.stock_layers) and not call.skipped:
             kind = "stock"
         # A step some of whose calls were dense stays dense in the report (heun's second calls).
         if self.steps.get(call.step) not in ("dense",):
@@ -220,6 +225,7 @@ class ModelCall:
         self.diffusion_model = None  # set by the hook that made the call
         self.has_control = False     # a ControlNet adds to the blocks' outputs in this call
         self.recording = False       # the step cache records this call's residual
+        self.stock_layers = False    # the latent is too small for sparse layers to pay off
         self._masks: dict[tuple, object] = {}
 
     def padding(self, mask, n_keys: int):
@@ -232,7 +238,7 @@ class ModelCall:
     def layer(self, index: int, text_len: int, image_len: int) -> "LayerCall | None":
         """The Chipmunk view of a layer whose sequence holds ``text_len`` text and ``image_len``
         image tokens, or None for the always-dense first layers (and when nothing is sparse)."""
-        if index < self.config.first_dense_layers or not self.config.sparse:
+        if index < self.config.first_dense_layers or not self.config.sparse or self.stock_layers:
             return None
         return LayerCall(self, index, text_len, image_len)
 
