@@ -120,8 +120,9 @@ def _value(text: str):
     text = text.strip()
     if text in ("()", "none", ""):
         return ()
-    if "x" in text or "/" in text:
-        return tuple(_value(t) for t in text.replace("/", "x").split("x"))
+    parts = text.replace("/", "x").split("x")
+    if len(parts) > 1 and all(p.strip().lstrip("-").replace(".", "", 1).isdigit() for p in parts):
+        return tuple(_value(t) for t in parts)  # numbers joined by x: a tuple (local_window=4x6x8)
     for kind in (int, float):
         try:
             return kind(text)
