@@ -1,8 +1,15 @@
 """Fixtures for testing the pack in a real ComfyUI.
 
 ComfyUI is not on any package registry; the tests use a checkout at ``$CHIPMUNK_COMFYUI_DIR``,
-else ``~/.cache/comfyui-chipmunk/ComfyUI`` (where tools/setup_env.sh puts it). Tests that need it
-skip, saying how to get it, only when neither exists.
+else ``~/.cache/comfyui-chipmunk/ComfyUI-v<version>`` (where tools/setup_env.sh puts it; version
+``$CHIPMUNK_COMFYUI_VERSION``, default 0.19.3). Tests that need it skip, saying how to get it, when
+it is absent, or fail where ``CHIPMUNK_REQUIRE_COMFYUI=1`` (CI), which also fails the run when any
+test marked ``comfyui`` skipped. Every test that uses ``comfyui_dir`` (directly or through another
+fixture) is marked ``comfyui``; the pytest header names the ComfyUI version.
+
+- ``comfyui_version``: the version of that ComfyUI as a tuple, e.g. ``(0, 19, 3)``. A test that
+  applies to some versions only is marked ``comfyui_versions(since=(0, 19), before=None)`` and is
+  deselected on the others.
 
 - ``comfy_inprocess``: ComfyUI imported into this process on the CPU (harness.inprocess).
 - ``narrow_flux``: a fresh narrow FLUX ModelPatcher for fast in-process sampling.
@@ -14,6 +21,7 @@ skip, saying how to get it, only when neither exists.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -38,14 +46,116 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: needs the real ComfyUI checkout")
     config.addinivalue_line(
         "markers", "chipmunk_node: needs the pack's ChipmunkAccelerate node (fails without it)")
+    config.addinivalue_line(
+        "markers", "comfyui_versions(since=None, before=None): runs only against ComfyUI versions "
+        "v with since <= v < before (tuples such as (0, 19)); deselected against others")
+
+
+def _present_comfyui_version() -> tuple[int, ...] | None:
+    path = paths.comfyui_dir()
+    return paths.comfyui_version(path) if paths.comfyui_present(path) else None
+
+
+def _version_text(version: tuple[int, ...]) -> str:
+    return "v" + ".".join(map(str, version))
+
+
+def pytest_report_header(config):
+    path = paths.comfyui_dir()
+    version = _present_comfyui_version()
+    if version is not None:
+        return f"ComfyUI: {_version_text(version)} at {path}"
+    consequence = "fail" if paths.comfyui_required() else "skip"
+    return f"ComfyUI: none at {path} (the tests that need it {consequence})"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m comfyui` selects on the marker added here
+def pytest_collection_modifyitems(config, items):
+    version = _present_comfyui_version()
+    kept, deselected = [], []
+    for item in items:
+        versions = item.get_closest_marker("comfyui_versions")
+        if versions is not None or "comfyui_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.comfyui)
+        if versions is not None and version is not None:
+            since, before = versions.kwargs.get("since"), versions.kwargs.get("before")
+            if (since is not None and version < tuple(since)) or \
+                    (before is not None and version >= tuple(before)):
+                deselected.append(item)
+                continue
+        kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+# Outcome of every test (and whether it is a ComfyUI test), for the CI checks below.
+_OUTCOMES: dict[str, tuple[str, bool]] = {}
+
+
+def pytest_runtest_logreport(report):
+    if hasattr(report, "wasxfail"):
+        outcome = "xfailed" if report.skipped else "xpassed"
+    elif report.failed:
+        outcome = "failed" if report.when == "call" else "error"
+    elif report.skipped:
+        outcome = "skipped"
+    elif report.when == "call":
+        outcome = "passed"
+    else:
+        return
+    previous = _OUTCOMES.get(report.nodeid, ("", False))[0]
+    if previous not in ("failed", "error"):
+        _OUTCOMES[report.nodeid] = (outcome, "comfyui" in report.keywords)
+
+
+def _skipped_comfyui_tests() -> list[str]:
+    return [node for node, (outcome, comfyui) in _OUTCOMES.items()
+            if comfyui and outcome == "skipped"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Where ComfyUI is required, a skipped ComfyUI test fails the run. With
+    ``$CHIPMUNK_TEST_REPORT`` set, write the ComfyUI version and the outcome counts there (JSON)."""
+    skipped = _skipped_comfyui_tests()
+    if paths.comfyui_required() and skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    report_path = os.environ.get("CHIPMUNK_TEST_REPORT")
+    if report_path:
+        counts: dict[str, dict[str, int]] = {"all": {}, "comfyui": {}}
+        for outcome, comfyui in _OUTCOMES.values():
+            for group in ("all", "comfyui") if comfyui else ("all",):
+                counts[group][outcome] = counts[group].get(outcome, 0) + 1
+        version = _present_comfyui_version()
+        Path(report_path).write_text(json.dumps({
+            "comfyui_version": None if version is None else _version_text(version),
+            "comfyui_dir": str(paths.comfyui_dir()), "exitstatus": int(session.exitstatus),
+            "counts": counts, "skipped_comfyui_tests": skipped}, indent=1))
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = _skipped_comfyui_tests()
+    if paths.comfyui_required() and skipped:
+        terminalreporter.write_sep("=", f"ComfyUI tests skipped: {len(skipped)}, but "
+                                   f"{paths.REQUIRE_ENV}=1: that fails the run", red=True)
+        for node in skipped:
+            terminalreporter.write_line(node)
 
 
 @pytest.fixture(scope="session")
 def comfyui_dir() -> Path:
     path = paths.comfyui_dir()
     if not paths.comfyui_present(path):
-        pytest.skip(paths.comfyui_missing_reason(path))
+        reason = paths.comfyui_missing_reason(path)
+        if paths.comfyui_required():
+            pytest.fail(f"{paths.REQUIRE_ENV}=1, but {reason}", pytrace=False)
+        pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session")
+def comfyui_version(comfyui_dir) -> tuple[int, ...]:
+    return paths.comfyui_version(comfyui_dir)
 
 
 @pytest.fixture(scope="session")

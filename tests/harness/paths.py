@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,25 +15,55 @@ DEV_NODES_NAME = "chipmunk_dev_nodes"
 DEV_NODES_DIR = REPO_ROOT / "tools" / "dev_nodes"
 TINY_MODELS_SCRIPT = REPO_ROOT / "tools" / "tiny_models.py"
 
+# Which ComfyUI the tests run against. tools/setup_env.sh prepares it and exports its location in
+# CHIPMUNK_COMFYUI_DIR; without that variable the tests look where the set-up puts the version
+# CHIPMUNK_COMFYUI_VERSION names (default: the primary one). Keep these in step with setup_env.sh.
 COMFYUI_ENV = "CHIPMUNK_COMFYUI_DIR"
-DEFAULT_COMFYUI_DIR = Path.home() / ".cache" / "comfyui-chipmunk" / "ComfyUI"
-COMFYUI_COMMIT = "a125cd84b054a57729b5eecab930ca9408719832"  # v0.3.64, as in tools/setup_env.sh
+VERSION_ENV = "CHIPMUNK_COMFYUI_VERSION"
+REQUIRE_ENV = "CHIPMUNK_REQUIRE_COMFYUI"
+PRIMARY_COMFYUI_VERSION = "0.19.3"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfyui-chipmunk"
+
+
+def requested_version() -> str:
+    return os.environ.get(VERSION_ENV, "").strip().removeprefix("v") or PRIMARY_COMFYUI_VERSION
 
 
 def comfyui_dir() -> Path:
     """The ComfyUI checkout the tests use (it may not exist)."""
     override = os.environ.get(COMFYUI_ENV)
-    return Path(override).expanduser() if override else DEFAULT_COMFYUI_DIR
+    if override:
+        return Path(override).expanduser()
+    return cache_dir() / f"ComfyUI-v{requested_version()}"
 
 
 def comfyui_present(path: Path) -> bool:
     return (path / "main.py").is_file() and (path / "comfy").is_dir()
 
 
+def comfyui_version(path: Path) -> tuple[int, ...]:
+    """The version a ComfyUI tree declares in its comfyui_version.py, e.g. (0, 19, 3)."""
+    match = re.search(r"""^__version__\s*=\s*["']([0-9.]+)["']""",
+                      (path / "comfyui_version.py").read_text(), re.MULTILINE)
+    if match is None:
+        raise ValueError(f"no __version__ in {path / 'comfyui_version.py'}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def comfyui_required() -> bool:
+    """True where a missing ComfyUI is an error, not a reason to skip (CI sets the variable)."""
+    return os.environ.get(REQUIRE_ENV) == "1"
+
+
 def comfyui_missing_reason(path: Path) -> str:
-    return (f"no ComfyUI checkout at {path}: run tools/setup_env.sh (clones ComfyUI v0.3.64 "
-            f"there), or `git clone https://github.com/Comfy-Org/ComfyUI {path}` and "
-            f"`git -C {path} checkout {COMFYUI_COMMIT[:8]}`, or set {COMFYUI_ENV} to a checkout")
+    version = requested_version()
+    return (f"no ComfyUI checkout at {path}: run tools/setup_env.sh (it clones ComfyUI v{version} "
+            f"there, or unpacks the archive CHIPMUNK_COMFYUI_ARCHIVE names), or "
+            f"`git clone --branch v{version} https://github.com/Comfy-Org/ComfyUI {path}`, or set "
+            f"{COMFYUI_ENV} to a checkout")
 
 
 def link_custom_nodes(folder: Path) -> Path:
