@@ -3,24 +3,20 @@
 #
 #   tools/start.sh [--checkpoint FILE | --models DIR] [--port N] [--listen ADDR] [COMFYUI ARGS...]
 #
-# Runs tools/setup_env.sh first, then ComfyUI's main.py from the checkout it prepared. The pack and
-# the development nodes (tools/dev_nodes: random conditioning for models without text encoders)
-# are linked from <repo>/.run/custom_nodes and loaded through <repo>/.run/extra_model_paths.yaml.
+# Runs tools/setup_env.sh first, then ComfyUI's main.py from the checkout it prepared. The pack is
+# linked from <repo>/.run/custom_nodes and loaded through <repo>/.run/extra_model_paths.yaml.
 #
-# Models: the ComfyUI checkout's own models/ folders as usual, plus <repo>/.run/models. With
+# Models: the pack's own small trained toy models (lab/models: a toy FLUX, a toy WAN2.1 and their
+# autoencoders) are always there, and the template browser (Templates -> ComfyUI-Chipmunk) offers
+# the toy workflows that render pictures with them, Chipmunk on and off side by side. Your models:
 #   --checkpoint FILE (or CHIPMUNK_CHECKPOINT)  FILE's folder is added to diffusion_models;
 #   --models DIR (or CHIPMUNK_MODELS_DIR)       a ComfyUI-style models folder (diffusion_models/,
-#                                               text_encoders/, vae/, ...) is added;
-#   neither                                     a tiny random FLUX (chipmunk-tiny-flux.safetensors)
-#                                               is built once in <repo>/.run/models/diffusion_models
-#                                               so the bundled tiny workflow runs.
+#                                               text_encoders/, vae/, ...) is added.
 # Environment: CHIPMUNK_PORT (8188), CHIPMUNK_LISTEN (127.0.0.1), and those of setup_env.sh
 # (CHIPMUNK_VENV, CHIPMUNK_COMFYUI_DIR). Without CUDA, ComfyUI runs with --cpu.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${CHIPMUNK_VENV:-$REPO/.venv}"
-COMFYUI_DIR="${CHIPMUNK_COMFYUI_DIR:-$HOME/.cache/comfyui-chipmunk/ComfyUI}"
 PORT="${CHIPMUNK_PORT:-8188}"
 LISTEN="${CHIPMUNK_LISTEN:-127.0.0.1}"
 CHECKPOINT="${CHIPMUNK_CHECKPOINT:-}"
@@ -39,8 +35,10 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-bash "$REPO/tools/setup_env.sh"
-PY="$VENV/bin/python"
+setup="$(bash "$REPO/tools/setup_env.sh")"  # KEY=value lines: where ComfyUI is, which Python
+eval "$setup"
+PY="$CHIPMUNK_VENV_PYTHON"
+COMFYUI_DIR="$CHIPMUNK_COMFYUI_DIR"
 if [[ ! -f "$COMFYUI_DIR/main.py" ]]; then
     echo "[start] no ComfyUI checkout at $COMFYUI_DIR (see the setup_env.sh warning above)" >&2
     exit 1
@@ -48,12 +46,11 @@ fi
 
 run_dir="$REPO/.run"
 custom_nodes="$run_dir/custom_nodes"
-tiny_models="$run_dir/models/diffusion_models"
-mkdir -p "$custom_nodes" "$tiny_models"
+mkdir -p "$custom_nodes"
+rm -f "$custom_nodes/chipmunk_dev_nodes"  # test-only nodes, linked by older versions of this script
 ln -sfn "$REPO" "$custom_nodes/$PACK_NAME"
-ln -sfn "$REPO/tools/dev_nodes" "$custom_nodes/chipmunk_dev_nodes"
 
-diffusion_models=("$tiny_models")
+diffusion_models=()
 if [[ -n "$CHECKPOINT" ]]; then
     [[ -f "$CHECKPOINT" ]] || { echo "[start] checkpoint not found: $CHECKPOINT" >&2; exit 1; }
     diffusion_models+=("$(cd "$(dirname "$CHECKPOINT")" && pwd)")
@@ -64,9 +61,7 @@ if [[ -n "$MODELS_DIR" ]]; then
     MODELS_DIR="$(cd "$MODELS_DIR" && pwd)"
 fi
 if [[ -z "$CHECKPOINT" && -z "$MODELS_DIR" ]]; then
-    "$PY" "$REPO/tools/tiny_models.py" --comfyui "$COMFYUI_DIR" --out "$tiny_models" \
-        --family flux >/dev/null
-    echo "[start] no checkpoint given: using the tiny random FLUX in $tiny_models" >&2
+    echo "[start] no checkpoint given: open Templates -> ComfyUI-Chipmunk -> a toy workflow (the pack's toy models)" >&2
 fi
 
 config="$run_dir/extra_model_paths.yaml"
@@ -74,8 +69,10 @@ config="$run_dir/extra_model_paths.yaml"
     echo "chipmunk_dev:"
     echo "  custom_nodes: |"
     echo "    $custom_nodes"
-    echo "  diffusion_models: |"
-    printf '    %s\n' "${diffusion_models[@]}"
+    if [[ ${#diffusion_models[@]} -gt 0 ]]; then
+        echo "  diffusion_models: |"
+        printf '    %s\n' "${diffusion_models[@]}"
+    fi
     if [[ -n "$MODELS_DIR" ]]; then
         echo "chipmunk_models:"
         echo "  base_path: $MODELS_DIR"
