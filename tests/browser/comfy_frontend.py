@@ -115,13 +115,20 @@ class ComfyFrontEnd:
         self.browser.click_element("document.querySelector('.templates-tab-button')",
                                    "the sidebar's Templates button")
         self.browser.wait_for("!!" + TEMPLATE_DIALOG, 30, "the template browser")
-        self.browser.click_element(visible_text_element(".p-dialog span", section),
-                                   f"the template section {section!r}")
-        # The section's name then shows twice: in the navigation and as the page's title.
-        self.browser.wait_for(
-            f"[...document.querySelectorAll('.p-dialog span')].filter(e => e.offsetParent !== null"
-            f" && e.innerText.trim() === {js(section)}).length >= 2",
-            15, f"the template section {section!r} to open")
+        # The section's name then shows twice: in the navigation and as the page's title. While
+        # the browser is busy loading the other templates' pictures a click can miss: retry.
+        opened = (f"[...document.querySelectorAll('.p-dialog span')].filter(e => e.offsetParent !== null"
+                  f" && e.innerText.trim() === {js(section)}).length >= 2")
+        for attempt in range(1, 4):
+            self.browser.click_element(visible_text_element(".p-dialog span", section),
+                                       f"the template section {section!r}")
+            try:
+                self.browser.wait_for(opened, 10, f"the template section {section!r} to open")
+                return
+            except BrowserError:
+                self.screenshot(f"template-section-not-open-{attempt}")
+                if attempt == 3:
+                    raise
 
     def template_cards(self) -> dict[str, dict]:
         """The cards on screen, by template name: title, description, thumbnail and whether the

@@ -169,9 +169,12 @@ class Browser:
 
     def click_element(self, element_expression: str, what: str, timeout: float = 30.0) -> None:
         """Click the centre of the element an expression returns, once it is on top there and
-        has stopped moving (dialogs open with an animation)."""
+        has stopped moving: no animation runs on it or its ancestors (dialogs open with one) and
+        its position is the same twice in a row."""
         locate = (
             f"(() => {{ const el = ({element_expression}); if (!el) return null;"
+            " for (let n = el; n; n = n.parentElement)"
+            "   if (n.getAnimations().some(a => a.playState === 'running')) return null;"
             " el.scrollIntoView({block: 'nearest'}); const r = el.getBoundingClientRect();"
             " if (r.width <= 0 || r.height <= 0) return null;"
             " const x = r.x + r.width / 2, y = r.y + r.height / 2;"
