@@ -51,7 +51,8 @@ def test_pack_and_dev_nodes_import_without_failure(comfy_server):
 def test_dev_conditioning_node_is_listed(comfy_server):
     info = comfy_server.object_info(CONDITIONING_NODE)
     assert info["output"] == ["CONDITIONING"]
-    assert set(info["input"]["required"]["family"][0]) == {"flux", "hunyuan_video", "wan"}
+    from harness.paths import dev_nodes_module
+    assert set(info["input"]["required"]["family"][0]) == set(dev_nodes_module().TEXT_ENCODERS)
 
 
 @pytest.mark.chipmunk_node
@@ -140,9 +141,9 @@ def test_rejected_prompt_error_names_node_and_input(comfy_server):
 
 
 def test_failing_prompt_error_names_node_and_exception(comfy_server, tiny_checkpoints):
-    # WAN-shaped conditioning has no pooled_output, which FLUX needs: fails inside the sampler.
+    # FLUX.2-shaped conditioning (15360 wide) cannot enter FLUX.1's 4096-wide text input.
     prompt = flux_text_to_image(tiny_checkpoints["flux"].name, seed=5, steps=1)
-    prompt["positive"]["inputs"]["family"] = "wan"
+    prompt["positive"]["inputs"]["family"] = "flux2"
     with pytest.raises(ComfyServerError, match=r"execution_error in node sampler \(KSampler\)"):
         comfy_server.run_prompt(prompt)
 

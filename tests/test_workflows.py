@@ -27,8 +27,8 @@ BUNDLED_DIR = REPO_ROOT / "workflows"
 TINY_DIR = REPO_ROOT / "tests" / "workflows"
 BUNDLED = sorted(BUNDLED_DIR.glob("*.json"))
 TINY = sorted(TINY_DIR.glob("*.json"))
-EXPECTED_BUNDLED = {"flux1_dev_text_to_image", "hunyuan_video_text_to_video", "wan21_text_to_video",
-                    "wan21_image_to_video"}
+EXPECTED_BUNDLED = {"FLUX.1 dev text to image", "HunyuanVideo text to video", "WAN2.1 text to video",
+                    "WAN2.1 image to video", "Chipmunk toy text to image", "Chipmunk toy text to video"}
 # Latent each tiny workflow saves: FLUX 128x128 image; video 128x128, 17 frames (5 latent frames).
 TINY_LATENT_SHAPES = {"tiny_flux": (1, 16, 16, 16), "tiny_hunyuan_video": (1, 16, 5, 16, 16),
                       "tiny_wan21": (1, 16, 5, 16, 16)}
@@ -42,6 +42,24 @@ TOP_KEYS = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# The node's widget values in ComfyUI without dynamic inputs (v0.3.64): preset, five sliders,
+# step_cache, threshold, skip limit. Workflows are saved from the primary target's front end.
+FLAT_DEFAULTS = [0.835, 0.7, 2, 10, 2]
+
+
+def for_server(workflow: dict, object_info: dict) -> dict:
+    """The workflow as the front end of the server's ComfyUI would hold it."""
+    info = object_info.get(ACCELERATE_NODE, {})
+    if info.get("input", {}).get("required", {}).get("preset", [None])[0] == wc.DYNAMIC_COMBO:
+        return workflow
+    workflow = copy.deepcopy(workflow)
+    for node in nodes_of(workflow, ACCELERATE_NODE):
+        values = node["widgets_values"]
+        sliders = values[1:6] if values[0] == "custom" else FLAT_DEFAULTS
+        node["widgets_values"] = [values[0], *sliders, values[-1], 0.1, 2]
+    return workflow
 
 
 def ids(paths):
@@ -149,7 +167,7 @@ def test_comfyui_lists_and_serves_exactly_the_bundled_workflows(comfy_server):
 @pytest.mark.chipmunk_node
 @pytest.mark.parametrize("path", BUNDLED + TINY, ids=ids(BUNDLED + TINY))
 def test_workflow_converts_to_a_valid_prompt(object_info, path):
-    workflow = load(path)
+    workflow = for_server(load(path), object_info)
     assert wc.ui_link_problems(workflow, object_info) == []
     prompt = wc.to_prompt(workflow, object_info)
     assert wc.prompt_problems(prompt, object_info) == []
@@ -190,14 +208,14 @@ BROKEN = {
 def test_validation_catches_a_broken_workflow(object_info, breakage):
     """The checks above would pass vacuously if the validator let everything through."""
     break_it, expected = BROKEN[breakage]
-    prompt = wc.to_prompt(break_it(load(TINY_DIR / "tiny_flux.json")), object_info)
+    prompt = wc.to_prompt(break_it(for_server(load(TINY_DIR / "tiny_flux.json"), object_info)), object_info)
     problems = wc.prompt_problems(prompt, object_info)
     assert len(problems) == 1 and expected in problems[0], problems
 
 
 @pytest.mark.comfyui
 def test_conversion_rejects_a_wrong_number_of_widget_values(object_info):
-    workflow = copy.deepcopy(load(TINY_DIR / "tiny_flux.json"))
+    workflow = for_server(load(TINY_DIR / "tiny_flux.json"), object_info)
     nodes_of(workflow, "KSampler")[0]["widgets_values"].remove("fixed")  # seed's control value
     with pytest.raises(wc.WorkflowError, match="widget values"):
         wc.to_prompt(workflow, object_info)
@@ -216,7 +234,7 @@ def bypass_chipmunk(workflow: dict) -> dict:
 @pytest.mark.parametrize("path", BUNDLED, ids=ids(BUNDLED))
 def test_bypassing_chipmunk_leaves_the_dense_workflow(object_info, path):
     """The notes tell users to compare against dense sampling by bypassing the node."""
-    workflow = load(path)
+    workflow = for_server(load(path), object_info)
     (chipmunk,) = nodes_of(workflow, ACCELERATE_NODE)
     source = upstream(workflow, chipmunk, "model")
     prompt = wc.to_prompt(bypass_chipmunk(workflow), object_info)
@@ -230,7 +248,7 @@ def test_bypassing_chipmunk_leaves_the_dense_workflow(object_info, path):
 @pytest.mark.chipmunk_node
 @pytest.mark.parametrize("path", TINY, ids=ids(TINY))
 def test_tiny_workflow_runs_end_to_end_and_goes_sparse(comfy_server, object_info, path):
-    workflow = load(path)
+    workflow = for_server(load(path), object_info)
     (save,) = nodes_of(workflow, "SaveLatent")
     latents = {}
     for label, graph in (("chipmunk", workflow), ("dense", bypass_chipmunk(workflow))):

@@ -20,6 +20,9 @@ from __future__ import annotations
 import re
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# ComfyUI v0.19's dynamic combo: a combo whose chosen option brings its own inputs, named
+# "<combo>.<input>" in the API prompt and following the combo's value in ``widgets_values``.
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 SEED_NAMES = {"seed", "noise_seed"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
 # Front-end-only nodes: documentation and wiring helpers; the server never sees them.
@@ -47,7 +50,33 @@ def combo_options(spec) -> list:
 
 
 def is_widget(spec) -> bool:
-    return input_kind(spec) in WIDGET_TYPES and not input_spec_options(spec).get("forceInput")
+    kind = input_kind(spec)
+    return (kind in WIDGET_TYPES or kind == DYNAMIC_COMBO) and not input_spec_options(spec).get("forceInput")
+
+
+def dynamic_option_inputs(spec, value) -> list[tuple[str, list, bool]]:
+    """(name, spec, required) of the inputs the dynamic combo's option ``value`` brings."""
+    for option in input_spec_options(spec).get("options", []):
+        if option["key"] == value:
+            inputs = option.get("inputs", {})
+            return [(name, sub, section == "required") for section in ("required", "optional")
+                    for name, sub in (inputs.get(section) or {}).items()]
+    return []
+
+
+def expanded_inputs(node_info: dict, values: dict) -> list[tuple[str, list, bool]]:
+    """``declared_inputs`` with each dynamic combo's chosen option's inputs after it, named
+    "<combo>.<input>" (``values``: the node's inputs by name, which choose the options)."""
+    out = []
+
+    def add(inputs, prefix):
+        for name, spec, required in inputs:
+            out.append((prefix + name, spec, required))
+            if input_kind(spec) == DYNAMIC_COMBO:
+                add(dynamic_option_inputs(spec, values.get(prefix + name)), prefix + name + ".")
+
+    add(declared_inputs(node_info), "")
+    return out
 
 
 def declared_inputs(node_info: dict) -> list[tuple[str, list, bool]]:
@@ -58,36 +87,43 @@ def declared_inputs(node_info: dict) -> list[tuple[str, list, bool]]:
             for section in ("required", "optional") for name in order.get(section, [])]
 
 
-def widget_slots(node_info: dict) -> list[str | None]:
-    """One entry per value in ``widgets_values``: the input's name, or None for front-end-only
-    values (control_after_generate, upload buttons)."""
-    slots = []
-    for name, spec, _ in declared_inputs(node_info):
-        if not is_widget(spec):
-            continue
-        slots.append(name)
-        options = input_spec_options(spec)
-        control = options.get("control_after_generate")
-        if control is None:
-            control = input_kind(spec) == "INT" and name in SEED_NAMES
-        if control:
-            slots.append(None)
-        if any(options.get(flag) for flag in UPLOAD_FLAGS):
-            slots.append(None)
-    return slots
-
-
 def widget_values(node: dict, node_info: dict) -> dict:
-    """Input name -> value from the node's ``widgets_values``; the count must match exactly."""
+    """Input name -> value from the node's ``widgets_values``; the count must match exactly.
+
+    Front-end-only values (control_after_generate, upload buttons) are dropped; a dynamic
+    combo's value is followed by the values of its chosen option's widgets.
+    """
     values = node.get("widgets_values", [])
     if isinstance(values, dict):  # some custom front ends save widgets by name
         return dict(values)
-    slots = widget_slots(node_info)
-    if len(values) != len(slots):
-        expected = [s or "(front-end value)" for s in slots]
+    remaining = list(values)
+    out, expected = {}, []
+
+    def take(inputs, prefix):
+        for name, spec, _ in inputs:
+            if not is_widget(spec):
+                continue
+            expected.append(prefix + name)
+            if not remaining:
+                return
+            value = out[prefix + name] = remaining.pop(0)
+            options = input_spec_options(spec)
+            control = options.get("control_after_generate")
+            if control is None:
+                control = input_kind(spec) == "INT" and name in SEED_NAMES
+            extra = int(bool(control)) + int(any(options.get(flag) for flag in UPLOAD_FLAGS))
+            for _ in range(extra):
+                expected.append("(front-end value)")
+                if remaining:
+                    remaining.pop(0)
+            if input_kind(spec) == DYNAMIC_COMBO:
+                take(dynamic_option_inputs(spec, value), prefix + name + ".")
+
+    take(declared_inputs(node_info), "")
+    if remaining or len(expected) != len(values):
         raise WorkflowError(f"node {node['id']} ({node['type']}): {len(values)} widget values "
-                            f"{values!r}, but its definition makes {len(slots)} widgets {expected}")
-    return {name: value for name, value in zip(slots, values) if name is not None}
+                            f"{values!r}, but its definition makes {len(expected)} widgets {expected}")
+    return out
 
 
 class Graph:
@@ -145,7 +181,7 @@ def to_prompt(workflow: dict, object_info: dict) -> dict:
             raise WorkflowError(f"node {node['id']}: type {node['type']!r} is not in /object_info")
         widgets = widget_values(node, info)
         inputs = {}
-        for name, spec, _ in declared_inputs(info):
+        for name, spec, _ in expanded_inputs(info, widgets):
             link_id = graph.input_link(node, name)
             if link_id is not None:
                 source = graph.resolve(link_id)
@@ -168,6 +204,9 @@ def types_compatible(output_type: str, input_type: str) -> bool:
 def value_problem(name: str, spec, value) -> str | None:
     kind = input_kind(spec)
     options = input_spec_options(spec)
+    if kind == DYNAMIC_COMBO:
+        keys = [o["key"] for o in options.get("options", [])]
+        return None if value in keys else f"{name}: {value!r} is not one of {keys}"
     if kind == "COMBO":
         if FILE_LIST_INPUT.match(name):
             return None if isinstance(value, str) and value else f"{name}: file name {value!r} is not a name"
@@ -197,7 +236,7 @@ def prompt_problems(prompt: dict, object_info: dict) -> list[str]:
         if info is None:
             problems.append(f"{where}: unknown node type")
             continue
-        declared = {name: (spec, required) for name, spec, required in declared_inputs(info)}
+        declared = {name: (spec, required) for name, spec, required in expanded_inputs(info, node["inputs"])}
         for name in node["inputs"]:
             if name not in declared:
                 problems.append(f"{where}: input {name!r} is not declared")

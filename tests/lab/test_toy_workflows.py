@@ -13,7 +13,7 @@ from harness.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
 
-WORKFLOWS = {"toy_text_to_image": ("SaveImage", (256, 256), 1), "toy_text_to_video": ("SaveAnimatedWEBP", (160, 160), 17)}
+WORKFLOWS = {"Chipmunk toy text to image": ("SaveImage", (256, 256), 1), "Chipmunk toy text to video": ("SaveAnimatedWEBP", (160, 160), 17)}
 
 
 @pytest.fixture(scope="module")
