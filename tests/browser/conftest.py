@@ -58,7 +58,10 @@ def screenshot_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def run_template_models(comfy_inprocess, tiny_models_dir, tmp_path_factory) -> dict[str, list[Path]]:
-    """Model folders (ComfyUI folder name -> paths) the workflow under test needs."""
+    """Model folders (ComfyUI folder name -> paths) the workflow under test needs (the pack's toy
+    workflows need none: the pack registers its toy models itself)."""
+    if RUN_TEMPLATE.section != TEST_TEMPLATES:
+        return {}
     comfy_inprocess.tiny_models.write_checkpoint("flux", tiny_models_dir)
     tae_dir = write_random_tae(tmp_path_factory.mktemp("vae_approx"))
     return {"diffusion_models": [tiny_models_dir], "vae_approx": [tae_dir]}

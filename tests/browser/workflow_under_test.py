@@ -1,10 +1,9 @@
 """The workflow the browser tests load from the template browser and run (``RUN_TEMPLATE``).
 
-Until the pack bundles a workflow that runs without downloads, it is a tiny FLUX graph made at
-test time from tests/workflows/tiny_flux.json, with its latent decoded by a random tiny
-autoencoder and shown by a Preview Image node, served as the one template of a test-only
-custom-node folder. To run a bundled workflow instead, point ``RUN_TEMPLATE`` at it (section
-``PACK_NAME``) and make conftest's ``run_template_models`` return the model folders it needs.
+It is the pack's own toy text-to-image workflow: it runs with no downloads (the pack registers its
+toy models with ComfyUI) and renders real pictures, Chipmunk and dense side by side. The tiny
+FLUX graph below (tests/workflows/tiny_flux.json with a random tiny autoencoder, served from a
+test-only custom-node folder) can stand in with ``RUN_TEMPLATE = TINY_RUN``.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.paths import REPO_ROOT
+from harness.paths import PACK_NAME, REPO_ROOT
 
 TEST_TEMPLATES = "chipmunk_browser_test"  # custom-node folder holding the test-only template
 TINY_LATENT_WORKFLOW = REPO_ROOT / "tests" / "workflows" / "tiny_flux.json"
@@ -27,7 +26,8 @@ class TemplateRun:
     image_node: str  # type of the node that shows the result image
 
 
-RUN_TEMPLATE = TemplateRun(TEST_TEMPLATES, "tiny_flux_image", "PreviewImage")
+TINY_RUN = TemplateRun(TEST_TEMPLATES, "tiny_flux_image", "PreviewImage")
+RUN_TEMPLATE = TemplateRun(PACK_NAME, "Chipmunk toy text to image", "SaveImage")
 
 
 def image_workflow(latent_workflow: dict) -> dict:
