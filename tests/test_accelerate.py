@@ -121,8 +121,14 @@ def test_every_kind_is_stock_at_sparsity_zero_and_close_at_defaults(any_kind, ca
     deviation = _relative(fast, stock)
     report = cm.reports(caplog)[-1]
     print(f"{any_kind.name}: relative deviation at defaults {deviation:.2e}; {report}")
-    assert torch.isfinite(fast).all() and 0 < deviation < 0.2
+    assert torch.isfinite(fast).all() and deviation < 0.2
     assert cm.step_counts(report)["sparse"] > 0, report
+    if "attention -" in report:  # a tiny model whose every layer is one of the always-dense first ones
+        with caplog.at_level(logging.INFO):
+            fast = any_kind.sample(any_kind.accelerate(preset=cm.CUSTOM, first_dense_layers=0), size, cfg=3.5)
+        report = cm.reports(caplog)[-1]
+        deviation = _relative(fast, stock)
+    assert "attention -" not in report and 0 < deviation < 0.2, report
 
 
 # --- representative kinds: the details ------------------------------------------------------------
@@ -239,8 +245,8 @@ def test_hunyuan_video_with_padded_text_goes_sparse_and_is_stock_at_sparsity_zer
         mask[:, tokens * 3 // 4:] = 0
         conditioning[0][1]["attention_mask"] = mask
 
-    def sample(model):
-        return comfy_inprocess.ksampler(model, positive, negative, latent, seed=1, steps=STEPS, cfg=3.5)
+    def sample(model):  # cfg 1: ComfyUI's HunyuanVideo cannot batch two text masks (stock fails too)
+        return comfy_inprocess.ksampler(model, positive, negative, latent, seed=1, steps=STEPS, cfg=1.0)
 
     stock = sample(kind.model)
     assert torch.equal(sample(kind.accelerate(preset=cm.CUSTOM, **cm.DENSE)), stock)
