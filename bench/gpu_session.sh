@@ -7,6 +7,7 @@
 #                                       # of the kernels and two end-to-end runs inside ComfyUI
 #   bash bench/gpu_session.sh preflight # one GPU: short end-to-end runs that check the scripts
 #   bash bench/gpu_session.sh final     # GPUs 0-3: the end-to-end tables of the README
+#   bash bench/gpu_session.sh fill      # one GPU: the FLUX rows the final run had no time for
 #
 # Results go to $OUT (at most 8 files come back: the measurements are packed into one archive).
 set -uo pipefail
@@ -70,6 +71,12 @@ final)
         job 3 560 hunyuan "${E2E[@]}" --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x33}" \
             --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_hunyuan.json"
     ) &
+    ;;
+fill)
+    job 0 190 flux_2048 "${E2E[@]}" --case flux --sizes 2048x2048 --steps 20 --warmup-steps 2 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_2048.json"
+    job 0 90 flux_small "${E2E[@]}" --case flux --sizes 512x512,768x768 \
+        --variants "stock,chipmunk+cache" --out "$R/e2e_flux_small.json"
     ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
