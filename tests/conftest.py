@@ -9,7 +9,8 @@ fixture) is marked ``comfyui``; the pytest header names the ComfyUI version.
 
 - ``comfyui_version``: the version of that ComfyUI as a tuple, e.g. ``(0, 19, 3)``. A test that
   applies to some versions only is marked ``comfyui_versions(since=(0, 19), before=None)`` and is
-  deselected on the others.
+  deselected on the others. A test that uses the ``comfyui_v19`` fixture (the toy models of the
+  quality lab, the browser test) counts as ``comfyui_versions(since=(0, 19))``.
 
 - ``comfy_inprocess``: ComfyUI imported into this process on the CPU (harness.inprocess).
 - ``narrow_flux``: a fresh narrow FLUX ModelPatcher for fast in-process sampling.
@@ -75,6 +76,8 @@ def pytest_collection_modifyitems(config, items):
     kept, deselected = [], []
     for item in items:
         versions = item.get_closest_marker("comfyui_versions")
+        if versions is None and "comfyui_v19" in item.fixturenames:
+            versions = pytest.mark.comfyui_versions(since=(0, 19)).mark
         if versions is not None or "comfyui_dir" in item.fixturenames:
             item.add_marker(pytest.mark.comfyui)
         if versions is not None and version is not None:
@@ -156,6 +159,18 @@ def comfyui_dir() -> Path:
 @pytest.fixture(scope="session")
 def comfyui_version(comfyui_dir) -> tuple[int, ...]:
     return paths.comfyui_version(comfyui_dir)
+
+
+@pytest.fixture(scope="session")
+def comfyui_v19(comfyui_dir, comfyui_version, comfy_inprocess):
+    """For what targets ComfyUI v0.19.3 only: the quality lab's toy models (taef1 and lighttaew2_1
+    in "Load VAE", the toy architectures in "Load Diffusion Model") and the browser test, which
+    runs a toy workflow in the v0.19.3 front end. Deselected against older versions (see
+    pytest_collection_modifyitems); skips if reached there anyway. ComfyUI imported in-process."""
+    if comfyui_version < (0, 19):
+        pytest.skip(f"needs ComfyUI v0.19.3 or newer; {comfyui_dir} is {_version_text(comfyui_version)} "
+                    "(set CHIPMUNK_COMFYUI_DIR to a v0.19.3 tree)")
+    return comfy_inprocess
 
 
 @pytest.fixture(scope="session")

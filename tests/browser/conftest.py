@@ -69,7 +69,7 @@ def run_template_models(comfy_inprocess, tiny_models_dir, tmp_path_factory) -> d
 
 # --- server and front end ----------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def browser_server(comfyui_dir, run_template_models, tmp_path_factory):
+def browser_server(comfyui_v19, comfyui_dir, run_template_models, tmp_path_factory):
     if not frontend_package_installed():
         pytest.fail("comfyui-frontend-package is not installed in this Python: the browser tests "
                     "need ComfyUI's real web front end (it is in ComfyUI's requirements.txt)")

@@ -45,18 +45,6 @@ def write_random_models(folder: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def comfyui_v19(comfy_inprocess, comfyui_dir):
-    """The lab targets ComfyUI v0.19.3's loaders (taef1 and lighttaew2_1 in "Load VAE")."""
-    import comfyui_version
-
-    major, minor = (int(x) for x in comfyui_version.__version__.split(".")[:2])
-    if (major, minor) < (0, 19):
-        pytest.skip(f"the toy models need ComfyUI v0.19.3's loaders; {comfyui_dir} is "
-                    f"v{comfyui_version.__version__} (set CHIPMUNK_COMFYUI_DIR to a v0.19.3 tree)")
-    return comfy_inprocess
-
-
-@pytest.fixture(scope="session")
 def toy_models(comfyui_v19, tmp_path_factory) -> Path:
     if all((COMMITTED / name).is_file() for name in toy_files()):
         return COMMITTED
