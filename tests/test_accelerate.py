@@ -81,6 +81,9 @@ class Kind:
 
 
 def _kind(comfy, nodes, models_dir, name):
+    """Kind ``name`` of tools/tiny_models.py, or "flux_narrow" (``narrow_flux``)."""
+    if name == "flux_narrow":
+        return narrow_flux(comfy, nodes)
     tiny = comfy.tiny_models
     if name not in tiny.available_kinds(comfy.version):
         pytest.skip(f"{name} does not exist in ComfyUI {'.'.join(map(str, comfy.version))}")
@@ -104,8 +107,6 @@ def any_kind(request, comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
 
 @pytest.fixture(scope="module", params=["flux_narrow", "hunyuan_video", "wan21_t2v"])
 def kind(request, comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
-    if request.param == "flux_narrow":
-        return narrow_flux(comfy_inprocess, chipmunk_pack_nodes)
     return _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, request.param)
 
 

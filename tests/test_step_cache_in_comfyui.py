@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import chipmunk as cm
-from test_accelerate import _kind, _relative, narrow_flux
+from test_accelerate import _kind, _relative
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
 
@@ -17,8 +17,6 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
 def kind(request, comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
     """The narrow FLUX is the same model on every ComfyUI version (v0.3.64's tiny FLUX.1 checkpoint
     is full width with random weights, whose output changes too fast between steps to skip any)."""
-    if request.param == "flux_narrow":
-        return narrow_flux(comfy_inprocess, chipmunk_pack_nodes)
     return _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, request.param)
 
 
