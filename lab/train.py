@@ -339,6 +339,30 @@ def _train_tae(tae, make_batch, device, seconds, log, name, sizes, lr=1e-3):
 
 
 # --- jobs ----------------------------------------------------------------------------------------
+def _log_bank(log, phase, bank, seconds, tae_psnr, **counts):
+    """Log a latent bank's size, build time, its autoencoder's PSNR and the latents' statistics."""
+    z = bank.float()
+    log.phase(phase, **counts, seconds=round(seconds, 1), tae_psnr=round(tae_psnr, 2),
+              latent_mean=round(z.mean().item(), 4), latent_std=round(z.std().item(), 4),
+              latent_abs_max=round(z.abs().max().item(), 3))
+
+
+def _train_and_save_dit(family, phases, budget, bank, ids_bank, device, sizes, log, args, out_root):
+    """Train the toy DiT of ``family`` for its share of the budget (less whatever the earlier phases
+    overran, keeping the later phases' share) and save it where ComfyUI's loader finds it."""
+    from . import networks
+
+    remaining = args.deadline - time.time()
+    dit_seconds = min(budget * phases["dit"], remaining - budget * (1 - sum(phases.values())))
+    model = _train_dit(family, bank, ids_bank, device, sizes, dit_seconds, log, args)
+    folder = out_root / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"flux": networks.FLUX_UNET_CONFIG, "wan": networks.WAN_UNET_CONFIG}[family]
+    networks.save_checkpoint(model, folder / networks.CHECKPOINT_NAMES[family],
+                             {"chipmunk_toy": family, "config": json.dumps(config)})
+    return model
+
+
 def job_image(args, sizes: Sizes, out_root: Path, log) -> None:
     import torch
 
@@ -373,19 +397,8 @@ def job_image(args, sizes: Sizes, out_root: Path, log) -> None:
             bank[i:i + sizes.chunk] = tae.encode(pixels).to(torch.bfloat16)
             if i == 0:
                 psnr.append(_psnr(tae.decode(bank[i:i + sizes.chunk].float()), pixels))
-    z = bank.float()
-    log.phase("flux_bank", images=sizes.bank_images, seconds=round(time.time() - t0, 1), tae_psnr=round(psnr[0], 2),
-              latent_mean=round(z.mean().item(), 4), latent_std=round(z.std().item(), 4),
-              latent_abs_max=round(z.abs().max().item(), 3))
-    del z
-
-    remaining = args.deadline - time.time()
-    dit_seconds = min(budget * IMAGE_PHASES["dit"], remaining - budget * (1 - sum(IMAGE_PHASES.values())))
-    model = _train_dit("flux", bank, ids_bank, device, sizes, dit_seconds, log, args)
-    folder = out_root / "diffusion_models"
-    folder.mkdir(parents=True, exist_ok=True)
-    networks.save_checkpoint(model, folder / networks.CHECKPOINT_NAMES["flux"],
-                             {"chipmunk_toy": "flux", "config": json.dumps(networks.FLUX_UNET_CONFIG)})
+    _log_bank(log, "flux_bank", bank, time.time() - t0, psnr[0], images=sizes.bank_images)
+    model = _train_and_save_dit("flux", IMAGE_PHASES, budget, bank, ids_bank, device, sizes, log, args, out_root)
 
     generator = torch.Generator().manual_seed(SEED + 5)
     n = sizes.eval_images
@@ -437,19 +450,8 @@ def job_video(args, sizes: Sizes, out_root: Path, log) -> None:
             bank[i:i + chunk] = tae.to_model_space(latents.float()).to(torch.bfloat16)
             if i == 0:
                 psnr.append(_psnr(tae.decode(latents), clips))
-    z = bank.float()
-    log.phase("wan_bank", clips=sizes.bank_clips, seconds=round(time.time() - t0, 1), tae_psnr=round(psnr[0], 2),
-              latent_mean=round(z.mean().item(), 4), latent_std=round(z.std().item(), 4),
-              latent_abs_max=round(z.abs().max().item(), 3))
-    del z
-
-    remaining = args.deadline - time.time()
-    dit_seconds = min(budget * VIDEO_PHASES["dit"], remaining - budget * (1 - sum(VIDEO_PHASES.values())))
-    model = _train_dit("wan", bank, ids_bank, device, sizes, dit_seconds, log, args)
-    folder = out_root / "diffusion_models"
-    folder.mkdir(parents=True, exist_ok=True)
-    networks.save_checkpoint(model, folder / networks.CHECKPOINT_NAMES["wan"],
-                             {"chipmunk_toy": "wan", "config": json.dumps(networks.WAN_UNET_CONFIG)})
+    _log_bank(log, "wan_bank", bank, time.time() - t0, psnr[0], clips=sizes.bank_clips)
+    model = _train_and_save_dit("wan", VIDEO_PHASES, budget, bank, ids_bank, device, sizes, log, args, out_root)
 
     generator = torch.Generator().manual_seed(SEED + 25)
     n = sizes.eval_clips
