@@ -21,6 +21,8 @@ from pathlib import Path
 
 import aiohttp
 
+from .processes import end_process
+
 CHROMIUM_ENV = "CHIPMUNK_CHROMIUM"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
@@ -100,13 +102,7 @@ class Browser:
                 pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process, timeout=10)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from .paths import link_custom_nodes
+from .processes import end_process
 
 LOG_TAIL_CHARS = 6000
 
@@ -107,13 +108,7 @@ class ComfyServer:
         raise ComfyServerError(f"ComfyUI did not answer within {timeout:.0f} s\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process, timeout=30)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
