@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh preflight # one GPU: short end-to-end runs that check the scripts
 #   bash bench/gpu_session.sh final     # GPUs 0-3: the end-to-end tables of the README
 #   bash bench/gpu_session.sh fill      # one GPU: the FLUX rows the final run had no time for
+#   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
+#                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
 # Results go to $OUT (at most 8 files come back: the measurements are packed into one archive).
 set -uo pipefail
@@ -77,6 +79,10 @@ fill)
         --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_2048.json"
     job 0 90 flux_small "${E2E[@]}" --case flux --sizes 512x512,768x768 \
         --variants "stock,chipmunk+cache" --out "$R/e2e_flux_small.json"
+    ;;
+retrain)
+    python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
+        --budget "${RETRAIN_BUDGET:-520}" --resume lab/models --dit-lr 3e-4 --out "$OUT" >"$OUT/train_stdout.txt" 2>&1
     ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

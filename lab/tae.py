@@ -54,6 +54,13 @@ class ImageTAE(torch.nn.Module):
             paths.append(folder / name)
         return paths
 
+    def load(self, folder) -> "ImageTAE":
+        from safetensors.torch import load_file
+
+        for name, module in zip(IMAGE_TAE_FILES, (self.encoder, self.decoder)):
+            module.load_state_dict({k: v.float() for k, v in load_file(str(folder / name)).items()})
+        return self
+
 
 class VideoTAE(torch.nn.Module):
     """lighttaew2_1's encoder and decoder; pixels [B, 3, T, H, W] in [0, 1], latents as ComfyUI stores them."""
@@ -85,6 +92,12 @@ class VideoTAE(torch.nn.Module):
         state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(folder / VIDEO_TAE_FILE))
         return [folder / VIDEO_TAE_FILE]
+
+    def load(self, folder) -> "VideoTAE":
+        from safetensors.torch import load_file
+
+        self.net.load_state_dict({k: v.float() for k, v in load_file(str(folder / VIDEO_TAE_FILE)).items()})
+        return self
 
 
 def init_weights_(module: torch.nn.Module) -> None:

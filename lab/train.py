@@ -11,7 +11,11 @@ Jobs (one process each, ``CUDA_VISIBLE_DEVICES`` set to its GPU):
 - ``classifier``: the CNN that names the emoji in a picture (lab/classifier.py).
 
 Every job stops on its budget and saves (``--dit-steps N`` fixes the transformers' step count, to
-re-run a logged training exactly). The results land in ``OUT_DIR`` as at most 6 files: ``models.tar.NN`` (the lab/models tree,
+re-run a logged training exactly). ``--resume MODELS_DIR`` continues from an earlier run's models (a
+lab/models tree): its autoencoders and classifier are kept as they are, both transformers start from
+its weights and train for the new budget (a fresh warm-up and cosine decay from ``--dit-lr``), and the
+earlier run's log is kept inside the new one, so one GPU command of at most 10 minutes can add to a
+model's training time. The results land in ``OUT_DIR`` as at most 6 files: ``models.tar.NN`` (the lab/models tree,
 split into parts under 15 MiB), ``train_log.json`` and a preview PNG per model
 (``python -m lab.install OUT_DIR`` puts the models into lab/models). ``--preset tiny`` runs the same code
 at toy sizes on the CPU (the smoke test); ``--preset check`` runs the GPU run's sizes for one step.
@@ -34,6 +38,8 @@ JOBS = ("image", "video", "classifier")
 # Share of a job's budget for each phase (the rest: the final check and saving).
 IMAGE_PHASES = {"tae": 0.20, "bank": 0.04, "dit": 0.66}
 VIDEO_PHASES = {"tae": 0.25, "bank": 0.04, "dit": 0.60}
+# With --resume the autoencoders and the classifier are taken as they are: the budget goes to the DiTs.
+RESUME_PHASES = {"tae": 0.0, "bank": 0.04, "dit": 0.86}
 SEED = 20260417
 
 
@@ -163,6 +169,11 @@ def _train_dit(family, bank, ids_bank, device, sizes, seconds, log, args):
 
     torch.manual_seed(SEED + 2)
     model = networks.build(family, device)
+    if args.resume:
+        from safetensors.torch import load_file
+
+        start = Path(args.resume) / "diffusion_models" / networks.CHECKPOINT_NAMES[family]
+        model.load_state_dict({k: v.float() for k, v in load_file(str(start)).items()})
     optimizer = make_optimizer(model, lr=args.dit_lr)
     ema = EMA(model, decay=0.999)
     generator = torch.Generator(device=device).manual_seed(SEED + 3)
@@ -171,7 +182,7 @@ def _train_dit(family, bank, ids_bank, device, sizes, seconds, log, args):
     batch = sizes.flux_batch if family == "flux" else sizes.wan_batch
     budget = Budget(seconds, steps=sizes.fixed_steps or args.dit_steps or None)
     phase = log.phase(f"{family}_dit", batch=batch, lr=args.dit_lr, bank=int(bank.shape[0]),
-                      params=sum(p.numel() for p in model.parameters()))
+                      params=sum(p.numel() for p in model.parameters()), resumed=bool(args.resume))
     running = None
     with networks.trainable_comfy_blocks():
         while not budget.done():
@@ -380,7 +391,11 @@ def job_image(args, sizes: Sizes, out_root: Path, log) -> None:
         return _random_crop(scenes.render(sprites, placement, size), sizes.tae_crop, cpu).contiguous(
             memory_format=torch.channels_last)
 
-    tae = _train_tae(ImageTAE(), tae_batch, device, budget * IMAGE_PHASES["tae"], log, "taef1", sizes)
+    phases = RESUME_PHASES if args.resume else IMAGE_PHASES
+    if args.resume:
+        tae = ImageTAE().load(Path(args.resume) / "vae_approx").to(device).eval()
+    else:
+        tae = _train_tae(ImageTAE(), tae_batch, device, budget * phases["tae"], log, "taef1", sizes)
     folder = out_root / "vae_approx"
     folder.mkdir(parents=True, exist_ok=True)
     tae.save(folder)
@@ -398,7 +413,7 @@ def job_image(args, sizes: Sizes, out_root: Path, log) -> None:
             if i == 0:
                 psnr.append(_psnr(tae.decode(bank[i:i + sizes.chunk].float()), pixels))
     _log_bank(log, "flux_bank", bank, time.time() - t0, psnr[0], images=sizes.bank_images)
-    model = _train_and_save_dit("flux", IMAGE_PHASES, budget, bank, ids_bank, device, sizes, log, args, out_root)
+    model = _train_and_save_dit("flux", phases, budget, bank, ids_bank, device, sizes, log, args, out_root)
 
     generator = torch.Generator().manual_seed(SEED + 5)
     n = sizes.eval_images
@@ -429,7 +444,11 @@ def job_video(args, sizes: Sizes, out_root: Path, log) -> None:
         clips = scenes.render_clips(sprites, placement, sizes.vtae_frames, size)
         return _random_crop(clips, sizes.vtae_crop, cpu).contiguous()
 
-    tae = _train_tae(VideoTAE(), tae_batch, device, budget * VIDEO_PHASES["tae"], log, "lighttaew2_1", sizes)
+    phases = RESUME_PHASES if args.resume else VIDEO_PHASES
+    if args.resume:
+        tae = VideoTAE().load(Path(args.resume) / "vae_approx").to(device).eval()
+    else:
+        tae = _train_tae(VideoTAE(), tae_batch, device, budget * phases["tae"], log, "lighttaew2_1", sizes)
     folder = out_root / "vae_approx"
     folder.mkdir(parents=True, exist_ok=True)
     tae.save(folder)
@@ -451,7 +470,7 @@ def job_video(args, sizes: Sizes, out_root: Path, log) -> None:
             if i == 0:
                 psnr.append(_psnr(tae.decode(latents), clips))
     _log_bank(log, "wan_bank", bank, time.time() - t0, psnr[0], clips=sizes.bank_clips)
-    model = _train_and_save_dit("wan", VIDEO_PHASES, budget, bank, ids_bank, device, sizes, log, args, out_root)
+    model = _train_and_save_dit("wan", phases, budget, bank, ids_bank, device, sizes, log, args, out_root)
 
     generator = torch.Generator().manual_seed(SEED + 25)
     n = sizes.eval_clips
@@ -476,6 +495,14 @@ def job_classifier(args, sizes: Sizes, out_root: Path, log) -> None:
     from .training import Budget, autocast, learning_rate
 
     device = _setup(args)
+    if args.resume:  # kept as it is; copied whole (the other jobs poll for the file)
+        folder = out_root / "classifier"
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / (cls_mod.FILE + ".partial")
+        partial.write_bytes((Path(args.resume) / "classifier" / cls_mod.FILE).read_bytes())
+        partial.rename(folder / cls_mod.FILE)
+        log.set(classifier_kept_from=str(args.resume))
+        return
     sprites, _ = _sprites(args, device)
     torch.manual_seed(SEED + 30)
     net = cls_mod.Classifier().to(device)
@@ -600,6 +627,8 @@ def drive(args) -> int:
                    "--dit-lr", str(args.dit_lr)]
         if args.dit_steps:
             command += ["--dit-steps", str(args.dit_steps)]
+        if args.resume:
+            command += ["--resume", str(Path(args.resume).resolve())]
         command += ["--preset", args.preset]
         stream = open(work / "logs" / f"{job}.out", "w")
         processes[job] = (subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT,
@@ -618,6 +647,9 @@ def drive(args) -> int:
     written = pack_results(work, Path(args.out))
     merged = json.loads((Path(args.out) / "train_log.json").read_text())
     merged["exit_codes"] = codes
+    earlier = Path(args.resume) / "train_log.json" if args.resume else None
+    if earlier is not None and earlier.is_file():
+        merged["earlier_run"] = json.loads(earlier.read_text())
     (Path(args.out) / "train_log.json").write_text(json.dumps(merged, indent=1))
     print("wrote", ", ".join(f"{p.name} ({p.stat().st_size} B)" for p in written))
     return 0 if all(c == 0 for c in codes.values()) else 1
@@ -635,6 +667,8 @@ def main(argv=None) -> int:
     parser.add_argument("--classifier-seconds", type=float, default=150.0)
     parser.add_argument("--dit-lr", type=float, default=6e-4)
     parser.add_argument("--dit-steps", type=int, default=0, help="fixed transformer steps (default: by time)")
+    parser.add_argument("--resume", help="a models tree (lab/models) to continue from: the autoencoders and the "
+                                         "classifier are kept, both transformers train on from its weights")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="full",
                         help="full (the GPU run), tiny (toy sizes, 2 steps per phase: the CPU smoke test) or "
                              "check (full sizes, 1 step per phase, tiny banks: a CPU shape check)")
