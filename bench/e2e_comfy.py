@@ -53,6 +53,13 @@ VARIANTS = {
     "keep lists": {"attention_selection": "warmup_steps"},
     "keep lists+cache": {"attention_selection": "warmup_steps", "step_cache": "fixed"},
     "sparsity 0": {"attention_sparsity": 0.0, "mlp_sparsity": 0.0},
+    # CUDA graphs of the sparse steps off (FLUX has them on by default): the eager path.
+    "chipmunk eager": {"cuda_graphs": False},
+    "chipmunk+cache eager": {"step_cache": "fixed", "cuda_graphs": False},
+    # FLUX below its min_sparse_tokens rule (which otherwise runs such sizes stock).
+    "chipmunk any size": {"min_sparse_tokens": 0},
+    "chipmunk any size eager": {"min_sparse_tokens": 0, "cuda_graphs": False},
+    "chipmunk+cache any size": {"min_sparse_tokens": 0, "step_cache": "fixed"},
 }
 
 
@@ -191,6 +198,7 @@ def main():
         latent = torch.zeros(shape)
         noise = comfy.sample.prepare_noise(latent, 1)
         reference = stock_seconds = None
+        outputs = {}
         for label in ns.variants.split(","):
             settings = VARIANTS[label]
             model = stock if settings is None else hooks.accelerate(stock, **settings)
@@ -209,15 +217,26 @@ def main():
             if reference is None:
                 reference, stock_seconds = out, seconds
             deviation = float((out.float() - reference.float()).norm() / reference.float().norm())
+            outputs[label] = out
+            graphed = outputs.get(label[:-len(" eager")]) if label.endswith(" eager") else None
+            vs_graphed = None if graphed is None else float((out.float() - graphed.float()).norm()
+                                                            / graphed.float().norm().clamp_min(1e-30))
             config = None if settings is None else model.model_options["transformer_options"]["chipmunk"].config
             rows.append(dict(case=ns.case, size=size, batch=ns.batch, latent=list(shape), steps=ns.steps, cfg=ns.cfg,
                              variant=label, settings=None if config is None else config.describe(),
                              seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
+                             rel_deviation_vs_graphed=vs_graphed,
                              finite=bool(torch.isfinite(out).all())))
             busy_text = "" if busy is None else f"  busy {busy:4.0%}"
+            if vs_graphed is not None:
+                busy_text += f"  vs graphed {vs_graphed:.2e}"
             print(f"{ns.case:8s} {size:12s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
                   f"{busy_text}  dev {deviation:.2e}", flush=True)
+            if settings is not None:
+                report = getattr(model.model_options["transformer_options"]["chipmunk"], "last_report", None)
+                if report:
+                    rows[-1]["report"] = report
             del model
         if ns.device == "cuda":
             torch.cuda.empty_cache()

@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh preflight # one GPU: short end-to-end runs that check the scripts
 #   bash bench/gpu_session.sh final     # GPUs 0-3: the end-to-end tables of the README
 #   bash bench/gpu_session.sh fill      # one GPU: the FLUX rows the final run had no time for
+#   bash bench/gpu_session.sh graphs    # one GPU: FLUX with and without CUDA graphs of the sparse steps
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
@@ -79,6 +80,16 @@ fill)
         --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_2048.json"
     job 0 90 flux_small "${E2E[@]}" --case flux --sizes 512x512,768x768 \
         --variants "stock,chipmunk+cache" --out "$R/e2e_flux_small.json"
+    ;;
+graphs)
+    job 0 230 flux_1024 "${E2E[@]}" --case flux --sizes 1024x1024 \
+        --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,chipmunk+cache eager,sparsity 0" --out "$R/e2e_flux_1024.json"
+    job 0 150 flux_2048 "${E2E[@]}" --case flux --sizes 2048x2048 --steps 20 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_2048.json"
+    job 0 110 flux_small "${E2E[@]}" --case flux --sizes 1280x768,768x768 \
+        --variants "stock,chipmunk any size,chipmunk any size eager,chipmunk+cache any size" --out "$R/e2e_flux_small.json"
+    job 0 70 flux_busy "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --variants "stock,chipmunk,chipmunk eager" \
+        --busy --out "$R/e2e_flux_busy.json"
     ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \

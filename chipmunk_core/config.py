@@ -50,6 +50,10 @@ class ChipmunkConfig:
     attention_selection: str = "every_dense_step"
     # Queries per group that score the keys when lists are selected (0: all, exact column sums).
     attention_score_queries: int = 0
+    # On CUDA, replay the sparse steps of a conditioning as CUDA graphs (captured on the first
+    # steps that can be, per conditioning and MLP-ranking pattern) where ComfyUI's set-up allows it:
+    # where one step is little GPU work, the host's launches are what the step waits on.
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         problems = []
@@ -125,7 +129,7 @@ class ChipmunkConfig:
 FAMILY_DEFAULTS = {
     "flux": ChipmunkConfig(
         family="flux", attention_sparsity=0.835, mlp_sparsity=0.70, mlp_random_fraction=0.05,
-        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=4096),
+        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=4096, cuda_graphs=True),
     "hunyuan_video": ChipmunkConfig(
         family="hunyuan_video", attention_sparsity=0.94, attention_random_fraction=0.01, mlp_sparsity=0.0,
         dense_warmup_steps=2, dense_interval=0, dense_at_fractions=(0.2, 0.8), first_dense_layers=2),

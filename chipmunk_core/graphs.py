@@ -110,3 +110,42 @@ class StepGraph:
         self.backend.replay(self._graph)
         self.replays += 1
         return self._outputs
+
+
+class StepReplays:
+    """The captured sparse steps of one conditioning, one ``StepGraph`` per ``settings`` (e.g. the
+    pattern of which MLPs re-rank their units this step), and the host bookkeeping a replay redoes.
+
+    ``run(fn, inputs, persistent, settings, bookkeeping)``: ``bookkeeping`` is an object with
+    ``snapshot() -> state`` and ``delta(before, after) -> change`` and ``restore(before, change)``;
+    the change a call that ran ``fn``'s Python made is recorded per settings, and a replay (which
+    runs no Python) gets exactly that change applied. Returns (outputs, how) with how one of
+    "eager", "captured", "replayed".
+    """
+
+    def __init__(self, backend_factory=None):
+        self.backend_factory = backend_factory or CudaGraphBackend
+        self.graphs: dict = {}
+        self.changes: dict = {}
+
+    def run(self, fn, inputs: tuple, persistent: tuple, settings, bookkeeping):
+        graph = self.graphs.get(settings)
+        if graph is None:
+            graph = self.graphs[settings] = StepGraph(self.backend_factory())
+        captures, replays = graph.captures, graph.replays
+        before = bookkeeping.snapshot()
+        outputs = graph.run(fn, inputs, persistent, settings)
+        if graph.replays > replays and graph.captures == captures:
+            bookkeeping.restore(before, self.changes[settings])
+            return outputs, "replayed"
+        self.changes[settings] = bookkeeping.delta(before, bookkeeping.snapshot())
+        return outputs, "captured" if graph.captures > captures else "eager"
+
+    def count(self, what: str) -> int:
+        return sum(getattr(g, what) for g in self.graphs.values())
+
+    def reset(self):
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.changes.clear()

@@ -22,6 +22,7 @@ import torch
 
 from .attention import SparseDeltaAttention, selects_keys
 from .config import ChipmunkConfig
+from .graphs import StepReplays
 from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import ModelDims, cache_bytes, place_caches
 from .mlp import SparseDeltaMLP
@@ -42,6 +43,22 @@ class CondCaches:
         self.attention: dict[int, SparseDeltaAttention] = {}
         self.mlp: dict[tuple[int, str], SparseDeltaMLP] = {}
         self.step_cache = StepCache()
+        self.graphs = StepReplays()
+
+    def graph_settings(self, config: ChipmunkConfig) -> tuple:
+        """What a captured sparse step bakes in besides tensors: which MLPs re-rank their units."""
+        return tuple((key, state.ranks_next_step(config)) for key, state in sorted(self.mlp.items()))
+
+    def persistent(self) -> list[torch.Tensor]:
+        """Every long-lived tensor a sparse step reads or updates in place (a graph's addresses)."""
+        tensors = []
+        for state in self.attention.values():
+            tensors += [state.delta, state.indices, state.counts, state.lse]
+        for state in self.mlp.values():
+            tensors += [state.hidden, state.out, state.block_mean, state._x_mean,
+                        *(state._selection or ()), state._w2_t[1] if state._w2_t else None]
+        tensors += self.step_cache.buffers()
+        return [t for t in tensors if t is not None]
 
     def attention_state(self, layer: int) -> SparseDeltaAttention:
         if layer not in self.attention:
@@ -63,6 +80,7 @@ class CondCaches:
         self.attention.clear()
         self.mlp.clear()
         self.step_cache.reset()
+        self.graphs.reset()
 
 
 class SamplingRun:
@@ -166,15 +184,53 @@ class SamplingRun:
             "skipped": steps["skipped"], "stock": steps["stock"],
             "attention_sparsity": self.achieved("attention"), "mlp_sparsity": self.achieved("mlp"),
             "layers": dict(self.stats),
+            "graphs": {how: self.stats[f"graph {how} calls"] for how in ("eager", "captured", "replayed")},
             "cache_gib": self.peak_cache_bytes / 2**30,
             "cache_on": sorted(self.cache_storage),
             "notes": list(self.notes.values()),
         }
 
+    def replay_or_run(self, call: "ModelCall", fn, inputs: tuple, persistent: tuple = ()):
+        """A sparse model call through its conditioning's CUDA graphs (``StepReplays``): ``fn``
+        takes ``inputs`` and computes the call; ``persistent`` adds tensors it reads at fixed
+        addresses (the model's weights). Returns (outputs, "eager" | "captured" | "replayed")."""
+        caches = call.caches
+        settings = caches.graph_settings(self.config)
+        out, how = caches.graphs.run(fn, inputs, tuple(caches.persistent()) + tuple(persistent), settings,
+                                     _Bookkeeping(self, caches))
+        self.stats[f"graph {how} calls"] += 1
+        return out, how
+
     def release(self):
         for caches in self._caches.values():
             caches.reset()
         self._caches.clear()
+
+
+class _Bookkeeping:
+    """The host-side counters a sparse call advances: the run's statistics and each MLP's count of
+    sparse steps (its ranking interval). A replayed graph runs no Python: it gets the change the
+    call that ran the Python made."""
+
+    def __init__(self, run: SamplingRun, caches: CondCaches):
+        self.run, self.caches = run, caches
+
+    def snapshot(self):
+        return (Counter(self.run.stats), Counter(self.run.kept),
+                {key: state._sparse_steps for key, state in self.caches.mlp.items()})
+
+    @staticmethod
+    def delta(before, after):
+        return tuple({k: after[i][k] - before[i].get(k, 0) for k in after[i]} for i in range(3))
+
+    def restore(self, before, change):
+        for counter, base, diff in ((self.run.stats, before[0], change[0]), (self.run.kept, before[1], change[1])):
+            counter.clear()
+            counter.update(base)
+            for key, value in diff.items():
+                counter[key] = base.get(key, 0) + value
+        for key, state in self.caches.mlp.items():
+            state._sparse_steps = before[2].get(key, 0) + change[2].get(key, 0)
 
 
 def key_padding(mask: torch.Tensor | None, n_keys: int) -> tuple[str, object] | None:

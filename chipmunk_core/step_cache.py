@@ -86,7 +86,8 @@ class StepCache:
         self.reset()
 
     def reset(self):
-        self.inputs: dict[str, torch.Tensor] | None = None     # first block's input, this computed step
+        self._inputs: dict[str, torch.Tensor] = {}              # first block's input, this computed step
+        self.recording = False                                   # between begin_ and end_computed
         self.residual: dict[str, torch.Tensor] | None = None   # last output - first input, last computed step
         self.previous_input: torch.Tensor | None = None        # first block's image input, last computed step
         self.previous_output: torch.Tensor | None = None
@@ -113,29 +114,54 @@ class StepCache:
         return False
 
     def begin_computed(self, streams: dict[str, torch.Tensor]):
-        """The first block is about to run: remember its input (blocks update tensors in place)."""
-        self.inputs = {name: t.clone() for name, t in streams.items()}
+        """The first block is about to run: remember its input (blocks update tensors in place).
 
-    def end_computed(self, outputs: dict[str, torch.Tensor]):
-        """The last block ran: store the residual and update the adaptive measurements."""
-        if self.inputs is None:
+        The input and residual buffers are reused while the streams keep their shapes, so a
+        computed step can be replayed as a CUDA graph (fixed addresses, no host synchronisation
+        unless the adaptive schedule measures)."""
+        self._inputs = {name: _into(self._inputs.get(name), t) for name, t in streams.items()}
+        self.recording = True
+
+    def end_computed(self, outputs: dict[str, torch.Tensor], measure: bool = True):
+        """The last block ran: store the residual and, with ``measure`` (the adaptive schedule),
+        update the adaptive measurements (these read values on the host)."""
+        if not self.recording:
             return
-        self.residual = {name: outputs[name] - self.inputs[name] for name in self.inputs}
-        self.signature = _signature(self.inputs)
-        image_in, image_out = self.inputs["img"], outputs["img"]
+        self.recording = False
+        residual = self.residual or {}
+        for name, t in self._inputs.items():
+            buffer = residual.get(name)
+            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
+                buffer = torch.empty_like(t)
+            residual[name] = torch.sub(outputs[name], t, out=buffer)
+        self.residual = residual
+        self.signature = _signature(self._inputs)
+        self.accumulated = 0.0
+        self.skips_in_a_row = 0
+        if not measure:
+            return
+        image_in, image_out = self._inputs["img"], outputs["img"]
         if self.previous_input is not None and self.previous_input.shape == image_in.shape:
             input_change = _relative_change(image_in, self.previous_input)
             if input_change > 0:
                 self.rate = _relative_change(image_out, self.previous_output) / input_change
-        self.previous_input, self.previous_output = image_in, image_out.detach().clone()
-        self.inputs = None
-        self.accumulated = 0.0
-        self.skips_in_a_row = 0
+        self.previous_input, self.previous_output = image_in.clone(), image_out.detach().clone()
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors a computed step writes (their addresses key a captured graph)."""
+        return list(self._inputs.values()) + list((self.residual or {}).values())
 
     def apply(self, streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A skipped step's block outputs: each stream's input plus the stored residual."""
         self.skips_in_a_row += 1
         return {name: t + self.residual[name] for name, t in streams.items()}
+
+
+def _into(buffer: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into ``buffer`` when that has its shape, dtype and device, else into a new one."""
+    if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
+        return t.clone()
+    return buffer.copy_(t)
 
 
 def _signature(streams: dict[str, torch.Tensor]):

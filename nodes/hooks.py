@@ -49,6 +49,9 @@ class Accelerator:
         self.run: SamplingRun | None = None
         self.call = None
         self.checks: dict[str, str | None] = {}  # MLP kind -> self-check failure (None: passed)
+        self.patcher = None  # the sampling ModelPatcher, during a run
+        self.graphs = None   # during a run: ("off", reason) or ("on", the model's weights), once known
+        self.last_report = None  # the report of the last run, as logged
 
     def __copy__(self):
         return self
@@ -131,13 +134,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     _note_plan(run, accelerator)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-    accelerator.run = run
+    accelerator.run, accelerator.patcher, accelerator.graphs = run, patcher, None
     started = time.perf_counter()
     try:
         return executor(*args, **kwargs)
     finally:
         seconds = time.perf_counter() - started
-        accelerator.run = accelerator.call = None
+        accelerator.run = accelerator.call = accelerator.patcher = accelerator.graphs = None
         guider.model_options = original_options
         report.publish(accelerator, run, seconds)
         run.release()
@@ -182,6 +185,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     accelerator, call, args, kwargs = begun
     try:
+        if _graphs_for(accelerator, call, args, kwargs):
+            return _graphed_call(executor, call, args, kwargs, accelerator.graphs[1])
         return executor(*args, **kwargs)
     finally:
         _end_call(accelerator, call)
@@ -220,6 +225,124 @@ def _begin_call(executor, args, kwargs):
 def _end_call(accelerator, call):
     accelerator.call = None
     call.run.end_call(call)
+
+
+# --- CUDA graphs of sparse steps -------------------------------------------------------------------
+COMPILE_OPTION = "torch_compile_kwargs"  # model_options key of ComfyUI's TorchCompileModel
+GRAPH_DEVICES = ("cuda",)  # device types whose sparse calls are graphed (tests add "cpu" with a stand-in backend)
+
+
+@torch.compiler.disable
+def _graphs_for(accelerator: Accelerator, call, args, kwargs) -> bool:
+    """Whether this model call goes through the conditioning's CUDA graphs: a sparse call on CUDA
+    whose every step-dependent decision is known before the model runs, in a set-up where nothing
+    but ComfyUI's model code and Chipmunk's hooks runs inside the call and the weights stay put."""
+    config, run = call.config, call.run
+    if not config.cuda_graphs or call.dense or call.stock_layers or not config.sparse or call.has_control:
+        return False
+    options = _transformer_options(args, kwargs) or {}
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("x")
+    if not isinstance(x, torch.Tensor) or x.device.type not in GRAPH_DEVICES:
+        return False
+    if accelerator.graphs is None:
+        accelerator.graphs = _graph_setup(accelerator, call, options)
+        if accelerator.graphs[0] == "off":
+            run.note("graphs", f"CUDA graphs of the sparse steps are off: {accelerator.graphs[1]}", logging.INFO)
+    if accelerator.graphs[0] == "off":
+        return False
+    if any(_holds_tensors(a) for a in list(args) + list(kwargs.values()) if a is not options):
+        run.note("graphs nested", "CUDA graphs of the sparse steps are off for calls that pass tensors inside "
+                                  "lists (reference latents and the like)", logging.INFO)
+        return False
+    schedule = run.step_cache_schedule
+    if schedule.mode == "adaptive":  # decided from the first block's input, inside the call
+        run.note("graphs adaptive", "CUDA graphs of the sparse steps are off with the adaptive step cache (it "
+                                    "decides inside the model call); the fixed schedule keeps them", logging.INFO)
+        return False
+    if schedule.active and schedule.decide(call.step, lambda: False):
+        return False  # a skipped step runs no block: nothing to replay
+    return True
+
+
+def _holds_tensors(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value.values())
+    return False
+
+
+def _graph_setup(accelerator: Accelerator, call, options: dict):
+    """("on", the weights a graph reads) or ("off", why), worked out at the run's first sparse call."""
+    import comfy.patcher_extension
+
+    patcher = accelerator.patcher
+    if patcher is None:
+        return "off", "the model is sampled outside ComfyUI's sampler"
+    if COMPILE_OPTION in patcher.model_options:
+        return "off", "torch.compile is applied to this model (its own graphs and Chipmunk's would nest)"
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        return "off", ("ComfyUI's dynamic VRAM manages the weights (start ComfyUI with --disable-dynamic-vram "
+                       "to replay sparse steps as CUDA graphs)")
+    if getattr(patcher.model, "model_lowvram", False):
+        return "off", "the model is partly offloaded (low VRAM): its weights move during a step"
+    wrappers = (options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    foreign = sorted(str(key) for key in wrappers if key != HOOK_KEY)
+    if foreign:
+        return "off", f"other nodes wrap the model call ({', '.join(foreign)})"
+    patches = {name: p for name, p in (options.get("patches") or {}).items() if p}
+    if patches:
+        return "off", f"other nodes patch the model ({', '.join(sorted(patches))})"
+    replaced = (options.get("patches_replace") or {}).get("dit", {})
+    if any(getattr(patch, "chipmunk_wraps", None) is not None for patch in replaced.values()):
+        return "off", "another node replaces blocks of the model"
+    previous = getattr(options.get(OVERRIDE), "previous", None)
+    if previous is not None:
+        return "off", f"another attention override is installed ({_name(previous)})"
+    weights = tuple(list(call.diffusion_model.parameters()) + list(call.diffusion_model.buffers()))
+    if any(t.device.type not in GRAPH_DEVICES for t in weights):
+        return "off", "some of the model's weights are not on the GPU"
+    return "on", weights
+
+
+def _graphed_call(executor, call, args, kwargs, weights):
+    """The model call through ``SamplingRun.replay_or_run``: every tensor argument (and the call's
+    random-pick seeds) is an input of the graph; the output is copied out of the graph's memory."""
+    options = _transformer_options(args, kwargs)
+    positional = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    named = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    in_options = [k for k, v in options.items() if isinstance(v, torch.Tensor)]
+    inputs = (tuple(args[i] for i in positional) + tuple(kwargs[k] for k in named)
+              + tuple(options[k] for k in in_options) + (call.seeds,))
+
+    def model_call(*tensors):
+        tensors = list(tensors)
+        call.seeds = tensors.pop()
+        new_options = {**options, **{k: tensors[len(positional) + len(named) + j] for j, k in enumerate(in_options)}}
+        new_args = list(args)
+        for j, i in enumerate(positional):
+            new_args[i] = tensors[j]
+        new_kwargs = {**kwargs, **{k: tensors[len(positional) + j] for j, k in enumerate(named)}}
+        if new_args and new_args[-1] is options:
+            new_args[-1] = new_options
+        elif "transformer_options" in new_kwargs:
+            new_kwargs["transformer_options"] = new_options
+        return executor(*new_args, **new_kwargs)
+
+    try:
+        out, _ = call.run.replay_or_run(call, model_call, inputs, weights)
+    except RuntimeError as error:
+        if "captur" not in str(error).lower():
+            raise
+        # Something inside the call cannot be captured (a host synchronisation in a model's code):
+        # eager from here on, said once.
+        call.caches.graphs.reset()
+        accelerator = call.caches and (_transformer_options(args, kwargs) or {}).get(ACCEL_KEY)
+        if accelerator is not None:
+            accelerator.graphs = ("off", f"capturing a step failed ({str(error).splitlines()[0][:160]})")
+        call.run.note("graphs", f"CUDA graphs of the sparse steps are off: capturing a step failed: {error}")
+        return executor(*args, **kwargs)
+    return out.clone()
 
 
 def _name(function) -> str:
@@ -316,7 +439,8 @@ def _enter_block(kind: str, index: int, position: int, args: dict):
 
 @torch.compiler.disable
 def _leave_last_block(call, out: dict):
-    call.caches.step_cache.end_computed(_streams_out(out, call))
+    call.caches.step_cache.end_computed(_streams_out(out, call),
+                                        measure=call.run.step_cache_schedule.mode == "adaptive")
 
 
 def _decide_skip(call, streams: dict):

@@ -24,6 +24,10 @@ def lines(accelerator, run, seconds: float) -> list[str]:
         if config.sparse:
             out.append(f"achieved sparsity on sparse steps: attention {_percent(data['attention_sparsity'])}, "
                        f"MLP {_percent(data['mlp_sparsity'])}")
+            graphs = data["graphs"]
+            if graphs["replayed"] or graphs["captured"]:
+                out.append(f"CUDA graphs: {graphs['replayed']} sparse model calls replayed, {graphs['captured']} "
+                           f"captured, {graphs['eager']} eager")
             where = "/".join(data["cache_on"]) or "-"
             out.append(f"cache: {data['cache_gib']:.2f} GiB on {where}")
     out.append(f"settings: {config.describe()}; dense steps {sorted(run.schedule.dense_steps)}")
@@ -34,7 +38,8 @@ def lines(accelerator, run, seconds: float) -> list[str]:
 def publish(accelerator, run, seconds: float):
     """Log the report and show it on the Chipmunk Accelerate node that made the model."""
     text = lines(accelerator, run, seconds)
-    logger.info(" | ".join(text))
+    accelerator.last_report = " | ".join(text)
+    logger.info(accelerator.last_report)
     if accelerator.node_id is None:
         return
     try:

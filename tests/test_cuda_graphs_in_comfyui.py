@@ -1,0 +1,100 @@
+"""Sparse steps replayed as CUDA graphs, in a real ComfyUI process (narrow FLUX).
+
+CUDA graphs need a GPU; on the CPU a stand-in backend takes their place. It keeps what a graph
+does to the step: the capture and the replay that follows it compute the step once, each later
+replay computes it again from the static inputs. Unlike a graph it runs the Python again, so the
+run's bookkeeping must come out the same as without graphs only because the hooks restore it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from harness import chipmunk as cm
+from test_accelerate import _relative, narrow_flux
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
+
+
+class StandInBackend:
+    def capture(self, fn, static_inputs):
+        outputs = fn(*static_inputs)
+        return {"fn": fn, "inputs": static_inputs, "outputs": outputs, "fresh": True}, outputs
+
+    def replay(self, graph):
+        if graph.pop("fresh", False):  # the capture computed this step
+            return
+        graph["outputs"].copy_(graph["fn"](*graph["inputs"]))
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch, chipmunk_pack_nodes):
+    """The pack's hooks module as the node uses it (ComfyUI loaded the pack under its folder name),
+    with CPU calls graphed by the stand-in backend."""
+    import importlib
+
+    package = chipmunk_pack_nodes["ChipmunkAccelerate"].__module__.split(".")[0]
+    hooks = importlib.import_module(f"{package}.nodes.hooks")
+    graphs = importlib.import_module(f"{package}.chipmunk_core.graphs")
+    monkeypatch.setattr(hooks, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "CudaGraphBackend", StandInBackend)
+    return hooks
+
+
+@pytest.fixture(scope="module")
+def flux(comfy_inprocess, chipmunk_pack_nodes):
+    return narrow_flux(comfy_inprocess, chipmunk_pack_nodes)
+
+
+def _report(caplog):
+    return cm.reports(caplog)[-1]
+
+
+@pytest.mark.parametrize("step_cache", ["off", "fixed"])
+def test_graphed_sparse_steps_match_eager_ones(flux, graphs_on_cpu, step_cache, caplog):
+    """Every sparse call after the first two of each MLP-ranking pattern is replayed; the output and
+    the report's counts are those of the same run without graphs."""
+    size = flux.sizes[0]
+    with caplog.at_level(logging.INFO):
+        hooks = graphs_on_cpu
+        eager = flux.sample(hooks.accelerate(flux.model, step_cache=step_cache, cuda_graphs=False), size, steps=20,
+                            cfg=3.5)
+        eager_report = _report(caplog)
+        graphed = flux.sample(hooks.accelerate(flux.model, step_cache=step_cache), size, steps=20, cfg=3.5)
+        report = _report(caplog)
+    assert "CUDA graphs:" in report and "CUDA graphs:" not in eager_report
+    replayed = int(report.split("CUDA graphs: ")[1].split(" ")[0])
+    assert replayed > 0, report
+    assert cm.step_counts(report) == cm.step_counts(eager_report)
+    sparsity = [line for line in report.split(" | ") if line.startswith("achieved sparsity")]
+    assert sparsity == [line for line in eager_report.split(" | ") if line.startswith("achieved sparsity")]
+    assert torch.isfinite(graphed).all() and _relative(graphed, eager) < 1e-5
+
+
+def test_graphs_stay_off_where_something_else_runs_inside_the_call(flux, graphs_on_cpu, caplog):
+    import comfy.patcher_extension
+
+    size = flux.sizes[0]
+    patched = flux.accelerate()
+    wrapped = patched.clone()
+
+    def another_nodes_wrapper(executor, *args, **kwargs):
+        return executor(*args, **kwargs)
+
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "another-node",
+                                 another_nodes_wrapper)
+    with caplog.at_level(logging.INFO):
+        flux.sample(wrapped, size, steps=12)
+    report = _report(caplog)
+    assert "CUDA graphs:" not in report and "other nodes wrap the model call (another-node)" in report
+    with caplog.at_level(logging.INFO):
+        flux.sample(flux.accelerate(step_cache="adaptive"), size, steps=12)
+    assert "off with the adaptive step cache" in _report(caplog)
+    compiled = patched.clone()
+    compiled.model_options[graphs_on_cpu.COMPILE_OPTION] = {"backend": "inductor"}
+    with caplog.at_level(logging.INFO):
+        flux.sample(compiled, size, steps=12)
+    assert "torch.compile is applied" in _report(caplog)
