@@ -43,6 +43,11 @@ def _static_copies(inputs):
     return tuple(t.detach().clone() for t in inputs)
 
 
+class CaptureFailed(RuntimeError):
+    """Capturing a step failed (something in it cannot be captured, or memory ran out); the
+    graph is dropped and nothing was replayed: the caller runs the step eagerly."""
+
+
 class GraphBackend:
     """Captures a callable and replays it. ``capture(fn, static_inputs) -> (graph, outputs)``:
     ``outputs`` are what ``fn(*static_inputs)`` returned during the capture and what every
@@ -56,16 +61,12 @@ class GraphBackend:
 
 
 class CudaGraphBackend(GraphBackend):
-    """torch.cuda.CUDAGraph; every graph of one backend shares one memory pool."""
-
-    def __init__(self):
-        self.pool = None
+    """torch.cuda.CUDAGraph, each graph with its own memory pool (a pool dies with its last graph:
+    a handle kept across a dropped graph would point at a freed pool)."""
 
     def capture(self, fn, static_inputs):
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # (waits for the eager warm-up's work first)
+        with torch.cuda.graph(graph):  # (waits for the eager warm-up's work first)
             outputs = fn(*static_inputs)
         return graph, outputs
 
@@ -102,7 +103,12 @@ class StepGraph:
             return fn(*inputs)
         if self._graph is None:
             self._static_inputs = _static_copies(inputs)
-            self._graph, self._outputs = self.backend.capture(fn, self._static_inputs)
+            try:
+                self._graph, self._outputs = self.backend.capture(fn, self._static_inputs)
+            except RuntimeError as error:  # torch's and CUDA's errors, out of memory included
+                self.reset()
+                raise CaptureFailed(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") \
+                    from error
             self.captures += 1
         else:
             for static, new in zip(self._static_inputs, inputs):

@@ -25,6 +25,7 @@ import torch
 
 from ..chipmunk_core import SLIDER_FIELDS, ChipmunkConfig, SamplingRun, plan_for, resolve_config
 from ..chipmunk_core.adapters import replacements
+from ..chipmunk_core.graphs import CaptureFailed
 from . import report
 
 logger = logging.getLogger(__name__)
@@ -331,16 +332,15 @@ def _graphed_call(executor, call, args, kwargs, weights):
 
     try:
         out, _ = call.run.replay_or_run(call, model_call, inputs, weights)
-    except RuntimeError as error:
-        if "captur" not in str(error).lower():
-            raise
-        # Something inside the call cannot be captured (a host synchronisation in a model's code):
-        # eager from here on, said once.
+    except CaptureFailed as error:
+        # Something inside the call cannot be captured (a host synchronisation in a model's code,
+        # memory): eager for the rest of the run, said once.
         call.caches.graphs.reset()
-        accelerator = call.caches and (_transformer_options(args, kwargs) or {}).get(ACCEL_KEY)
+        call.seeds = inputs[-1]
+        accelerator = (_transformer_options(args, kwargs) or {}).get(ACCEL_KEY)
         if accelerator is not None:
-            accelerator.graphs = ("off", f"capturing a step failed ({str(error).splitlines()[0][:160]})")
-        call.run.note("graphs", f"CUDA graphs of the sparse steps are off: capturing a step failed: {error}")
+            accelerator.graphs = ("off", f"capturing a step failed ({error})")
+        call.run.note("graphs", f"CUDA graphs of the sparse steps are off: capturing a step failed ({error})")
         return executor(*args, **kwargs)
     return out.clone()
 

@@ -98,3 +98,22 @@ def test_graphs_stay_off_where_something_else_runs_inside_the_call(flux, graphs_
     with caplog.at_level(logging.INFO):
         flux.sample(compiled, size, steps=12)
     assert "torch.compile is applied" in _report(caplog)
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_so(flux, graphs_on_cpu, monkeypatch, caplog):
+    import importlib
+
+    graphs = importlib.import_module(graphs_on_cpu.__name__.rsplit(".", 2)[0] + ".chipmunk_core.graphs")
+
+    class FailingBackend(StandInBackend):
+        def capture(self, fn, static_inputs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingBackend)
+    size = flux.sizes[0]
+    eager = flux.sample(graphs_on_cpu.accelerate(flux.model, cuda_graphs=False), size, steps=12)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(graphs_on_cpu.accelerate(flux.model), size, steps=12)
+    report = _report(caplog)
+    assert "capturing a step failed (RuntimeError: operation not permitted" in report
+    assert torch.equal(out, eager)
