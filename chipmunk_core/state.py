@@ -53,7 +53,7 @@ class CondCaches:
         """Every long-lived tensor a sparse step reads or updates in place (a graph's addresses)."""
         tensors = []
         for state in self.attention.values():
-            tensors += [state.delta, state.indices, state.counts, state.lse]
+            tensors += [state.delta, state.indices, state.counts]  # (lse: read by dense steps only)
         for state in self.mlp.values():
             tensors += [state.hidden, state.out, state.block_mean, state._x_mean,
                         *(state._selection or ()), state._w2_t[1] if state._w2_t else None]
