@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
-from .memory import to_compute, to_storage
+from .memory import reuse_buffer, to_compute, to_storage
 
 
 def selects_keys(config: ChipmunkConfig, step: int) -> bool:
@@ -30,11 +30,6 @@ def selects_keys(config: ChipmunkConfig, step: int) -> bool:
     A dense step whose layer holds no lists for the shape selects whatever this says.
     """
     return config.attention_selection == "every_dense_step" or step < config.dense_warmup_steps
-
-
-def _fits(buffer, shape, like) -> bool:
-    return (buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == like.dtype
-            and buffer.device == like.device)
 
 
 class SparseDeltaAttention:
@@ -89,9 +84,7 @@ class SparseDeltaAttention:
         else:
             dense = F.scaled_dot_product_attention(q, k, v)
         indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-        delta = self.delta if _fits(self.delta, (batch, n_tokens, heads, head_dim), q) else None
-        if delta is None:
-            delta = torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+        delta = reuse_buffer(self.delta, (batch, n_tokens, heads, head_dim), q.dtype, q.device)
         kernels.column_sparse_attention(q, k, v, indices, counts, layout.query_order, config.query_group,
                                         base=dense, out=delta.transpose(1, 2), sign=-1.0)
         storage = self.storage or delta.device

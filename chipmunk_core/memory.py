@@ -57,6 +57,16 @@ def place_caches(needed: int, free: int | None, device: torch.device) -> torch.d
     return device if needed <= free * (1.0 - WORKING_MEMORY_SHARE) else torch.device("cpu")
 
 
+def reuse_buffer(buffer, shape, dtype, device, pinned=False) -> torch.Tensor:
+    """``buffer`` when it has this shape, dtype and device, else a new empty tensor (in pinned host
+    memory with ``pinned``, so that copies from the GPU into it are asynchronous). Long-lived
+    tensors refilled through this keep their addresses, which a captured CUDA graph relies on."""
+    device = torch.device(device)
+    if buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == dtype and buffer.device == device:
+        return buffer
+    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned and device.type == "cpu")
+
+
 def to_storage(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
     """A cache tensor moved to where caches live (pinned host memory when that is the CPU)."""
     if tensor.device == storage:

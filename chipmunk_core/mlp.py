@@ -24,18 +24,9 @@ from .. import kernels
 from ..kernels.mlp_reference import ACTIVATIONS
 from .config import ChipmunkConfig
 from .layout import inverse_permutation
-from .memory import to_compute, to_storage
+from .memory import reuse_buffer, to_compute, to_storage
 
 ACTIVATION = "gelu_tanh"
-
-
-def _reuse(buffer, shape, dtype, device, pinned=False):
-    """``buffer`` when it has this shape, dtype and device, else a new empty tensor (in pinned host
-    memory with ``pinned``, so that copies from the GPU into it are asynchronous)."""
-    device = torch.device(device)
-    if buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == dtype and buffer.device == device:
-        return buffer
-    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned and device.type == "cpu")
 
 
 class SparseDeltaMLP:
@@ -83,18 +74,18 @@ class SparseDeltaMLP:
         self._order = row_order
         blocked = hidden.index_select(1, row_order.long()).transpose(1, 2)
         storage = self.storage or hidden.device
-        self.hidden = _reuse(self.hidden, (batch, n_units, n_tokens), hidden.dtype, storage, hidden.is_cuda)
+        self.hidden = reuse_buffer(self.hidden, (batch, n_units, n_tokens), hidden.dtype, storage, hidden.is_cuda)
         self.hidden.copy_(blocked, non_blocking=True)
         n_blocks = -(-n_tokens // config.mlp_block)
         self.block_mean = kernels.block_means(
             pre_activation, row_order, config.mlp_block,
-            out=_reuse(self.block_mean, (batch, n_blocks, n_units), torch.float32, hidden.device))
+            out=reuse_buffer(self.block_mean, (batch, n_blocks, n_units), torch.float32, hidden.device))
         self.signature = (tuple(x.shape), x.dtype, x.device)
         self._sparse_steps = 0
         return hidden
 
     def store_output(self, y: torch.Tensor):
-        self.out = _reuse(self.out, y.shape, y.dtype, self.storage or y.device, y.is_cuda)
+        self.out = reuse_buffer(self.out, y.shape, y.dtype, self.storage or y.device, y.is_cuda)
         self.out.copy_(y, non_blocking=True)
 
     def ranks_next_step(self, config: ChipmunkConfig) -> bool:
@@ -146,7 +137,7 @@ class SparseDeltaMLP:
         n_units = w1.shape[0]
         n_blocks = self.block_mean.shape[1]
         self._x_mean = kernels.block_means(x, row_order, config.mlp_block,
-                                           out=_reuse(self._x_mean, (batch, n_blocks, d_in), w1.dtype, x.device))
+                                           out=reuse_buffer(self._x_mean, (batch, n_blocks, d_in), w1.dtype, x.device))
         current = torch.nn.functional.linear(self._x_mean, w1, b1)
         keep_count = round(config.mlp_keep * n_units)
         out = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .config import ChipmunkConfig
+from .memory import reuse_buffer
 
 # Runs this short are distilled or few-step runs: skipping one of their steps costs too much.
 MIN_STEPS = 11
@@ -119,7 +120,8 @@ class StepCache:
         The input and residual buffers are reused while the streams keep their shapes, so a
         computed step can be replayed as a CUDA graph (fixed addresses, no host synchronisation
         unless the adaptive schedule measures)."""
-        self._inputs = {name: _into(self._inputs.get(name), t) for name, t in streams.items()}
+        self._inputs = {name: reuse_buffer(self._inputs.get(name), t.shape, t.dtype, t.device).copy_(t)
+                        for name, t in streams.items()}
         self.recording = True
 
     def end_computed(self, outputs: dict[str, torch.Tensor], measure: bool = True):
@@ -129,12 +131,9 @@ class StepCache:
             return
         self.recording = False
         residual = self.residual or {}
-        for name, t in self._inputs.items():
-            buffer = residual.get(name)
-            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
-                buffer = torch.empty_like(t)
-            residual[name] = torch.sub(outputs[name], t, out=buffer)
-        self.residual = residual
+        self.residual = {name: torch.sub(outputs[name], t,
+                                         out=reuse_buffer(residual.get(name), t.shape, t.dtype, t.device))
+                         for name, t in self._inputs.items()}
         self.signature = _signature(self._inputs)
         self.accumulated = 0.0
         self.skips_in_a_row = 0
@@ -155,13 +154,6 @@ class StepCache:
         """A skipped step's block outputs: each stream's input plus the stored residual."""
         self.skips_in_a_row += 1
         return {name: t + self.residual[name] for name, t in streams.items()}
-
-
-def _into(buffer: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-    """``t`` copied into ``buffer`` when that has its shape, dtype and device, else into a new one."""
-    if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
-        return t.clone()
-    return buffer.copy_(t)
 
 
 def _signature(streams: dict[str, torch.Tensor]):
