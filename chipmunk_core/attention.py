@@ -58,6 +58,10 @@ class SparseDeltaAttention:
         tensors = (self.indices, self.counts, self.delta, self.lse)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The long-lived tensors a sparse step reads (the dense steps' log-sum-exp is not one)."""
+        return [t for t in (self.delta, self.indices, self.counts) if t is not None]
+
     def kept_keys(self) -> int:
         """Keys each query group recomputes on sparse steps (the selection size, random keys in)."""
         return self.kept

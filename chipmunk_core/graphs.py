@@ -147,9 +147,6 @@ class StepReplays:
         self.changes[settings] = bookkeeping.delta(before, bookkeeping.snapshot())
         return outputs, "captured" if graph.captures > captures else "eager"
 
-    def count(self, what: str) -> int:
-        return sum(getattr(g, what) for g in self.graphs.values())
-
     def reset(self):
         for graph in self.graphs.values():
             graph.reset()

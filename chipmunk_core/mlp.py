@@ -62,6 +62,12 @@ class SparseDeltaMLP:
         tensors = (self.hidden, self.out, self.block_mean, self._w2_t[1] if self._w2_t else None)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The long-lived tensors a sparse step reads or updates in place."""
+        tensors = (self.hidden, self.out, self.block_mean, self._x_mean, *(self._selection or ()),
+                   self._w2_t[1] if self._w2_t else None)
+        return [t for t in tensors if t is not None]
+
     def hidden_in_token_order(self) -> torch.Tensor:
         """The hidden cache as [B, N, M] in the model's token order (for inspection and tests)."""
         inverse = inverse_permutation(self._order.long()).to(self.hidden.device)

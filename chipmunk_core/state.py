@@ -51,14 +51,8 @@ class CondCaches:
 
     def persistent(self) -> list[torch.Tensor]:
         """Every long-lived tensor a sparse step reads or updates in place (a graph's addresses)."""
-        tensors = []
-        for state in self.attention.values():
-            tensors += [state.delta, state.indices, state.counts]  # (lse: read by dense steps only)
-        for state in self.mlp.values():
-            tensors += [state.hidden, state.out, state.block_mean, state._x_mean,
-                        *(state._selection or ()), state._w2_t[1] if state._w2_t else None]
-        tensors += self.step_cache.buffers()
-        return [t for t in tensors if t is not None]
+        states = [*self.attention.values(), *self.mlp.values(), self.step_cache]
+        return [t for state in states for t in state.buffers()]
 
     def attention_state(self, layer: int) -> SparseDeltaAttention:
         if layer not in self.attention:
@@ -227,8 +221,7 @@ class _Bookkeeping:
         for counter, base, diff in ((self.run.stats, before[0], change[0]), (self.run.kept, before[1], change[1])):
             counter.clear()
             counter.update(base)
-            for key, value in diff.items():
-                counter[key] = base.get(key, 0) + value
+            counter.update(diff)  # (Counter.update adds)
         for key, state in self.caches.mlp.items():
             state._sparse_steps = before[2].get(key, 0) + change[2].get(key, 0)
 
