@@ -178,6 +178,14 @@ def _transformer_options(args, kwargs):
     return kwargs.get("transformer_options")
 
 
+def _with_transformer_options(args, kwargs, options, new_options):
+    """The call's arguments with ``new_options`` where ``options`` was passed (last positional or
+    the ``transformer_options`` keyword)."""
+    if args and args[-1] is options:
+        return args[:-1] + (new_options,), kwargs
+    return args, {**kwargs, "transformer_options": new_options}
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     # Under torch.compile this frame is traced: the bookkeeping lives in eager-only helpers, so
     # that only ComfyUI's own model code (the executor) is compiled.
@@ -187,7 +195,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     accelerator, call, args, kwargs = begun
     try:
         if _graphs_for(accelerator, call, args, kwargs):
-            return _graphed_call(executor, call, args, kwargs, accelerator.graphs[1])
+            return _graphed_call(executor, accelerator, call, args, kwargs)
         return executor(*args, **kwargs)
     finally:
         _end_call(accelerator, call)
@@ -213,11 +221,7 @@ def _begin_call(executor, args, kwargs):
         run.note("override", f"another attention override is installed ({_name(previous)}): Chipmunk serves the "
                              "self-attention of its sparse layers first, every other attention call goes to it")
     call_options = {**options, CALL_KEY: call, OVERRIDE: attention_override(getattr(previous, "previous", previous))}
-    kwargs = dict(kwargs)
-    if args and args[-1] is options:
-        args = args[:-1] + (call_options,)
-    else:
-        kwargs["transformer_options"] = call_options
+    args, kwargs = _with_transformer_options(args, kwargs, options, call_options)
     accelerator.call = call
     return accelerator, call, args, kwargs
 
@@ -306,7 +310,7 @@ def _graph_setup(accelerator: Accelerator, call, options: dict):
     return "on", weights
 
 
-def _graphed_call(executor, call, args, kwargs, weights):
+def _graphed_call(executor, accelerator: Accelerator, call, args, kwargs):
     """The model call through ``SamplingRun.replay_or_run``: every tensor argument (and the call's
     random-pick seeds) is an input of the graph; the output is copied out of the graph's memory."""
     options = _transformer_options(args, kwargs)
@@ -317,29 +321,23 @@ def _graphed_call(executor, call, args, kwargs, weights):
               + tuple(options[k] for k in in_options) + (call.seeds,))
 
     def model_call(*tensors):
-        tensors = list(tensors)
-        call.seeds = tensors.pop()
-        new_options = {**options, **{k: tensors[len(positional) + len(named) + j] for j, k in enumerate(in_options)}}
+        *tensors, call.seeds = tensors
         new_args = list(args)
-        for j, i in enumerate(positional):
-            new_args[i] = tensors[j]
-        new_kwargs = {**kwargs, **{k: tensors[len(positional) + j] for j, k in enumerate(named)}}
-        if new_args and new_args[-1] is options:
-            new_args[-1] = new_options
-        elif "transformer_options" in new_kwargs:
-            new_kwargs["transformer_options"] = new_options
+        for i, t in zip(positional, tensors):
+            new_args[i] = t
+        new_kwargs = {**kwargs, **dict(zip(named, tensors[len(positional):]))}
+        new_options = {**options, **dict(zip(in_options, tensors[len(positional) + len(named):]))}
+        new_args, new_kwargs = _with_transformer_options(tuple(new_args), new_kwargs, options, new_options)
         return executor(*new_args, **new_kwargs)
 
     try:
-        out, _ = call.run.replay_or_run(call, model_call, inputs, weights)
+        out, _ = call.run.replay_or_run(call, model_call, inputs, accelerator.graphs[1])
     except CaptureFailed as error:
         # Something inside the call cannot be captured (a host synchronisation in a model's code,
         # memory): eager for the rest of the run, said once.
         call.caches.graphs.reset()
         call.seeds = inputs[-1]
-        accelerator = (_transformer_options(args, kwargs) or {}).get(ACCEL_KEY)
-        if accelerator is not None:
-            accelerator.graphs = ("off", f"capturing a step failed ({error})")
+        accelerator.graphs = ("off", f"capturing a step failed ({error})")
         call.run.note("graphs", f"CUDA graphs of the sparse steps are off: capturing a step failed ({error})")
         return executor(*args, **kwargs)
     return out.clone()
