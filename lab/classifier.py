@@ -48,11 +48,11 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (out * gain + noise).clamp(0.0, 1.0)
 
 
-def save(model: Classifier, folder) -> None:
+def save(model: Classifier, folder, name: str = FILE) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()},
-              str(folder / FILE))
+              str(folder / name))
 
 
 def load(path, device="cpu") -> Classifier:

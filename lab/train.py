@@ -486,6 +486,18 @@ def job_video(args, sizes: Sizes, out_root: Path, log) -> None:
     log.set(video_job_seconds=round(time.time() - start, 1), preview_prompts=prompts[:6])
 
 
+def _publish_classifier(out_root: Path, write) -> None:
+    """``write(folder, name)`` writes the classifier file under a temporary name; renamed, it
+    appears whole (the other jobs poll for it)."""
+    from . import classifier as cls_mod
+
+    folder = out_root / "classifier"
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = cls_mod.FILE + ".partial"
+    write(folder, partial)
+    (folder / partial).rename(folder / cls_mod.FILE)
+
+
 def job_classifier(args, sizes: Sizes, out_root: Path, log) -> None:
     import torch
     import torch.nn.functional as F
@@ -495,12 +507,9 @@ def job_classifier(args, sizes: Sizes, out_root: Path, log) -> None:
     from .training import Budget, autocast, learning_rate
 
     device = _setup(args)
-    if args.resume:  # kept as it is; copied whole (the other jobs poll for the file)
-        folder = out_root / "classifier"
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / (cls_mod.FILE + ".partial")
-        partial.write_bytes((Path(args.resume) / "classifier" / cls_mod.FILE).read_bytes())
-        partial.rename(folder / cls_mod.FILE)
+    if args.resume:  # kept as it is
+        kept = (Path(args.resume) / "classifier" / cls_mod.FILE).read_bytes()
+        _publish_classifier(out_root, lambda folder, name: (folder / name).write_bytes(kept))
         log.set(classifier_kept_from=str(args.resume))
         return
     sprites, _ = _sprites(args, device)
@@ -549,12 +558,7 @@ def job_classifier(args, sizes: Sizes, out_root: Path, log) -> None:
     phase.update(steps=budget.step, seconds=round(budget.elapsed(), 1), final_loss=running,
                  held_out_accuracy=round(correct / total, 4))
     log.write()
-    folder = out_root / "classifier"
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / (cls_mod.FILE + ".partial")
-    cls_mod.save(net, folder)
-    (folder / cls_mod.FILE).rename(partial)
-    partial.rename(folder / cls_mod.FILE)  # appears whole: the other jobs poll for it
+    _publish_classifier(out_root, lambda folder, name: cls_mod.save(net, folder, name))
 
 
 # --- the driver ----------------------------------------------------------------------------------
