@@ -228,15 +228,13 @@ def main():
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
                              rel_deviation_vs_graphed=vs_graphed,
                              finite=bool(torch.isfinite(out).all())))
-            busy_text = "" if busy is None else f"  busy {busy:4.0%}"
+            extra = "" if busy is None else f"  busy {busy:4.0%}"
             if vs_graphed is not None:
-                busy_text += f"  vs graphed {vs_graphed:.2e}"
+                extra += f"  vs graphed {vs_graphed:.2e}"
             print(f"{ns.case:8s} {size:12s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
-                  f"{busy_text}  dev {deviation:.2e}", flush=True)
+                  f"{extra}  dev {deviation:.2e}", flush=True)
             if settings is not None:
-                report = getattr(model.model_options["transformer_options"]["chipmunk"], "last_report", None)
-                if report:
-                    rows[-1]["report"] = report
+                rows[-1]["report"] = model.model_options["transformer_options"]["chipmunk"].last_report
             del model
         if ns.device == "cuda":
             torch.cuda.empty_cache()
