@@ -11,7 +11,12 @@ speed-up, GPU busy share, deviation from stock).
     python bench/e2e_comfy.py --smoke --device cpu --comfyui PATH --case flux   # checks the script
 
 "GPU busy" = kernel time in the torch profiler / wall time of a profiled run: well under ~90% means
-the host (Python, launches) is the bottleneck.
+the host (Python, launches) is the bottleneck. ``--kernels N`` also prints (and keeps in the JSON)
+the N kernels that took the most GPU time in that run, a breakdown of where a step's time goes.
+
+``--dynamic-vram`` sets ComfyUI up as ``python main.py`` does on NVIDIA when comfy-aimdo is
+installed (v0.19.3's default) and loads the model as ComfyUI's UNETLoader does: from a state dict
+on the CPU, through ``comfy.sd.load_diffusion_model_state_dict``, into the dynamic model patcher.
 """
 
 from __future__ import annotations
@@ -112,6 +117,32 @@ def build(name: str, device, dtype, smoke: bool):
     return comfy.model_patcher.ModelPatcher(model, torch.device(device), torch.device("cpu"))
 
 
+def enable_dynamic_vram(device) -> bool:
+    """ComfyUI's dynamic VRAM, switched on the way main.py does it (False: comfy-aimdo missing)."""
+    import comfy.memory_management
+    import comfy.model_patcher
+    import torch
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return False
+    if not comfy_aimdo.control.init_device(torch.device(device).index or 0):
+        return False
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return True
+
+
+def load_like_unet_loader(patcher):
+    """The same weights loaded as UNETLoader loads a checkpoint (state dict on the CPU)."""
+    import comfy.sd
+    state = {k: v.to("cpu") for k, v in patcher.model.diffusion_model.state_dict().items()}
+    del patcher
+    import torch
+    torch.cuda.empty_cache()
+    return comfy.sd.load_diffusion_model_state_dict(state)
+
+
 def conditioning(name: str, seed: int, smoke: bool):
     import torch
     tokens, width, pooled, valid = CASES[name][2]
@@ -138,17 +169,23 @@ def latent_shape(name: str, size: str, batch: int, smoke: bool) -> tuple:
     return (batch, 16, height // 8, width // 8)
 
 
-def gpu_busy(run) -> float | None:
-    """Kernel time / wall time of one profiled run (None on the CPU)."""
+def gpu_busy(run, top: int = 0):
+    """Kernel time / wall time of one profiled run, and the ``top`` kernels by GPU time as
+    (name, milliseconds, launches); (None, []) on the CPU."""
+    import collections
     import torch
     if not torch.cuda.is_available():
-        return None
+        return None, []
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         wall, _ = run()
-    kernel_us = sum(e.device_time_total for e in profile.events()
-                    if e.device_type == torch.autograd.DeviceType.CUDA)
-    return kernel_us / 1e6 / wall
+    kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_name, launches = collections.Counter(), collections.Counter()
+    for e in kernels:
+        per_name[e.name[:90]] += e.device_time_total
+        launches[e.name[:90]] += 1
+    ranked = [(name, round(us / 1e3, 2), launches[name]) for name, us in per_name.most_common(top)]
+    return sum(e.device_time_total for e in kernels) / 1e6 / wall, ranked
 
 
 def versions(torch) -> dict:
@@ -159,8 +196,13 @@ def versions(torch) -> dict:
     except ImportError:
         triton_version = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        import importlib.metadata
+        kitchen = importlib.metadata.version("comfy-kitchen")
+    except Exception:
+        kitchen = None
     return dict(date=datetime.date.today().isoformat(), device=device, torch=torch.__version__,
-                triton=triton_version, comfyui=comfyui_version.__version__)
+                triton=triton_version, comfyui=comfyui_version.__version__, comfy_kitchen=kitchen)
 
 
 def main():
@@ -175,6 +217,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run per size")
     parser.add_argument("--busy", action="store_true", help="also profile one run per variant for the GPU busy share")
+    parser.add_argument("--kernels", type=int, default=0, help="with --busy: list the N kernels with the most GPU time")
+    parser.add_argument("--dynamic-vram", action="store_true",
+                        help="ComfyUI's dynamic VRAM as main.py enables it, model loaded as UNETLoader does")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--out", default=None)
@@ -183,6 +228,12 @@ def main():
     sys.path.insert(0, ns.comfyui)
     from comfy.cli_args import args as comfy_args
     comfy_args.cpu = ns.device == "cpu"
+    if ns.dynamic_vram:  # before torch starts CUDA, as in main.py
+        try:
+            import comfy_aimdo.control
+            comfy_aimdo.control.init()
+        except ImportError:
+            pass
     import torch
     import comfy.model_management  # noqa: F401
     import comfy.sample
@@ -190,7 +241,13 @@ def main():
 
     dtype = torch.bfloat16 if ns.device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if ns.device == "cuda" else (lambda: None)
+    dynamic = ns.dynamic_vram and enable_dynamic_vram(ns.device)
+    if ns.dynamic_vram and not dynamic:
+        sys.exit("--dynamic-vram: comfy-aimdo is not installed or found no device")
     stock = build(ns.case, ns.device, dtype, ns.smoke)
+    if dynamic:
+        stock = load_like_unet_loader(stock)
+        print(f"model patcher: {type(stock).__name__}", flush=True)
     pos, neg = conditioning(ns.case, 5, ns.smoke), conditioning(ns.case, 6, ns.smoke)
     rows = []
     for size in ns.sizes.split(","):
@@ -213,7 +270,7 @@ def main():
 
             run(ns.warmup_steps)  # model load, kernel compilation and autotuning
             seconds, out = min((run() for _ in range(ns.repeats)), key=lambda r: r[0])
-            busy = gpu_busy(run) if ns.busy else None
+            busy, top_kernels = gpu_busy(run, ns.kernels) if ns.busy else (None, [])
             if reference is None:
                 reference, stock_seconds = out, seconds
             deviation = float((out.float() - reference.float()).norm() / reference.float().norm())
@@ -227,12 +284,16 @@ def main():
                              seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
                              rel_deviation_vs_graphed=vs_graphed,
-                             finite=bool(torch.isfinite(out).all())))
+                             finite=bool(torch.isfinite(out).all()), dynamic_vram=dynamic))
+            if top_kernels:
+                rows[-1]["top_kernels"] = top_kernels
             extra = "" if busy is None else f"  busy {busy:4.0%}"
             if vs_graphed is not None:
                 extra += f"  vs graphed {vs_graphed:.2e}"
             print(f"{ns.case:8s} {size:12s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
                   f"{extra}  dev {deviation:.2e}", flush=True)
+            for name, ms, count in top_kernels:
+                print(f"    {ms:9.1f} ms {count:6d}x  {name}", flush=True)
             if settings is not None:
                 rows[-1]["report"] = model.model_options["transformer_options"]["chipmunk"].last_report
             del model

@@ -9,6 +9,9 @@
 #   bash bench/gpu_session.sh final     # GPUs 0-3: the end-to-end tables of the README
 #   bash bench/gpu_session.sh fill      # one GPU: the FLUX rows the final run had no time for
 #   bash bench/gpu_session.sh graphs    # one GPU: FLUX with and without CUDA graphs of the sparse steps
+#   bash bench/gpu_session.sh users     # one GPU: FLUX as v0.19.3 installs it (comfy-kitchen), with
+#                                       # static and with dynamic VRAM (main.py's default on NVIDIA),
+#                                       # and the kernels that take each run's GPU time
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
@@ -17,7 +20,8 @@ set -uo pipefail
 mode="${1:?train or final}"
 OUT="${OUT:?set by the device tool}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .device/whl/*.whl && export PYTHONPATH=/tmp/site
+    .device/whl/*.whl && export PYTHONPATH=/tmp/site  # whl/ holds comfy-kitchen and comfy-aimdo
+# (requirements of ComfyUI v0.19.3): runs without them measure a ComfyUI its users do not have
 mkdir -p /tmp/cf && tar xzf .device/comfyui-v0.19.3.tar.gz -C /tmp/cf
 COMFY=/tmp/cf/ComfyUI
 R=/tmp/results && mkdir -p "$R"
@@ -90,6 +94,20 @@ graphs)
         --variants "stock,chipmunk eager,chipmunk,chipmunk+cache" --out "$R/e2e_flux_2048.json"
     job 0 110 flux_small "${E2E[@]}" --case flux --sizes 1280x768 --warmup-steps 12 \
         --variants "stock,chipmunk any size eager,chipmunk any size,chipmunk+cache any size" --out "$R/e2e_flux_small.json"
+    ;;
+users)
+    job 0 280 flux_kitchen "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --kernels 30 \
+        --variants "stock,chipmunk,chipmunk+cache,keep lists,keep lists+cache" --out "$R/e2e_flux_kitchen.json"
+    job 0 280 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --kernels 30 \
+        --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_dynamic.json"
+    ;;
+dynamic)
+    # Dynamic VRAM (main.py's default on NVIDIA with comfy-aimdo): graphs of the sparse steps
+    # against the eager path, then the same at 1280x768.
+    job 0 300 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk eager,chipmunk+cache" --out "$R/e2e_flux_dynamic_graphs.json"
+    job 0 200 flux_dynamic_sizes "${E2E[@]}" --case flux --sizes 1280x768 --warmup-steps 12 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk eager" --out "$R/e2e_flux_dynamic_sizes.json"
     ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
