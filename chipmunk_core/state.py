@@ -274,7 +274,7 @@ class ModelCall:
         self.diffusion_model = None  # set by the hook that made the call
         self.has_control = False     # a ControlNet adds to the blocks' outputs in this call
         self.recording = False       # the step cache records this call's residual
-        self.stock_layers = False    # the latent is too small for sparse layers to pay off
+        self.stock_layers = False    # layers run stock: sparse ones would not pay off (size, set-up)
         self._masks: dict[tuple, object] = {}
 
     def padding(self, mask, n_keys: int):

@@ -25,6 +25,7 @@ import torch
 
 from ..chipmunk_core import SLIDER_FIELDS, ChipmunkConfig, SamplingRun, plan_for, resolve_config
 from ..chipmunk_core.adapters import replacements
+from ..chipmunk_core.adapters.weights import PagedWeights
 from ..chipmunk_core.graphs import CaptureFailed
 from . import report
 
@@ -52,6 +53,7 @@ class Accelerator:
         self.checks: dict[str, str | None] = {}  # MLP kind -> self-check failure (None: passed)
         self.patcher = None  # the sampling ModelPatcher, during a run
         self.graphs = None   # during a run: ("off", reason) or ("on", the model's weights), once known
+        self.stock_from_now = False  # during a run: later calls run their layers stock (see _eager_loses)
         self.last_report = None  # the report of the last run, as logged
 
     def __copy__(self):
@@ -142,6 +144,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         seconds = time.perf_counter() - started
         accelerator.run = accelerator.call = accelerator.patcher = accelerator.graphs = None
+        accelerator.stock_from_now = False
         guider.model_options = original_options
         report.publish(accelerator, run, seconds)
         run.release()
@@ -196,6 +199,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     try:
         if _graphs_for(accelerator, call, args, kwargs):
             return _graphed_call(executor, accelerator, call, args, kwargs)
+        _stock_where_eager_loses(accelerator, call)
         return executor(*args, **kwargs)
     finally:
         _end_call(accelerator, call)
@@ -214,6 +218,7 @@ def _begin_call(executor, args, kwargs):
     arguments = adapter.call_arguments(diffusion_model, args, kwargs)
     shape = adapter.geometry(diffusion_model, arguments)
     call = run.begin_call(arguments["x"], options, shape)
+    call.stock_layers = call.stock_layers or accelerator.stock_from_now
     call.diffusion_model = diffusion_model
     call.has_control = arguments.get("control") is not None
     previous = options.get(OVERRIDE)
@@ -269,6 +274,32 @@ def _graphs_for(accelerator: Accelerator, call, args, kwargs) -> bool:
     return True
 
 
+def _dynamic_vram(patcher) -> bool:
+    """Whether ComfyUI's dynamic VRAM (comfy-aimdo) manages the model's weights."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+@torch.compiler.disable
+def _stock_where_eager_loses(accelerator: Accelerator, call):
+    """Under dynamic VRAM, ComfyUI's per-layer weight handling adds host work to every layer call;
+    for a family whose sparse steps are little GPU work (``cuda_graphs`` in its defaults: FLUX),
+    eager sparse steps were then slower than stock (H200, FLUX.1-dev width, 50 steps: 0.73x at
+    1024x1024, 0.84x at 1280x768; replayed as graphs 1.12x and 1.09x). A sparse call that is not
+    replayed therefore runs its layers stock, and so does every later call of the run; step
+    caching, if on, still skips steps."""
+    config = call.config
+    if call.dense or call.stock_layers or not config.sparse or not config.cuda_graphs:
+        return
+    if call.seeds.device.type not in GRAPH_DEVICES or not _dynamic_vram(accelerator.patcher):
+        return
+    call.stock_layers = accelerator.stock_from_now = True
+    why = accelerator.graphs[1] if accelerator.graphs and accelerator.graphs[0] == "off" else \
+        "this call cannot be replayed as a CUDA graph"
+    call.run.note("eager loses", f"layers run stock from this step on: under ComfyUI's dynamic VRAM the sparse "
+                                 f"steps of this model are slower than stock unless replayed as CUDA graphs, and "
+                                 f"these cannot be ({why})")
+
+
 def _holds_tensors(value) -> bool:
     if isinstance(value, (list, tuple)):
         return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value)
@@ -278,7 +309,8 @@ def _holds_tensors(value) -> bool:
 
 
 def _graph_setup(accelerator: Accelerator, call, options: dict):
-    """("on", the weights a graph reads) or ("off", why), worked out at the run's first sparse call."""
+    """("on", (the weights a graph reads, PagedWeights or None)) or ("off", why), worked out at the
+    run's first sparse call."""
     import comfy.patcher_extension
 
     patcher = accelerator.patcher
@@ -286,9 +318,6 @@ def _graph_setup(accelerator: Accelerator, call, options: dict):
         return "off", "the model is sampled outside ComfyUI's sampler"
     if COMPILE_OPTION in patcher.model_options:
         return "off", "torch.compile is applied to this model (its own graphs and Chipmunk's would nest)"
-    if getattr(patcher, "is_dynamic", lambda: False)():
-        return "off", ("ComfyUI's dynamic VRAM manages the weights (start ComfyUI with --disable-dynamic-vram "
-                       "to replay sparse steps as CUDA graphs)")
     if getattr(patcher.model, "model_lowvram", False):
         return "off", "the model is partly offloaded (low VRAM): its weights move during a step"
     wrappers = (options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
@@ -304,10 +333,20 @@ def _graph_setup(accelerator: Accelerator, call, options: dict):
     previous = getattr(options.get(OVERRIDE), "previous", None)
     if previous is not None:
         return "off", f"another attention override is installed ({_name(previous)})"
-    weights = tuple(list(call.diffusion_model.parameters()) + list(call.diffusion_model.buffers()))
+    weights = list(call.diffusion_model.parameters()) + list(call.diffusion_model.buffers())
+    paged = None
+    if _dynamic_vram(patcher):
+        # Dynamic VRAM: the GPU reads each paged layer's weight in its reserved range; a replay
+        # first checks that every range still holds it (PagedWeights).
+        paged = PagedWeights.of(call.diffusion_model)
+        gpu_weights = None if paged is None else paged.gpu_weights()
+        if gpu_weights is None:
+            return "off", ("ComfyUI's dynamic VRAM pages the weights in a way this pack does not know "
+                           "(start ComfyUI with --disable-dynamic-vram to replay sparse steps as CUDA graphs)")
+        weights = [t for t in weights if not paged.owns(t)] + gpu_weights
     if any(t.device.type not in GRAPH_DEVICES for t in weights):
         return "off", "some of the model's weights are not on the GPU"
-    return "on", weights
+    return "on", (tuple(weights), paged)
 
 
 def _graphed_call(executor, accelerator: Accelerator, call, args, kwargs):
@@ -330,8 +369,16 @@ def _graphed_call(executor, accelerator: Accelerator, call, args, kwargs):
         new_args, new_kwargs = _with_transformer_options(tuple(new_args), new_kwargs, options, new_options)
         return executor(*new_args, **new_kwargs)
 
+    weights, paged = accelerator.graphs[1]
+    if paged is not None and not paged.resident():
+        # Dynamic VRAM paged some weights out (another model, memory pressure): ComfyUI's ops
+        # bring them back on an eager call, after which the graphs hold again (same addresses).
+        call.run.stats["graph eager calls"] += 1
+        call.run.note("graphs paged", "dynamic VRAM had paged weights out: those sparse steps ran eagerly",
+                      logging.INFO)
+        return executor(*args, **kwargs)
     try:
-        out, _ = call.run.replay_or_run(call, model_call, inputs, accelerator.graphs[1])
+        out, _ = call.run.replay_or_run(call, model_call, inputs, weights)
     except CaptureFailed as error:
         # Something inside the call cannot be captured (a host synchronisation in a model's code,
         # memory): eager for the rest of the run, said once.

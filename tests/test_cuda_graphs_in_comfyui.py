@@ -117,3 +117,27 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_so(flux, graphs_on
     report = _report(caplog)
     assert "capturing a step failed (RuntimeError: operation not permitted" in report
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("step_cache", ["off", "fixed"])
+def test_under_dynamic_vram_sparse_steps_that_cannot_be_replayed_run_stock(flux, graphs_on_cpu, monkeypatch,
+                                                                           step_cache, caplog):
+    """Eager sparse FLUX steps lost to stock under dynamic VRAM (GPU numbers in the README): when
+    the graphs cannot be used there, the run's layers go stock from its first sparse step on and
+    the report says why; step caching still skips its steps."""
+    monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: True)
+    size = flux.sizes[0]
+    with caplog.at_level(logging.INFO):
+        flux.sample(graphs_on_cpu.accelerate(flux.model, step_cache=step_cache), size, steps=20)
+    report = _report(caplog)
+    counts = cm.step_counts(report)
+    assert "layers run stock from this step on: under ComfyUI's dynamic VRAM" in report
+    assert "dynamic VRAM pages the weights in a way this pack does not know" in report
+    assert counts["dense"] == 2 and counts["sparse"] == 0
+    assert (counts["skipped"] > 0) == (step_cache == "fixed")
+    assert counts["stock"] + counts["skipped"] == 18
+    # Without dynamic VRAM nothing changes: graphs replay the sparse steps.
+    monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: False)
+    with caplog.at_level(logging.INFO):
+        flux.sample(graphs_on_cpu.accelerate(flux.model, step_cache=step_cache), size, steps=20)
+    assert cm.step_counts(_report(caplog))["sparse"] > 0 and "CUDA graphs:" in _report(caplog)

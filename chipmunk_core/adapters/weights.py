@@ -50,8 +50,80 @@ def weight_identity(module, weight):
     (and inference tensors have no version counter to check).
     """
     param = getattr(module, "weight", None)
+    paged = getattr(module, "_v_weight", None)
+    if (paged is not None and weight.device == paged.device and weight.dtype == paged.dtype
+            and weight.untyped_storage().data_ptr() == paged.untyped_storage().data_ptr()):
+        # Dynamic VRAM: (a view of) the weight as copied into the layer's reserved range: same
+        # address and content for the whole run, wherever ComfyUI pages it meanwhile.
+        return (id(module), "paged", weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
     if param is None or weight.device != param.device or weight.dtype != param.dtype:
         return None
     if weight.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
         return None
     return (id(param), param.data_ptr(), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+
+
+class PagedWeights:
+    """The layers whose weights ComfyUI's dynamic VRAM (comfy-aimdo) pages in and out of the GPU.
+
+    Under dynamic VRAM a layer's weight lives in a virtual address range reserved for it (``_v``)
+    that stays where it is for as long as the model is loaded; ComfyUI's ops "fault" the range in
+    before each use (mapping pages and copying the weight in when it was paged out, recorded as a
+    signature) and unpin it after launching their kernels. A replayed CUDA graph runs none of that
+    Python: it may replay only while every such range holds the weight it held when ComfyUI last
+    copied it in. ``resident()`` checks that the way the ops do (fault, compare the signature with
+    the layer's) and unpins again at once, as the ops do after launching.
+    """
+
+    def __init__(self, modules, vbar_api):
+        self.paged = list(modules)    # every paged layer
+        self.modules = list(modules)  # the ones the residency check covers
+        self._owned = {id(t) for m in self.paged for t in (getattr(m, "weight", None), getattr(m, "bias", None))
+                       if t is not None}
+        self._api = vbar_api
+
+    @classmethod
+    def of(cls, diffusion_model) -> "PagedWeights | None":
+        """The paged layers of a model, None when none is paged (the API missing: also None)."""
+        # (Layers without weights, e.g. norms without an affine part, get an empty range too.)
+        modules = [m for m in diffusion_model.modules() if getattr(m, "_v", None) is not None
+                   and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)]
+        if not modules:
+            return None
+        try:
+            import comfy_aimdo.model_vbar as api
+        except ImportError:
+            return None
+        if not all(hasattr(api, name) for name in ("vbar_fault", "vbar_unpin", "vbar_signature_compare")):
+            return None
+        return cls(modules, api)
+
+    def owns(self, tensor) -> bool:
+        """Whether ``tensor`` is the CPU-side weight of a paged layer (not read by the GPU)."""
+        return id(tensor) in self._owned
+
+    def gpu_weights(self) -> list | None:
+        """The weights as the GPU reads them (views of the reserved ranges, stable addresses), of
+        the layers the model's calls so far have used; None when it used none.
+
+        From here on only those layers are checked: a layer no earlier call used (the dense
+        steps use every layer a sparse step does) is not read by the graphs."""
+        self.modules = [m for m in self.modules if getattr(m, "_v_weight", None) is not None]
+        return [m._v_weight for m in self.modules] or None
+
+    def resident(self) -> bool:
+        faulted, ok = [], True
+        try:
+            for module in self.modules:
+                signature = self._api.vbar_fault(module._v)
+                if signature is None:  # no memory to map it: nothing pinned
+                    ok = False
+                    break
+                faulted.append(module)
+                if not self._api.vbar_signature_compare(signature, getattr(module, "_v_signature", None)):
+                    ok = False
+                    break
+        finally:
+            for module in faulted:
+                self._api.vbar_unpin(module._v)
+        return ok
