@@ -290,6 +290,9 @@ def _stock_where_eager_loses(accelerator: Accelerator, call):
     config = call.config
     if call.dense or call.stock_layers or not config.sparse or not config.cuda_graphs:
         return
+    schedule = call.run.step_cache_schedule
+    if schedule.mode == "fixed" and schedule.decide(call.step, lambda: False):
+        return  # a skipped step runs no layer
     if call.seeds.device.type not in GRAPH_DEVICES or not _dynamic_vram(accelerator.patcher):
         return
     call.stock_layers = accelerator.stock_from_now = True

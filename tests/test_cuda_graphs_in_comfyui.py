@@ -120,24 +120,32 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_so(flux, graphs_on
 
 
 @pytest.mark.parametrize("step_cache", ["off", "fixed"])
-def test_under_dynamic_vram_sparse_steps_that_cannot_be_replayed_run_stock(flux, graphs_on_cpu, monkeypatch,
-                                                                           step_cache, caplog):
-    """Eager sparse FLUX steps lost to stock under dynamic VRAM (GPU numbers in the README): when
-    the graphs cannot be used there, the run's layers go stock from its first sparse step on and
-    the report says why; step caching still skips its steps."""
+def test_under_dynamic_vram_sparse_steps_replay_and_those_that_cannot_run_stock(flux, graphs_on_cpu, monkeypatch,
+                                                                                step_cache, caplog):
+    """Under dynamic VRAM a model none of whose layers is paged (as on the CPU) replays its sparse
+    steps as usual, skipped steps included. Where the graphs cannot be used, eager sparse FLUX
+    steps lost to stock (GPU numbers in the README): the run's layers go stock from its first
+    sparse step on and the report says why; step caching still skips its steps."""
+    import comfy.patcher_extension
+
     monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: True)
     size = flux.sizes[0]
     with caplog.at_level(logging.INFO):
         flux.sample(graphs_on_cpu.accelerate(flux.model, step_cache=step_cache), size, steps=20)
     report = _report(caplog)
     counts = cm.step_counts(report)
+    assert "CUDA graphs:" in report and "layers run stock" not in report
+    assert counts["sparse"] > 0 and counts["stock"] == 0 and (counts["skipped"] > 0) == (step_cache == "fixed")
+
+    wrapped = graphs_on_cpu.accelerate(flux.model, step_cache=step_cache).clone()
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "another-node",
+                                 lambda executor, *args, **kwargs: executor(*args, **kwargs))
+    with caplog.at_level(logging.INFO):
+        flux.sample(wrapped, size, steps=20)
+    report = _report(caplog)
+    counts = cm.step_counts(report)
     assert "layers run stock from this step on: under ComfyUI's dynamic VRAM" in report
-    assert "dynamic VRAM pages the weights in a way this pack does not know" in report
+    assert "other nodes wrap the model call (another-node)" in report
     assert counts["dense"] == 2 and counts["sparse"] == 0
     assert (counts["skipped"] > 0) == (step_cache == "fixed")
     assert counts["stock"] + counts["skipped"] == 18
-    # Without dynamic VRAM nothing changes: graphs replay the sparse steps.
-    monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: False)
-    with caplog.at_level(logging.INFO):
-        flux.sample(graphs_on_cpu.accelerate(flux.model, step_cache=step_cache), size, steps=20)
-    assert cm.step_counts(_report(caplog))["sparse"] > 0 and "CUDA graphs:" in _report(caplog)

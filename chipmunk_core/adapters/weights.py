@@ -84,12 +84,13 @@ class PagedWeights:
 
     @classmethod
     def of(cls, diffusion_model) -> "PagedWeights | None":
-        """The paged layers of a model, None when none is paged (the API missing: also None)."""
+        """The paged layers of a model (none: ComfyUI placed every weight on the GPU), or None when
+        layers are paged through an API this pack does not know."""
         # (Layers without weights, e.g. norms without an affine part, get an empty range too.)
         modules = [m for m in diffusion_model.modules() if getattr(m, "_v", None) is not None
                    and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)]
         if not modules:
-            return None
+            return cls([], None)
         try:
             import comfy_aimdo.model_vbar as api
         except ImportError:
@@ -104,14 +105,16 @@ class PagedWeights:
 
     def gpu_weights(self) -> list | None:
         """The weights as the GPU reads them (views of the reserved ranges, stable addresses), of
-        the layers the model's calls so far have used; None when it used none.
+        the layers the model's calls so far have used; None when it used none of the paged ones.
 
         From here on only those layers are checked: a layer no earlier call used (the dense
         steps use every layer a sparse step does) is not read by the graphs."""
         self.modules = [m for m in self.modules if getattr(m, "_v_weight", None) is not None]
-        return [m._v_weight for m in self.modules] or None
+        return [m._v_weight for m in self.modules] if self.modules or not self.paged else None
 
     def resident(self) -> bool:
+        if not self.modules:
+            return True
         faulted, ok = [], True
         try:
             for module in self.modules:
