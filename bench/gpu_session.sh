@@ -109,6 +109,18 @@ dynamic)
     job 0 200 flux_dynamic_sizes "${E2E[@]}" --case flux --sizes 1280x768 --warmup-steps 12 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk eager" --out "$R/e2e_flux_dynamic_sizes.json"
     ;;
+dynamic_rest)
+    # The rest of the README's table under dynamic VRAM: 1280x768,
+    # 2048x2048, and WAN2.1-1.3B at 20 steps (video: GPU-bound, checks that the default set-up works).
+    job 0 300 flux_dynamic_sizes "${E2E[@]}" --case flux --sizes 1280x768,2048x2048 --warmup-steps 12 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_dynamic_sizes.json"
+    job 0 150 wan_dynamic "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_wan13b_dynamic.json"
+    ;;
+dynamic_cache)
+    job 0 280 flux_dynamic_cache "${E2E[@]}" --case flux --sizes 1280x768,2048x2048 --warmup-steps 12 --dynamic-vram \
+        --variants "stock,chipmunk+cache" --out "$R/e2e_flux_dynamic_cache.json"
+    ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
         --budget "${RETRAIN_BUDGET:-520}" --resume lab/models --dit-lr 3e-4 --out "$OUT" >"$OUT/train_stdout.txt" 2>&1
