@@ -121,6 +121,10 @@ dynamic_cache)
     job 0 280 flux_dynamic_cache "${E2E[@]}" --case flux --sizes 1280x768,2048x2048 --warmup-steps 12 --dynamic-vram \
         --variants "stock,chipmunk+cache" --out "$R/e2e_flux_dynamic_cache.json"
     ;;
+dynamic_small)
+    job 0 200 flux_dynamic_small "${E2E[@]}" --case flux --sizes 768x768,1536x1536 --warmup-steps 12 --dynamic-vram \
+        --variants "stock,chipmunk" --out "$R/e2e_flux_dynamic_small.json"
+    ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
         --budget "${RETRAIN_BUDGET:-520}" --resume lab/models --dit-lr 3e-4 --out "$OUT" >"$OUT/train_stdout.txt" 2>&1

@@ -46,6 +46,9 @@ class ChipmunkConfig:
     # On CUDA, latents with fewer generated tokens than this run their layers stock (the sparse
     # path does not pay there); 0 = no limit. FLUX's value is measured (README, GPU numbers).
     min_sparse_tokens: int = 0
+    # The same where the host pages the weights in per layer call (ComfyUI's dynamic VRAM): each
+    # layer then costs more host time, and small latents need more tokens for sparse steps to pay.
+    min_sparse_tokens_paged: int = 0
     # Dense steps that re-select the attention key lists (ATTENTION_SELECTIONS); the others keep them.
     attention_selection: str = "every_dense_step"
     # Queries per group that score the keys when lists are selected (0: all, exact column sums).
@@ -66,7 +69,7 @@ class ChipmunkConfig:
         if self.mlp_selection_interval < 1:
             problems.append(f"mlp_selection_interval must be >= 1, got {self.mlp_selection_interval}")
         for name in ("dense_warmup_steps", "dense_interval", "first_dense_layers", "step_cache_max_skips",
-                     "min_sparse_tokens"):
+                     "min_sparse_tokens", "min_sparse_tokens_paged"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dense_warmup_steps < 1:
@@ -129,7 +132,8 @@ class ChipmunkConfig:
 FAMILY_DEFAULTS = {
     "flux": ChipmunkConfig(
         family="flux", attention_sparsity=0.835, mlp_sparsity=0.70, mlp_random_fraction=0.05,
-        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=2304, cuda_graphs=True),
+        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=2304, min_sparse_tokens_paged=3840,
+        cuda_graphs=True),
     "hunyuan_video": ChipmunkConfig(
         family="hunyuan_video", attention_sparsity=0.94, attention_random_fraction=0.01, mlp_sparsity=0.0,
         dense_warmup_steps=2, dense_interval=0, dense_at_fractions=(0.2, 0.8), first_dense_layers=2),

@@ -77,16 +77,22 @@ class CondCaches:
         self.graphs.reset()
 
 
+# Devices whose latents follow the measured size rule (min_sparse_tokens; tests add "cpu").
+SIZE_RULE_DEVICES = ("cuda",)
+
+
 class SamplingRun:
     """State of one sampling run of a Chipmunk-patched model."""
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
-                 free_memory=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False):
+                 free_memory=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
+                 paged_weights: bool = False):
         """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free.
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
         sampling): one dense step rebuilds the caches instead of the whole warm-up.
+        ``paged_weights``: the host pages the weights in per layer call (``min_sparse_tokens_paged``).
         """
         total_steps = max(1, len(sample_sigmas) - 1) if sample_sigmas is not None else 1
         self.config = config
@@ -97,6 +103,7 @@ class SamplingRun:
         self.step_cache_schedule = StepCacheSchedule(config, total_steps, self.schedule)
         self.seed = int(seed or 0)
         self.mlp_layers = mlp_layers
+        self.min_sparse_tokens = max(config.min_sparse_tokens, config.min_sparse_tokens_paged if paged_weights else 0)
         self._caches: dict[tuple, CondCaches] = {}
         self.stats = Counter()
         self.kept = Counter()  # computed / possible work on sparse layers, for the achieved sparsity
@@ -150,10 +157,13 @@ class SamplingRun:
         call = ModelCall(self, step, dense, caches, shape, seeds)
         call.cond_or_uncond = cond_or_uncond
         grid_tokens = math.prod(shape.grid)
-        if x.is_cuda and grid_tokens < self.config.min_sparse_tokens:
+        if x.device.type in SIZE_RULE_DEVICES and grid_tokens < self.min_sparse_tokens:
             call.stock_layers = True
-            self.note("small", f"{grid_tokens} image tokens is below the {self.config.min_sparse_tokens} where sparse "
-                               "steps pay off on the GPUs measured: layers run stock at this size", logging.INFO)
+            self.note("small", f"{grid_tokens} image tokens is below the {self.min_sparse_tokens} where sparse "
+                               "steps pay off on the GPUs measured"
+                               + (" with the weights paged in per layer (dynamic VRAM)"
+                                  if self.min_sparse_tokens > self.config.min_sparse_tokens else "")
+                               + ": layers run stock at this size", logging.INFO)
         return call
 
     def end_call(self, call: "ModelCall"):

@@ -133,7 +133,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       dims=accelerator.adapter.dims(diffusion_model),
                       free_memory=comfy.model_management.get_free_memory,
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
-                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas))
+                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas), paged_weights=_dynamic_vram(patcher))
     _note_plan(run, accelerator)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)

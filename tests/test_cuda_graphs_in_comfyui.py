@@ -149,3 +149,26 @@ def test_under_dynamic_vram_sparse_steps_replay_and_those_that_cannot_run_stock(
     assert counts["dense"] == 2 and counts["sparse"] == 0
     assert (counts["skipped"] > 0) == (step_cache == "fixed")
     assert counts["stock"] + counts["skipped"] == 18
+
+
+def test_the_size_rule_is_stricter_where_the_weights_are_paged(flux, graphs_on_cpu, monkeypatch, caplog):
+    """min_sparse_tokens (measured on the GPU; the CPU is added to its devices here) sends small
+    latents stock; under dynamic VRAM min_sparse_tokens_paged does, and the report says which."""
+    import importlib
+
+    state = importlib.import_module(graphs_on_cpu.__name__.rsplit(".", 2)[0] + ".chipmunk_core.state")
+    monkeypatch.setattr(state, "SIZE_RULE_DEVICES", ("cuda", "cpu"))
+    size = flux.sizes[0]
+    rule = dict(min_sparse_tokens=0, min_sparse_tokens_paged=10 ** 6)
+    for dynamic, stock in ((False, False), (True, True)):
+        monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: dynamic)
+        with caplog.at_level(logging.INFO):
+            flux.sample(graphs_on_cpu.accelerate(flux.model, **rule), size, steps=12)
+        report = _report(caplog)
+        assert (cm.step_counts(report)["stock"] == 12) == stock, report
+        assert ("with the weights paged in per layer (dynamic VRAM): layers run stock" in report) == stock
+    monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: False)
+    with caplog.at_level(logging.INFO):
+        flux.sample(graphs_on_cpu.accelerate(flux.model, min_sparse_tokens=10 ** 6), size, steps=12)
+    report = _report(caplog)
+    assert cm.step_counts(report)["stock"] == 12 and "where sparse steps pay off on the GPUs measured: layers" in report
