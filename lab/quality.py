@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import types
@@ -339,7 +340,8 @@ def prompts_for(family: str, count: int) -> list[str]:
 def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str], seeds: list[int],
             structure_samples: int) -> dict:
     base = lab.model(run.family)
-    rows = {s.name: {"psnr": [], "ssim": [], "correct": [], "seconds": 0.0} for s in [Setting("dense", None), *settings]}
+    rows = {s.name: {"psnr": [], "ssim": [], "correct": [], "seconds": 0.0, "skipped": []}
+            for s in [Setting("dense", None), *settings]}
     structure = None
     patched = {}
     for s in settings:
@@ -372,6 +374,7 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
                 t0 = time.time()
                 latent = lab.sample(patched.get(s.name, base), run, prompt, seed, s.sampler)
                 rows[s.name]["seconds"] += time.time() - t0
+                rows[s.name]["skipped"].append(skipped_steps(patched.get(s.name)))
                 frames = lab.decode(run, latent)
                 rows[s.name]["psnr"].append(psnr(frames, dense))
                 rows[s.name]["ssim"].append(ssim(frames, dense))
@@ -383,10 +386,19 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
         n = len(r["psnr"])
         table[name] = {"psnr_db": round(sum(r["psnr"]) / n, 2), "ssim": round(sum(r["ssim"]) / n, 4),
                        "classifier_accuracy": round(sum(r["correct"]) / n, 4), "samples": n,
-                       "sampling_seconds": round(r["seconds"], 1)}
+                       "sampling_seconds": round(r["seconds"], 1),
+                       "skipped_steps": round(sum(r["skipped"]) / len(r["skipped"]), 2) if r["skipped"] else 0.0}
     return {"family": run.family, "steps": run.steps, "cfg": run.cfg, "latent_shape": list(run.latent_shape),
             "prompts": prompts, "seeds": seeds, "settings": table,
             "structure": structure.summary() if structure is not None else None}
+
+
+def skipped_steps(model) -> int:
+    """Steps the last run of a Chipmunk-patched model skipped (step caching), from its run report."""
+    accelerator = None if model is None else model.model_options["transformer_options"].get("chipmunk")
+    report = getattr(accelerator, "last_report", None) or ""
+    found = re.search(r"(\d+) skipped", report)
+    return int(found.group(1)) if found else 0
 
 
 def _merge_structure(total, probe):
@@ -403,11 +415,12 @@ def markdown(results: dict) -> str:
         lines.append(f"### Toy {'FLUX' if family == 'flux' else 'WAN2.1'}: {len(r['prompts'])} prompts x "
                      f"{len(r['seeds'])} seeds, {r['steps']} steps, cfg {r['cfg']}, latent {r['latent_shape']}")
         lines.append("")
-        lines.append("| setting | PSNR vs dense (dB) | SSIM vs dense | classifier accuracy | sampling s |")
-        lines.append("|---|---|---|---|---|")
+        lines.append(f"| setting | PSNR vs dense (dB) | SSIM vs dense | classifier accuracy | steps skipped (of "
+                     f"{r['steps']}) | sampling s |")
+        lines.append("|---|---|---|---|---|---|")
         for name, row in r["settings"].items():
             lines.append(f"| {name} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['classifier_accuracy']:.1%} | "
-                         f"{row['sampling_seconds']:.1f} |")
+                         f"{row.get('skipped_steps', 0.0):.1f} | {row['sampling_seconds']:.1f} |")
         s = r["structure"]
         if s:
             lines.append("")
