@@ -52,8 +52,8 @@ class Accelerator:
         self.call = None
         self.checks: dict[str, str | None] = {}  # MLP kind -> self-check failure (None: passed)
         self.patcher = None  # the sampling ModelPatcher, during a run
-        self.graphs = None   # during a run: ("off", reason) or ("on", the model's weights), once known
-        self.stock_from_now = False  # during a run: later calls run their layers stock (see _eager_loses)
+        self.graphs = None   # during a run: ("off", reason) or ("on", (weights, PagedWeights or None)), once known
+        self.stock_from_now = False  # during a run: later calls run their layers stock (_stock_where_eager_loses)
         self.last_report = None  # the report of the last run, as logged
 
     def __copy__(self):
