@@ -132,8 +132,8 @@ class ChipmunkConfig:
 FAMILY_DEFAULTS = {
     "flux": ChipmunkConfig(
         family="flux", attention_sparsity=0.835, mlp_sparsity=0.70, mlp_random_fraction=0.05,
-        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=2304, min_sparse_tokens_paged=3840,
-        cuda_graphs=True),
+        dense_warmup_steps=2, dense_interval=10, first_dense_layers=2, min_sparse_tokens=2304,
+        min_sparse_tokens_paged=3840, cuda_graphs=True),
     "hunyuan_video": ChipmunkConfig(
         family="hunyuan_video", attention_sparsity=0.94, attention_random_fraction=0.01, mlp_sparsity=0.0,
         dense_warmup_steps=2, dense_interval=0, dense_at_fractions=(0.2, 0.8), first_dense_layers=2),
