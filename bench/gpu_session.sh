@@ -15,6 +15,12 @@
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
+# whl/ is filled on a machine with network (the device machines have none), for the device's Python:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       -d .device/whl comfy-kitchen==0.2.8 comfy-aimdo torchsde trampoline
+# (comfy-kitchen 0.2.8 is the version ComfyUI v0.19.3 names; newer ones carry a ROCm build past the
+# carry limit.)
+#
 # Results go to $OUT (at most 8 files come back: the measurements are packed into one archive).
 set -uo pipefail
 mode="${1:?train or final}"
