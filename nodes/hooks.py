@@ -197,9 +197,11 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     accelerator, call, args, kwargs = begun
     try:
-        if _graphs_for(accelerator, call, args, kwargs):
+        verdict = _graph_verdict(accelerator, call, args, kwargs)
+        if verdict is True:
             return _graphed_call(executor, accelerator, call, args, kwargs)
-        _stock_where_eager_loses(accelerator, call)
+        if verdict is not None:
+            _stock_where_eager_loses(accelerator, call, verdict)
         return executor(*args, **kwargs)
     finally:
         _end_call(accelerator, call)
@@ -243,34 +245,36 @@ GRAPH_DEVICES = ("cuda",)  # device types whose sparse calls are graphed (tests 
 
 
 @torch.compiler.disable
-def _graphs_for(accelerator: Accelerator, call, args, kwargs) -> bool:
-    """Whether this model call goes through the conditioning's CUDA graphs: a sparse call on CUDA
-    whose every step-dependent decision is known before the model runs, in a set-up where nothing
-    but ComfyUI's model code and Chipmunk's hooks runs inside the call and the weights stay put."""
+def _graph_verdict(accelerator: Accelerator, call, args, kwargs):
+    """For a sparse call on a graph device of a family that replays its sparse steps, whose step
+    runs its blocks: True when it goes through the conditioning's CUDA graphs (every step-dependent
+    decision is known before the model runs, and nothing but ComfyUI's model code and Chipmunk's
+    hooks runs inside the call, on weights that stay put), else why not. None for any other call."""
     config, run = call.config, call.run
-    if not config.cuda_graphs or call.dense or call.stock_layers or not config.sparse or call.has_control:
-        return False
+    if not config.cuda_graphs or call.dense or call.stock_layers or not config.sparse:
+        return None
+    if call.seeds.device.type not in GRAPH_DEVICES:  # (the seeds live on the latent's device)
+        return None
+    schedule = run.step_cache_schedule
+    if schedule.mode == "fixed" and schedule.decide(call.step, lambda: False):
+        return None  # a skipped step runs no block: nothing to replay
+    if call.has_control:
+        return "a ControlNet adds to the blocks' outputs"
     options = _transformer_options(args, kwargs) or {}
-    x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("x")
-    if not isinstance(x, torch.Tensor) or x.device.type not in GRAPH_DEVICES:
-        return False
     if accelerator.graphs is None:
         accelerator.graphs = _graph_setup(accelerator, call, options)
         if accelerator.graphs[0] == "off":
             run.note("graphs", f"CUDA graphs of the sparse steps are off: {accelerator.graphs[1]}", logging.INFO)
     if accelerator.graphs[0] == "off":
-        return False
+        return accelerator.graphs[1]
     if any(_holds_tensors(a) for a in list(args) + list(kwargs.values()) if a is not options):
         run.note("graphs nested", "CUDA graphs of the sparse steps are off for calls that pass tensors inside "
                                   "lists (reference latents and the like)", logging.INFO)
-        return False
-    schedule = run.step_cache_schedule
+        return "the call passes tensors inside lists"
     if schedule.mode == "adaptive":  # decided from the first block's input, inside the call
         run.note("graphs adaptive", "CUDA graphs of the sparse steps are off with the adaptive step cache (it "
                                     "decides inside the model call); the fixed schedule keeps them", logging.INFO)
-        return False
-    if schedule.active and schedule.decide(call.step, lambda: False):
-        return False  # a skipped step runs no block: nothing to replay
+        return "the adaptive step cache decides inside the model call"
     return True
 
 
@@ -280,24 +284,16 @@ def _dynamic_vram(patcher) -> bool:
 
 
 @torch.compiler.disable
-def _stock_where_eager_loses(accelerator: Accelerator, call):
+def _stock_where_eager_loses(accelerator: Accelerator, call, why: str):
     """Under dynamic VRAM, ComfyUI's per-layer weight handling adds host work to every layer call;
     for a family whose sparse steps are little GPU work (``cuda_graphs`` in its defaults: FLUX),
     eager sparse steps were then slower than stock (H200, FLUX.1-dev width, 50 steps: 0.73x at
-    1024x1024, 0.84x at 1280x768; replayed as graphs 1.12x and 1.09x). A sparse call that is not
-    replayed therefore runs its layers stock, and so does every later call of the run; step
-    caching, if on, still skips steps."""
-    config = call.config
-    if call.dense or call.stock_layers or not config.sparse or not config.cuda_graphs:
-        return
-    schedule = call.run.step_cache_schedule
-    if schedule.mode == "fixed" and schedule.decide(call.step, lambda: False):
-        return  # a skipped step runs no layer
-    if call.seeds.device.type not in GRAPH_DEVICES or not _dynamic_vram(accelerator.patcher):
+    1024x1024, 0.84x at 1280x768; replayed as graphs 1.12x and 1.09x). A sparse call that cannot be
+    replayed (``why``) therefore runs its layers stock, and so does every later call of the run;
+    step caching, if on, still skips steps."""
+    if not _dynamic_vram(accelerator.patcher):
         return
     call.stock_layers = accelerator.stock_from_now = True
-    why = accelerator.graphs[1] if accelerator.graphs and accelerator.graphs[0] == "off" else \
-        "this call cannot be replayed as a CUDA graph"
     call.run.note("eager loses", f"layers run stock from this step on: under ComfyUI's dynamic VRAM the sparse "
                                  f"steps of this model are slower than stock unless replayed as CUDA graphs, and "
                                  f"these cannot be ({why})")
