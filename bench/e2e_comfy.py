@@ -134,11 +134,12 @@ def enable_dynamic_vram(device) -> bool:
 
 
 def load_like_unet_loader(patcher):
-    """The same weights loaded as UNETLoader loads a checkpoint (state dict on the CPU)."""
+    """The same weights loaded as UNETLoader loads a checkpoint (state dict on the CPU). Pass the
+    built model straight in: its GPU copy is freed before the load."""
     import comfy.sd
+    import torch
     state = {k: v.to("cpu") for k, v in patcher.model.diffusion_model.state_dict().items()}
     del patcher
-    import torch
     torch.cuda.empty_cache()
     return comfy.sd.load_diffusion_model_state_dict(state)
 
@@ -182,8 +183,9 @@ def gpu_busy(run, top: int = 0):
     kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_name, launches = collections.Counter(), collections.Counter()
     for e in kernels:
-        per_name[e.name[:90]] += e.device_time_total
-        launches[e.name[:90]] += 1
+        name = e.name[:90]
+        per_name[name] += e.device_time_total
+        launches[name] += 1
     ranked = [(name, round(us / 1e3, 2), launches[name]) for name, us in per_name.most_common(top)]
     return sum(e.device_time_total for e in kernels) / 1e6 / wall, ranked
 
@@ -244,10 +246,11 @@ def main():
     dynamic = ns.dynamic_vram and enable_dynamic_vram(ns.device)
     if ns.dynamic_vram and not dynamic:
         sys.exit("--dynamic-vram: comfy-aimdo is not installed or found no device")
-    stock = build(ns.case, ns.device, dtype, ns.smoke)
     if dynamic:
-        stock = load_like_unet_loader(stock)
+        stock = load_like_unet_loader(build(ns.case, ns.device, dtype, ns.smoke))
         print(f"model patcher: {type(stock).__name__}", flush=True)
+    else:
+        stock = build(ns.case, ns.device, dtype, ns.smoke)
     pos, neg = conditioning(ns.case, 5, ns.smoke), conditioning(ns.case, 6, ns.smoke)
     rows = []
     for size in ns.sizes.split(","):
