@@ -19,6 +19,85 @@ def step_index(sample_sigmas, sigma) -> int:
     return int(torch.argmin((sample_sigmas - current).abs()).item())
 
 
+# Devices where reading a sigma makes the host wait for the GPU (tests add "cpu").
+ASYNC_DEVICES = ("cuda",)
+
+
+class StepClock:
+    """The step of each model call (``step_index``), without making the host wait for the GPU.
+
+    Reading the value of a sigma that lives on the GPU waits until the GPU has finished all work
+    queued before it: the whole previous step. The host then cannot prepare a step while the GPU
+    computes the one before, and the GPU idles through ComfyUI's per-step Python.
+
+    - Calls that share the sigma tensor (cond and uncond in separate calls of one evaluation)
+      share its step without reading it again (a reference is kept, so the object is not reused).
+    - With ``predict`` (the caller knows the sampler evaluates the model once per step at the
+      schedule's own sigmas: euler, dpmpp_2m, ...), an evaluation after the first is given the
+      step after the previous one, and its sigma is copied to the host in the background. The
+      copy is checked at the next evaluation (by then the GPU is past it) or at ``finish``: a
+      step that was not the predicted one turns prediction off for the rest of the run, every
+      later step is read exactly, and ``mispredicted`` says where it happened.
+    - Without ``predict`` (or for a sigma on the CPU) every new sigma is read exactly.
+    """
+
+    def __init__(self, sample_sigmas, predict: bool = False):
+        self.sample_sigmas = sample_sigmas
+        self.predict = predict and sample_sigmas is not None
+        self._host = [float(s) for s in sample_sigmas.reshape(-1).tolist()] if self.predict else []
+        self._last_sigma = None
+        self._last_step = None
+        self._pending = None  # (host copy of a predicted call's sigma, its copy event, predicted step)
+        self.predicted = 0
+        self.mispredicted: str | None = None
+
+    def step(self, sigma) -> int:
+        if self.sample_sigmas is None or sigma is None:
+            return 0
+        if sigma is self._last_sigma:
+            return self._last_step
+        self.check()
+        if self.predict and self._last_step is not None and sigma.device.type in ASYNC_DEVICES:
+            step = min(self._last_step + 1, len(self._host) - 1)
+            self._pending = (*_copy_to_host(sigma.reshape(-1)[:1]), step)
+            self.predicted += 1
+        else:
+            step = step_index(self.sample_sigmas, sigma)
+        self._last_sigma, self._last_step = sigma, step
+        return step
+
+    def check(self):
+        """Compare the last prediction with the sigma it was made for (waits for that copy only)."""
+        if self._pending is None:
+            return
+        copy, event, predicted = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        value = float(copy[0])
+        actual = min(range(len(self._host)), key=lambda i: abs(self._host[i] - value))
+        if actual != predicted:
+            self.predict = False
+            self.mispredicted = (f"a model call at sigma {value:.4g} was taken for step {predicted} (it is step "
+                                 f"{actual}); steps are read exactly from then on")
+
+    def finish(self):
+        self.check()
+        self._last_sigma = None
+
+
+def _copy_to_host(t):
+    """A copy of ``t`` on the host that does not make the host wait, and the event that says it landed."""
+    if t.device.type == "cpu":
+        return t.clone(), None
+    copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    copy.copy_(t, non_blocking=True)
+    event = torch.cuda.Event() if t.device.type == "cuda" else None
+    if event is not None:
+        event.record()
+    return copy, event
+
+
 class DenseSchedule:
     """The set of steps on which every Chipmunk layer recomputes densely and refreshes its caches.
 

@@ -32,4 +32,9 @@ def row_seeds(seed: int, batch: int, cond_or_uncond: tuple, step: int, device) -
     per_chunk = max(1, batch // chunks)
     values = [mix(seed, row % per_chunk, cond_or_uncond[min(row // per_chunk, chunks - 1)], step)
               for row in range(batch)]
-    return torch.tensor(values, dtype=torch.int64).to(device)
+    seeds = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        # From page-locked memory without blocking: a plain copy would make the host wait for the
+        # GPU at every model call (the caching host allocator keeps the buffer until it is read).
+        return seeds.pin_memory().to(device, non_blocking=True)
+    return seeds.to(device)

@@ -26,7 +26,7 @@ from .graphs import StepReplays
 from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import ModelDims, cache_bytes, place_caches
 from .mlp import SparseDeltaMLP
-from .schedule import DenseSchedule, step_index
+from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
 from .step_cache import StepCache, StepCacheSchedule
 
@@ -86,19 +86,22 @@ class SamplingRun:
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
                  free_memory=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
-                 paged_weights: bool = False):
+                 paged_weights: bool = False, predict_steps: bool = False):
         """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free.
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
         sampling): one dense step rebuilds the caches instead of the whole warm-up.
         ``paged_weights``: the host pages the weights in per layer call (``min_sparse_tokens_paged``).
+        ``predict_steps``: the sampler evaluates the model once per step at the schedule's sigmas
+        (``StepClock``: the host then need not wait for the GPU to know a call's step).
         """
         total_steps = max(1, len(sample_sigmas) - 1) if sample_sigmas is not None else 1
         self.config = config
         self.dims = dims
         self.free_memory = free_memory
         self.sample_sigmas = sample_sigmas
+        self.clock = StepClock(sample_sigmas, predict=predict_steps)
         self.schedule = DenseSchedule(config, total_steps, continues=starts_mid_schedule)
         self.step_cache_schedule = StepCacheSchedule(config, total_steps, self.schedule)
         self.seed = int(seed or 0)
@@ -147,7 +150,9 @@ class SamplingRun:
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
         """The call's step, its dense/sparse/skip decision and its conditioning's caches."""
-        step = step_index(self.sample_sigmas, transformer_options.get("sigmas"))
+        step = self.clock.step(transformer_options.get("sigmas"))
+        if self.clock.mispredicted:
+            self.note("clock", self.clock.mispredicted)
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
         n_tokens = math.prod(shape.grid) + shape.text_len
         caches = self.caches_for(uuids, x, n_tokens)
@@ -205,7 +210,18 @@ class SamplingRun:
         self.stats[f"graph {how} calls"] += 1
         return out, how
 
+    def predict_steps(self, predict: bool):
+        """Before the first model call: whether the sampler lets the clock predict steps."""
+        self.clock = StepClock(self.sample_sigmas, predict=predict)
+
+    def finish_steps(self):
+        """The run's model calls are over: check the clock's last prediction, say if one failed."""
+        self.clock.finish()
+        if self.clock.mispredicted:
+            self.note("clock", self.clock.mispredicted)
+
     def release(self):
+        self.clock.finish()
         for caches in self._caches.values():
             caches.reset()
         self._caches.clear()

@@ -6,6 +6,7 @@
   ``forward``; same children, so LoRA, offload and weight casting see the same parameters).
 - OUTER_SAMPLE creates the run's state when sampling starts and always releases it (``finally``);
   afterwards the run report goes to the console and onto the node.
+- SAMPLER_SAMPLE keeps the run's conditioning on the sampling device (``conditioning_on_device``).
 - DIFFUSION_MODEL turns each model call into a ``ModelCall`` (step, dense / sparse / skipped,
   caches of this conditioning) and installs Chipmunk's attention override for the call, chained
   to whatever override was there (another node's backend or sparse attention gets every call
@@ -94,6 +95,7 @@ def install(model, accelerator: Accelerator):
     options = model.model_options.setdefault("transformer_options", {})
     options[ACCEL_KEY] = accelerator
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                          (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, sampler_sample_wrapper),
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         model.remove_wrappers_with_key(kind, HOOK_KEY)
         model.add_wrapper_with_key(kind, HOOK_KEY, wrapper)
@@ -148,6 +150,63 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
         report.publish(accelerator, run, seconds)
         run.release()
+
+
+# Samplers that evaluate the model once per step, at the schedule's own sigmas: the step of each
+# call can be predicted (StepClock, checked one call later), so the host need not wait for the GPU.
+ONE_CALL_PER_STEP = frozenset(f"sample_{name}" for name in (
+    "euler", "euler_ancestral", "euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp",
+    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "lcm", "ddpm", "ipndm", "ipndm_v",
+    "deis", "res_multistep", "res_multistep_cfg_pp"))
+
+
+def sampler_sample_wrapper(executor, *args, **kwargs):
+    """During a Chipmunk run: the conditioning goes onto the sampling device once (see
+    ``conditioning_on_device``), and the run learns whether the sampler lets it predict each
+    call's step. Other runs pass through untouched."""
+    guider = args[0] if args else kwargs.get("model_wrap")
+    noise = args[4] if len(args) > 4 else kwargs.get("noise")
+    accelerator = getattr(guider, "model_options", {}).get("transformer_options", {}).get(ACCEL_KEY)
+    run = None if accelerator is None else accelerator.run
+    if run is not None and isinstance(noise, torch.Tensor):
+        conditioning_on_device(getattr(guider, "conds", None), noise.device)
+        function = getattr(executor.class_obj, "sampler_function", None)
+        run.predict_steps(getattr(function, "__name__", None) in ONE_CALL_PER_STEP)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        if run is not None:
+            run.finish_steps()
+
+
+def conditioning_on_device(conds, device) -> int:
+    """Moves the run's processed conditioning tensors (``model_conds`` of every entry) to ``device``.
+
+    ComfyUI keeps text embeddings where the text encoder left them (the CPU) and copies them to
+    the GPU inside every model call. That copy from pageable memory makes the host wait for the
+    GPU each step, so the host cannot prepare the next step while the GPU computes this one: the
+    GPU idles through ComfyUI's per-step Python. The entries are the run's own copies (ComfyUI
+    builds them per sampling run), and each replaced value is a new object of the same class:
+    the user's conditioning is not touched, and the model receives the same values (the dtype
+    cast happens on the device instead of before the copy: the same rounding). Returns how many
+    tensors moved; does nothing on the CPU.
+    """
+    if device.type == "cpu" or not isinstance(conds, dict):
+        return 0
+    moved = 0
+    for entries in conds.values():
+        for entry in entries if isinstance(entries, list) else ():
+            model_conds = entry.get("model_conds") if isinstance(entry, dict) else None
+            if not isinstance(model_conds, dict):
+                continue
+            model_conds = dict(model_conds)
+            for name, cond in model_conds.items():
+                tensor = getattr(cond, "cond", None)
+                if isinstance(tensor, torch.Tensor) and tensor.device != device and hasattr(cond, "_copy_with"):
+                    model_conds[name] = cond._copy_with(tensor.to(device))
+                    moved += 1
+            entry["model_conds"] = model_conds
+    return moved
 
 
 def _starts_mid_schedule(patcher, sigmas) -> bool:
