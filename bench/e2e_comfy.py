@@ -65,6 +65,9 @@ VARIANTS = {
     "chipmunk any size": {"min_sparse_tokens": 0},
     "chipmunk any size eager": {"min_sparse_tokens": 0, "cuda_graphs": False},
     "chipmunk+cache any size": {"min_sparse_tokens": 0, "step_cache": "fixed"},
+    # Stock with the conditioning kept on the GPU as Chipmunk runs keep it (hooks.conditioning_on_device):
+    # how much of Chipmunk's gain is that host-side fix alone.
+    "stock resident": {"_stock": True, "_resident": True},
 }
 
 
@@ -190,6 +193,30 @@ def gpu_busy(run, top: int = 0):
     return sum(e.device_time_total for e in kernels) / 1e6 / wall, ranked
 
 
+def step_milliseconds(events):
+    """Per step: (milliseconds between this step's and the previous step's callback on the GPU's
+    timeline, the same on the host). The first step is measured from nothing: left out."""
+    if len(events) < 2:
+        return []
+    events[-1][2].synchronize()
+    return [(round(a[2].elapsed_time(b[2]), 2), round((b[1] - a[1]) * 1e3, 2))
+            for a, b in zip(events, events[1:])]
+
+
+def with_resident_conditioning(model, hooks):
+    """A clone of the stock model whose runs keep the conditioning on the device (the probe
+    variant "stock resident")."""
+    import comfy.patcher_extension
+    clone = model.clone()
+
+    def wrapper(executor, *args, **kwargs):
+        hooks.conditioning_on_device(args[0].conds, args[4].device)
+        return executor(*args, **kwargs)
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "bench", wrapper)
+    return clone
+
+
 def versions(torch) -> dict:
     import comfyui_version
     try:
@@ -220,6 +247,8 @@ def main():
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run per size")
     parser.add_argument("--busy", action="store_true", help="also profile one run per variant for the GPU busy share")
     parser.add_argument("--kernels", type=int, default=0, help="with --busy: list the N kernels with the most GPU time")
+    parser.add_argument("--step-times", action="store_true",
+                        help="also time each sampling step on the GPU's timeline (events at the sampler's callback)")
     parser.add_argument("--dynamic-vram", action="store_true",
                         help="ComfyUI's dynamic VRAM as main.py enables it, model loaded as UNETLoader does")
     parser.add_argument("--device", default="cuda")
@@ -261,18 +290,31 @@ def main():
         outputs = {}
         for label in ns.variants.split(","):
             settings = VARIANTS[label]
+            probes = {k: v for k, v in (settings or {}).items() if k.startswith("_")}
+            settings = None if settings is None or probes.get("_stock") else \
+                {k: v for k, v in settings.items() if not k.startswith("_")}
             model = stock if settings is None else hooks.accelerate(stock, **settings)
+            if probes.get("_resident"):
+                model = with_resident_conditioning(model, hooks)
+            step_events = []
+
+            def callback(step, x0, x, total):
+                if ns.step_times and ns.device == "cuda":
+                    step_events.append((step, time.perf_counter(), torch.cuda.Event(enable_timing=True)))
+                    step_events[-1][2].record()
 
             def run(steps=ns.steps):
                 sync()
+                step_events.clear()
                 start = time.perf_counter()
                 out = comfy.sample.sample(model, noise, steps, ns.cfg, "euler", "simple", pos, neg, latent, seed=1,
-                                          disable_pbar=True)
+                                          disable_pbar=True, callback=callback)
                 sync()
                 return time.perf_counter() - start, out
 
             run(ns.warmup_steps)  # model load, kernel compilation and autotuning
             seconds, out = min((run() for _ in range(ns.repeats)), key=lambda r: r[0])
+            per_step = step_milliseconds(step_events)
             busy, top_kernels = gpu_busy(run, ns.kernels) if ns.busy else (None, [])
             if reference is None:
                 reference, stock_seconds = out, seconds
@@ -290,6 +332,8 @@ def main():
                              finite=bool(torch.isfinite(out).all()), dynamic_vram=dynamic))
             if top_kernels:
                 rows[-1]["top_kernels"] = top_kernels
+            if per_step:
+                rows[-1]["step_ms"] = per_step
             extra = "" if busy is None else f"  busy {busy:4.0%}"
             if vs_graphed is not None:
                 extra += f"  vs graphed {vs_graphed:.2e}"
@@ -297,6 +341,9 @@ def main():
                   f"{extra}  dev {deviation:.2e}", flush=True)
             for name, ms, count in top_kernels:
                 print(f"    {ms:9.1f} ms {count:6d}x  {name}", flush=True)
+            if per_step:
+                print("    step ms (GPU timeline / host): " + " ".join(f"{g:.0f}/{h:.0f}" for g, h in per_step),
+                      flush=True)
             if settings is not None:
                 rows[-1]["report"] = model.model_options["transformer_options"]["chipmunk"].last_report
             del model

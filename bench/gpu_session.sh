@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh users     # one GPU: FLUX as v0.19.3 installs it (comfy-kitchen), with
 #                                       # static and with dynamic VRAM (main.py's default on NVIDIA),
 #                                       # and the kernels that take each run's GPU time
+#   bash bench/gpu_session.sh host      # one GPU: FLUX per-step times, and what the host's waits cost
+#   bash bench/gpu_session.sh clock     # one GPU: FLUX (static, dynamic VRAM) and WAN2.1-1.3B after the step clock
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
@@ -130,6 +132,27 @@ dynamic_cache)
 dynamic_small)
     job 0 200 flux_dynamic_small "${E2E[@]}" --case flux --sizes 768x768,1536x1536 --warmup-steps 12 --dynamic-vram \
         --variants "stock,chipmunk" --out "$R/e2e_flux_dynamic_small.json"
+    ;;
+host)
+    # Where a step waits on the host: per-step times on the GPU's timeline, stock with the conditioning
+    # kept on the GPU, and the step lookup probe (counted per call, no wait for sigma).
+    job 0 290 flux_host "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times \
+        --variants "stock,stock resident,chipmunk,chipmunk counted,chipmunk+cache,chipmunk+cache counted" \
+        --out "$R/e2e_flux_host.json"
+    job 0 270 flux_host_dynamic "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times \
+        --dynamic-vram --variants "stock,stock resident,chipmunk,chipmunk counted,chipmunk+cache,chipmunk+cache counted" \
+        --out "$R/e2e_flux_host_dynamic.json"
+    ;;
+clock)
+    # After the step clock and the resident conditioning: FLUX at three sizes with static and dynamic
+    # VRAM (per-step times at 1024x1024), and WAN2.1-1.3B at 50 steps.
+    job 0 200 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times \
+        --variants "stock,stock resident,chipmunk,chipmunk+cache,keep lists+cache" --out "$R/e2e_flux_clock.json"
+    job 0 200 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768 --warmup-steps 12 --dynamic-vram \
+        --step-times --variants "stock,stock resident,chipmunk,chipmunk+cache,keep lists+cache" \
+        --out "$R/e2e_flux_clock_dynamic.json"
+    job 0 190 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
+        --dynamic-vram --out "$R/e2e_wan13b_clock_dynamic.json"
     ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
