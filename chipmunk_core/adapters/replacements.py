@@ -136,12 +136,15 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
         q, k = block.norm(q, k, v)
         attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
         del q, k, v
-        if dense:
+        if dense and layer is None:
+            output = block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2))
+        elif dense:
+            # linear2 in its two parts, as the sparse steps compute it: the MLP part is the cache.
             activation = state.dense_step(x_mod, pre_activation, order, config)
-            output = block.linear2(torch.cat((attn, activation), 2))
-            if layer is not None:
-                w2, _ = casts.enter_context(linear_weights(block.linear2, attn))
-                state.store_output(F.linear(activation, w2[:, width:]))
+            w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
+            mlp_out = F.linear(activation, w2[:, width:])
+            state.store_output(mlp_out)
+            output = F.linear(attn, w2[:, :width], b2) + mlp_out
         else:
             w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
             mlp_out = state.sparse_step(
