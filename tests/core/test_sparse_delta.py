@@ -232,8 +232,10 @@ def test_dense_step_without_lists_selects_even_when_told_not_to():
 
 
 def test_selection_schedule():
-    every = resolve_config("flux")
-    warmup = resolve_config("flux", attention_selection="warmup_steps")
+    every = resolve_config("flux", attention_selection="every_dense_step")
+    warmup = resolve_config("flux")  # the reference's FLUX choice
+    assert resolve_config("wan").attention_selection == "warmup_steps"
+    assert resolve_config("hunyuan_video").attention_selection == "every_dense_step"
     assert [selects_keys(every, s) for s in (0, 1, 10, 20)] == [True] * 4
     assert [selects_keys(warmup, s) for s in (0, 1, 10, 20)] == [True, True, False, False]
     with pytest.raises(ValueError, match="attention_selection"):
