@@ -57,6 +57,8 @@ VARIANTS = {
     "attention only": {"mlp_sparsity": 0.0},
     "keep lists": {"attention_selection": "warmup_steps"},
     "keep lists+cache": {"attention_selection": "warmup_steps", "step_cache": "fixed"},
+    "select every dense step": {"attention_selection": "every_dense_step"},
+    "select every dense step+cache": {"attention_selection": "every_dense_step", "step_cache": "fixed"},
     "sparsity 0": {"attention_sparsity": 0.0, "mlp_sparsity": 0.0},
     # CUDA graphs of the sparse steps off (FLUX has them on by default): the eager path.
     "chipmunk eager": {"cuda_graphs": False},

@@ -14,6 +14,8 @@
 #                                       # and the kernels that take each run's GPU time
 #   bash bench/gpu_session.sh host      # one GPU: FLUX per-step times, and what the host's waits cost
 #   bash bench/gpu_session.sh clock     # one GPU: FLUX (static, dynamic VRAM) and WAN2.1-1.3B after the step clock
+#   bash bench/gpu_session.sh latest    # one GPU: the README's FLUX tables (static and dynamic VRAM)
+#   bash bench/gpu_session.sh wan_lists # one GPU: WAN2.1-1.3B with the key lists kept from the warm-up
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
@@ -153,6 +155,20 @@ clock)
         --out "$R/e2e_flux_clock_dynamic.json"
     job 0 190 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --variants "stock,chipmunk,chipmunk+cache" \
         --dynamic-vram --out "$R/e2e_wan13b_clock_dynamic.json"
+    ;;
+latest)
+    # The README's FLUX tables: static VRAM with the per-step times and kernels, and as main.py runs
+    # v0.19.3 (dynamic VRAM) at three sizes, with the node at sparsity 0.
+    job 0 230 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times --kernels 25 \
+        --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,${EXTRA_VARIANTS:-keep lists,keep lists+cache}" \
+        --out "$R/e2e_flux_latest.json"
+    job 0 330 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,2048x2048 --warmup-steps 12 \
+        --dynamic-vram --variants "stock,chipmunk,chipmunk+cache,sparsity 0" --out "$R/e2e_flux_latest_dynamic.json"
+    ;;
+wan_lists)
+    # WAN2.1-1.3B, 50 steps, dynamic VRAM: key lists kept from the warm-up on the later dense steps.
+    job 0 240 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk+cache,keep lists,keep lists+cache" --out "$R/e2e_wan13b_lists_dynamic.json"
     ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
