@@ -211,7 +211,10 @@ class SamplingRun:
         return out, how
 
     def predict_steps(self, predict: bool):
-        """Before the first model call: whether the sampler lets the clock predict steps."""
+        """Before the first model call: whether the sampler lets the clock predict steps (a
+        sampling nested in this run, once calls began, changes nothing)."""
+        if self.steps or self.clock.predicted:
+            return
         self.clock = StepClock(self.sample_sigmas, predict=predict)
 
     def finish_steps(self):
