@@ -138,18 +138,16 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
         del q, k, v
         if dense and layer is None:
             output = block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2))
-        elif dense:
-            # linear2 in its two parts, as the sparse steps compute it: the MLP part is the cache.
-            activation = state.dense_step(x_mod, pre_activation, order, config)
-            w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
-            mlp_out = F.linear(activation, w2[:, width:])
-            state.store_output(mlp_out)
-            output = F.linear(attn, w2[:, :width], b2) + mlp_out
         else:
+            # linear2 in its two parts: the MLP part is what the cache holds (dense) or updates (sparse).
             w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
-            mlp_out = state.sparse_step(
-                x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
-                layer.seeds, w2_key=weight_identity(block.linear2, w2[:, width:]))
+            if dense:
+                mlp_out = F.linear(state.dense_step(x_mod, pre_activation, order, config), w2[:, width:])
+                state.store_output(mlp_out)
+            else:
+                mlp_out = state.sparse_step(
+                    x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
+                    layer.seeds, w2_key=weight_identity(block.linear2, w2[:, width:]))
             output = F.linear(attn, w2[:, :width], b2) + mlp_out
     x += apply_mod(output, mod.gate, None, modulation_dims)
     if x.dtype == torch.float16:
