@@ -86,22 +86,20 @@ class SamplingRun:
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
                  free_memory=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
-                 paged_weights: bool = False, predict_steps: bool = False):
+                 paged_weights: bool = False):
         """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free.
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
         sampling): one dense step rebuilds the caches instead of the whole warm-up.
         ``paged_weights``: the host pages the weights in per layer call (``min_sparse_tokens_paged``).
-        ``predict_steps``: the sampler evaluates the model once per step at the schedule's sigmas
-        (``StepClock``: the host then need not wait for the GPU to know a call's step).
         """
         total_steps = max(1, len(sample_sigmas) - 1) if sample_sigmas is not None else 1
         self.config = config
         self.dims = dims
         self.free_memory = free_memory
         self.sample_sigmas = sample_sigmas
-        self.clock = StepClock(sample_sigmas, predict=predict_steps)
+        self.clock = StepClock(sample_sigmas)  # predicting once the sampler is known (predict_steps)
         self.schedule = DenseSchedule(config, total_steps, continues=starts_mid_schedule)
         self.step_cache_schedule = StepCacheSchedule(config, total_steps, self.schedule)
         self.seed = int(seed or 0)
@@ -151,8 +149,7 @@ class SamplingRun:
     def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
         """The call's step, its dense/sparse/skip decision and its conditioning's caches."""
         step = self.clock.step(transformer_options.get("sigmas"))
-        if self.clock.mispredicted:
-            self.note("clock", self.clock.mispredicted)
+        self._note_clock()
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
         n_tokens = math.prod(shape.grid) + shape.text_len
         caches = self.caches_for(uuids, x, n_tokens)
@@ -220,6 +217,9 @@ class SamplingRun:
     def finish_steps(self):
         """The run's model calls are over: check the clock's last prediction, say if one failed."""
         self.clock.finish()
+        self._note_clock()
+
+    def _note_clock(self):
         if self.clock.mispredicted:
             self.note("clock", self.clock.mispredicted)
 
