@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `kernels`
 
 from kernels import attention_triton as at  # noqa: E402
+from kernels import block_ops_triton as bt  # noqa: E402
 from kernels import index_lists_triton as it  # noqa: E402
 from kernels import mlp_triton as mt  # noqa: E402
 
@@ -44,7 +45,7 @@ def signature(fn, pointer_dtypes, constexprs):
             sig[name] = "constexpr"
         elif name in pointer_dtypes:
             sig[name] = "*" + pointer_dtypes[name]
-        elif name in ("sign", "qk_scale"):
+        elif name in ("sign", "qk_scale", "eps", "q_eps", "k_eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -55,12 +56,14 @@ def signature(fn, pointer_dtypes, constexprs):
 # [.., N, 128] tensors, padded widths): Triton specialises such values at run time, which is what
 # lets it vectorise and pipeline the loads, so the check must assume the same.
 ALIGNED_SCALARS = {"D_IN", "D_OUT", "K_CAP", "block_size", "group_size"}
+# Strides that are small (a broadcast vector's channel stride, the rotary table's innermost ones).
+UNALIGNED_STRIDES = {"s_hn", "s_sc", "s_hc", "s_gc", "s_pi", "s_pr", "s_pc"}
 
 
 def attributes(fn, sig):
     attrs = {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
-        if sig[name].startswith("*") or (name.startswith("s_") and name not in ("s_hn",)) or name in ALIGNED_SCALARS:
+        if sig[name].startswith("*") or (name.startswith("s_") and name not in UNALIGNED_STRIDES) or name in ALIGNED_SCALARS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
 
@@ -129,6 +132,21 @@ def sampled_cases(dtype):
         yield f"sampled column sums {size_class}", size_class, at._sampled_column_sums_kernel, ptrs, const, cfg
 
 
+def block_ops_cases(dtype):
+    """The single block's one-pass per-token kernels, at FLUX's width (no shared tiles: one
+    configuration for both size classes)."""
+    for size_class in ("big", "small"):
+        yield f"layer norm + modulation {size_class}", size_class, bt._layer_norm_modulate_kernel, \
+            {"X": dtype, "Scale": dtype, "Shift": dtype, "Out": dtype}, {"BLOCK_C": 4096, "ROWS": 2}, \
+            {"num_warps": 8, "num_stages": 1}
+        yield f"q/k norms + rotary {size_class}", size_class, bt._qk_norm_rope_kernel, \
+            {"QKV": dtype, "Wq": dtype, "Wk": dtype, "PE": "fp32", "Q": dtype, "K": dtype}, \
+            {"D": 128, "BLOCK_N": 16, "HAS_PE": True}, {"num_warps": 4, "num_stages": 1}
+        yield f"gated residual {size_class}", size_class, bt._gated_residual_kernel, \
+            {"X": dtype, "Gate": dtype, "A": dtype, "Bt": dtype}, {"BLOCK_C": 4096, "ROWS": 2, "HAS_B": True}, \
+            {"num_warps": 8, "num_stages": 1}
+
+
 def resource_usage(cubin: bytes) -> str:
     """Registers and spill stores of a cubin, read with the cuobjdump that ships with Triton."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -154,7 +172,8 @@ def main():
         wanted = "small" if arch in SMALL else "big"
         for dtype in args.dtypes.split(","):
             for label, size_class, fn, ptrs, const, cfg in (*sparse_cases(dtype), *dense_cases(dtype), *mlp_cases(dtype),
-                                                           *selection_cases(dtype), *sampled_cases(dtype)):
+                                                           *selection_cases(dtype), *sampled_cases(dtype),
+                                                           *block_ops_cases(dtype)):
                 if size_class != wanted:
                     continue
                 sig = signature(fn, ptrs, const)

@@ -16,6 +16,7 @@
 #   bash bench/gpu_session.sh clock     # one GPU: FLUX (static, dynamic VRAM) and WAN2.1-1.3B after the step clock
 #   bash bench/gpu_session.sh latest    # one GPU: the README's FLUX tables (static and dynamic VRAM)
 #   bash bench/gpu_session.sh wan_lists # one GPU: WAN2.1-1.3B with the key lists kept from the warm-up
+#   bash bench/gpu_session.sh fused     # one GPU: the single blocks' one-pass per-token kernels (FLUX)
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
@@ -169,6 +170,14 @@ wan_lists)
     # WAN2.1-1.3B, 50 steps, dynamic VRAM: key lists kept from the warm-up on the later dense steps.
     job 0 240 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk+cache,keep lists,keep lists+cache" --out "$R/e2e_wan13b_lists_dynamic.json"
+    ;;
+fused)
+    # The single blocks' per-token work in one-pass kernels: the kernels against ComfyUI's operations
+    # at FLUX's shape, then FLUX 1024x1024 (static VRAM) with and without them.
+    job 0 90 block_ops python3 bench/block_ops.py --comfyui "$COMFY" --json "$R/block_ops.json"
+    job 0 300 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times --kernels 25 \
+        --variants "stock,chipmunk,chipmunk unfused,chipmunk+cache,chipmunk+cache unfused" \
+        --out "$R/e2e_flux_fused.json"
     ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \

@@ -22,6 +22,7 @@ from __future__ import annotations
 from ._dispatch import backend_for
 from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
                                   sampled_column_sums_reference)
+from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
 from .index_lists import (ForcedColumns, build_index_lists_reference, forced_columns, list_width, rank_units_reference,
                           selection_size)
 from .mlp_reference import block_means_reference, sparse_mlp_delta_reference
@@ -39,6 +40,9 @@ __all__ = [
     "list_width",
     "selection_size",
     "backend_for",
+    "layer_norm_modulate",
+    "qk_norm_rope",
+    "gated_residual_",
 ]
 
 
@@ -126,6 +130,33 @@ def rank_units(current, block_mean, keep_count, random_count=0, row_seeds=None, 
         return rank_units_triton(current, block_mean, keep_count, random_count, row_seeds, pad_to, out)
     indices, counts = rank_units_reference(current, block_mean, keep_count, random_count, row_seeds, pad_to)
     return _into(out, indices, counts)
+
+
+def layer_norm_modulate(x, scale1, shift, eps):
+    """``LayerNorm(x) * scale1 + shift`` in one pass (x [B, N, C]; scale1, shift [1 or B, 1, C]).
+
+    See ``block_ops_reference`` for the exact definition (and where it rounds)."""
+    if backend_for(x) == "triton":
+        from .block_ops_triton import layer_norm_modulate_triton
+        return layer_norm_modulate_triton(x, scale1, shift, eps)
+    return layer_norm_modulate_reference(x, scale1, shift, eps)
+
+
+def qk_norm_rope(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe):
+    """Queries and keys ([B, H, N, D] each, contiguous) from a fused projection: RMS norm per head,
+    then the rotary embedding ``pe`` (None: none). See ``block_ops_reference``."""
+    if backend_for(qkv) == "triton":
+        from .block_ops_triton import qk_norm_rope_triton
+        return qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe)
+    return qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe)
+
+
+def gated_residual_(x, gate, a, b=None):
+    """``x += gate * (a + b)`` in place, one pass; returns x. See ``block_ops_reference``."""
+    if backend_for(x) == "triton":
+        from .block_ops_triton import gated_residual_triton_
+        return gated_residual_triton_(x, gate, a, b)
+    return gated_residual_reference_(x, gate, a, b)
 
 
 def _into(out, indices, counts):

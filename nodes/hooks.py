@@ -37,6 +37,7 @@ ACCEL_KEY = "chipmunk"
 CALL_KEY = "chipmunk_call"
 LAYER_KEY = "chipmunk_layer"
 OVERRIDE = "optimized_attention_override"
+FUSED_CHECK = "single_block_fused"  # the self-check of the single blocks' one-pass per-token kernels
 
 
 class Accelerator:
@@ -229,7 +230,11 @@ def _note_plan(run: SamplingRun, accelerator: Accelerator):
     if run.step_cache_schedule.disabled_reason:
         run.note("step cache", run.step_cache_schedule.disabled_reason)
     for kind, problem in accelerator.checks.items():
-        if problem:
+        if problem and kind == FUSED_CHECK:
+            run.note(f"check {kind}", "single blocks use ComfyUI's own per-token operations (norms, modulation, "
+                                      f"rotary embedding) instead of one-pass kernels: their self-check failed ({problem})",
+                     logging.INFO)
+        elif problem:
             run.note(f"check {kind}", f"MLP of {kind.replace('_', ' ')}s kept dense: the self-check failed ({problem})")
 
 
@@ -581,10 +586,10 @@ def mlp_proxy(stock, accelerator: Accelerator, site):
     return proxy
 
 
-def _checked(accelerator: Accelerator, kind: str, module, x, vec=None) -> bool:
+def _checked(accelerator: Accelerator, kind: str, module, x, vec=None, pe=None) -> bool:
     """Run the parity self-check once per kind of block for this model; True when it passed."""
     if kind not in accelerator.checks:
-        problem = replacements.self_check(kind, module, x, vec)
+        problem = replacements.self_check(kind, module, x, vec, pe)
         accelerator.checks[kind] = problem
         if problem and accelerator.run is not None:
             _note_plan(accelerator.run, accelerator)
@@ -611,7 +616,9 @@ def single_block_forward(stock, accelerator: Accelerator, site, x, vec, pe, attn
                                            "ComfyUI's own code with Chipmunk attention, their MLP dense")
         return type(stock).forward(stock, x, vec=vec, pe=pe, attn_mask=attn_mask, modulation_dims=modulation_dims,
                                    transformer_options=transformer_options)
-    return replacements.single_block(stock, layer, x, vec, pe, attn_mask, modulation_dims, transformer_options)
+    fused = _checked(accelerator, FUSED_CHECK, stock, x, vec, pe)
+    return replacements.single_block(stock, layer, x, vec, pe, attn_mask, modulation_dims, transformer_options,
+                                     fused=fused)
 
 
 __all__ = ["accelerate", "install", "Accelerator", "SLIDER_FIELDS"]

@@ -236,6 +236,38 @@ def test_mlp_of_a_changed_block_falls_back_with_one_message(flux, caplog, monkey
     assert len(messages) == 2, messages  # one warning, one report line
 
 
+def test_single_blocks_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, caplog, monkeypatch):
+    """The single blocks' norms, modulation, rotary embedding and gated residual go through
+    one-pass kernels once a self-check finds them equal to ComfyUI's operations; a ComfyUI whose
+    rotary embedding differs (here: monkeypatched) fails that check, and the blocks then use
+    ComfyUI's own operations (the MLP stays sparse), said once."""
+    import comfy.ldm.flux.math as flux_math
+    from chipmunk_pack.chipmunk_core.adapters import replacements
+
+    size = flux.sizes[0]
+    with caplog.at_level(logging.INFO):
+        fused = flux.sample(flux.accelerate(), size)
+    report = cm.reports(caplog)[-1]
+    assert "one-pass kernels" not in report, report
+    with monkeypatch.context() as patch:
+        patch.setattr(replacements, "fused_problem", lambda block: "turned off by the test")
+        unfused = flux.sample(flux.accelerate(), size)
+    assert _relative(fused, unfused) < 1e-4  # float32 on the CPU: the same arithmetic up to rounding order
+
+    stock_rope = flux_math.apply_rope
+    monkeypatch.setattr(flux_math, "apply_rope", lambda q, k, pe: stock_rope(k, q, pe))  # a changed convention
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        drifted = flux.sample(flux.accelerate(), size)
+        with monkeypatch.context() as patch:
+            patch.setattr(replacements, "fused_problem", lambda block: "turned off by the test")
+            drifted_unfused = flux.sample(flux.accelerate(), size)
+    report = cm.reports(caplog)[-2]
+    assert "instead of one-pass kernels: their self-check failed (queries differ" in report, report
+    assert cm.step_counts(report)["sparse"] > 0 and "MLP 70%" in report
+    assert torch.equal(drifted, drifted_unfused)  # ComfyUI's own operations, as with the kernels off
+
+
 def test_batch_items_are_independent(flux, wan):
     """An image in a batch of 2 equals the same seed sampled alone (within stock ComfyUI's own batch
     tolerance), with the sparse MLP too: random picks are seeded per sample."""

@@ -9,6 +9,10 @@ parity self-check confirms that the replacement at sparsity 0 gives the stock ou
   block is computed here (same operations, same order), its attention still through ComfyUI's
   attention function and so through the attention override. A call that carries attention patches
   (``attn1_patch`` / ``attn1_output_patch``: NAG, KV caches) runs the stock block instead.
+  Its per-token work (norm and modulation; query/key norms and rotary embedding; the gated
+  residual) goes through one-pass kernels (``fused``) where the block's norms are ComfyUI's own
+  and a second self-check finds the kernels equal to ComfyUI's operations within bf16 rounding;
+  otherwise through ComfyUI's own operations.
 
 Everything else keeps its stock code and Chipmunk serves its attention only.
 ComfyUI is imported lazily: this module must import without it.
@@ -23,6 +27,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ... import kernels
 from ..mlp import SparseDeltaMLP
 from .weights import linear_weights, weight_identity
 
@@ -77,6 +82,57 @@ def fingerprint(kind: str, module) -> str | None:
     return f"unknown kind {kind!r}"
 
 
+def _rms_norm_kind(module, head_dim: int) -> str | None:
+    """"ops" (ComfyUI's RMSNorm op: ``weight``, ``eps``), "scale" (older ComfyUI's FLUX RMSNorm:
+    ``scale``, eps 1e-6) or None when ``module`` is neither, over the head dim."""
+    if (isinstance(module, torch.nn.RMSNorm) and type(module).__module__.startswith("comfy.ops")
+            and module.weight is not None and tuple(module.weight.shape) == (head_dim,)):
+        return "ops"
+    if (type(module).__name__ == "RMSNorm" and type(module).__module__ == "comfy.ldm.flux.layers"
+            and isinstance(getattr(module, "scale", None), torch.nn.Parameter)
+            and tuple(module.scale.shape) == (head_dim,)):
+        return "scale"
+    return None
+
+
+def fused_problem(block) -> str | None:
+    """None when a single block's norms are ones the one-pass kernels compute (``kernels``'
+    ``layer_norm_modulate`` and ``qk_norm_rope``), else why not."""
+    pre_norm, norm = getattr(block, "pre_norm", None), getattr(block, "norm", None)
+    if not isinstance(pre_norm, torch.nn.LayerNorm) or pre_norm.weight is not None or pre_norm.bias is not None:
+        return f"pre-norm is {type(pre_norm).__name__}, not a LayerNorm without affine part"
+    if type(norm).__name__ != "QKNorm":
+        return f"query/key norm is {type(norm).__name__}"
+    head_dim = block.hidden_size // block.num_heads
+    for name in ("query_norm", "key_norm"):
+        module = getattr(norm, name, None)
+        if _rms_norm_kind(module, head_dim) is None:
+            return f"{name} is {type(module).__module__}.{type(module).__name__}, not an RMSNorm over the head dim"
+    return None
+
+
+@contextlib.contextmanager
+def _rms_norm_weight(module, like):
+    """(weight in ``like``'s dtype and device, eps) of a query/key norm (``_rms_norm_kind``), as
+    its forward uses them."""
+    if not isinstance(module, torch.nn.RMSNorm):  # older ComfyUI's FLUX RMSNorm
+        yield module.scale.to(device=like.device, dtype=like.dtype), 1e-6
+        return
+    with linear_weights(module, like) as (weight, _):
+        yield weight, module.eps if module.eps is not None else torch.finfo(like.dtype).eps  # torch's default
+
+
+def _qk_norm_rope(block, qkv, pe):
+    """Normed, rotated queries and keys ([B, H, N, D]) and the values' view, from linear1's qkv
+    columns (``qkv`` [B, N, >= 3 * width]) in one pass."""
+    norm = block.norm
+    heads, width = block.num_heads, block.hidden_size
+    with _rms_norm_weight(norm.query_norm, qkv) as (w_q, eps_q), _rms_norm_weight(norm.key_norm, qkv) as (w_k, eps_k):
+        q, k = kernels.qk_norm_rope(qkv, heads, w_q, w_k, eps_q, eps_k, pe)
+    v = qkv[..., 2 * width:3 * width].unflatten(-1, (heads, -1)).transpose(1, 2)
+    return q, k, v
+
+
 # --- the replaced code -----------------------------------------------------------------------------
 def _throwaway_dense(x):
     """State and row order for a dense computation that keeps nothing (the self-check)."""
@@ -107,16 +163,22 @@ def _modulation(block, vec):
     return vec if block.modulation is None else block.modulation(vec)[0]
 
 
-def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
+def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={},
+                 fused=False):
     """FLUX's SingleStreamBlock with its fused MLP through the sparse-delta MLP of ``layer``.
 
-    ``layer`` None: dense, keeping nothing (the self-check's "sparsity 0").
+    ``layer`` None: dense, keeping nothing (the self-check's "sparsity 0"), in ComfyUI's operations.
+    ``fused``: the per-token work through the one-pass kernels (see the module docstring).
     """
     from comfy.ldm.flux.layers import apply_mod
     from comfy.ldm.flux.math import attention
 
+    fused = fused and layer is not None and modulation_dims is None
     mod = _modulation(block, vec)
-    x_mod = apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, modulation_dims)
+    if fused:
+        x_mod = kernels.layer_norm_modulate(x, 1 + mod.scale, mod.shift, block.pre_norm.eps)
+    else:
+        x_mod = apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, modulation_dims)
     width, hidden = block.hidden_size, block.mlp_hidden_dim
     if layer is None:
         state, order, config = _throwaway_dense(x)
@@ -131,11 +193,14 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
         else:
             w1, b1 = casts.enter_context(linear_weights(block.linear1, x_mod))
             qkv = F.linear(x_mod, w1[: 3 * width], None if b1 is None else b1[: 3 * width])
-        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-        del qkv
-        q, k = block.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
-        del q, k, v
+        if fused:
+            q, k, v = _qk_norm_rope(block, qkv, pe)
+            attn = attention(q, k, v, pe=None, mask=attn_mask, transformer_options=transformer_options)
+        else:
+            q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = block.norm(q, k, v)
+            attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
+        del qkv, q, k, v
         if dense and layer is None:
             output = block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2))
         else:
@@ -148,11 +213,51 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
                 mlp_out = state.sparse_step(
                     x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
                     layer.seeds, w2_key=weight_identity(block.linear2, w2[:, width:]))
-            output = F.linear(attn, w2[:, :width], b2) + mlp_out
-    x += apply_mod(output, mod.gate, None, modulation_dims)
+            if fused:
+                kernels.gated_residual_(x, mod.gate, F.linear(attn, w2[:, :width], b2), mlp_out)
+                output = None
+            else:
+                output = F.linear(attn, w2[:, :width], b2) + mlp_out
+    if output is not None:
+        x += apply_mod(output, mod.gate, None, modulation_dims)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x
+
+
+def _fused_check(block, small, vec, pe, generator) -> str | None:
+    from comfy.ldm.flux.layers import apply_mod
+    from comfy.ldm.flux.math import apply_rope
+
+    def differs(ours, stock):
+        return float((ours.float() - stock.float()).norm() / stock.float().norm().clamp_min(1e-12))
+
+    n_tokens, width, heads = small.shape[1], block.hidden_size, block.num_heads
+    mod = _modulation(block, _first_row(vec))
+    qkv = torch.randn((1, n_tokens, 3 * width), generator=generator, device=small.device,
+                      dtype=torch.float32).to(small.dtype)
+    rows = None if pe is None else pe[:1, :, :n_tokens]
+    try:
+        stock_x = apply_mod(block.pre_norm(small), (1 + mod.scale), mod.shift, None)
+        ours_x = kernels.layer_norm_modulate(small, 1 + mod.scale, mod.shift, block.pre_norm.eps)
+        q, k, v = qkv.view(1, n_tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        stock_q, stock_k = block.norm(q, k, v)
+        if rows is not None:
+            stock_q, stock_k = apply_rope(stock_q, stock_k, rows)
+        ours_q, ours_k, _ = _qk_norm_rope(block, qkv, rows)
+        stock_r = small.clone()
+        stock_r += apply_mod(qkv[..., :width] + qkv[..., width:2 * width], mod.gate, None, None)
+        ours_r = kernels.gated_residual_(small.clone(), mod.gate, qkv[..., :width], qkv[..., width:2 * width])
+    except Exception as exc:  # the stock code changed its calling convention
+        return f"the check could not run ({type(exc).__name__}: {exc})"
+    for name, ours, stock in (("norm and modulation", ours_x, stock_x), ("queries", ours_q, stock_q),
+                              ("keys", ours_k, stock_k), ("gated residual", ours_r, stock_r)):
+        if ours.shape != stock.shape:
+            return f"{name}: shape {tuple(ours.shape)} != ComfyUI's {tuple(stock.shape)}"
+        difference = differs(ours, stock)
+        if not difference <= FUSED_TOLERANCE:
+            return f"{name} differ from ComfyUI's by {difference:.1e} (relative)"
+    return None
 
 
 def has_attention_patches(transformer_options) -> bool:
@@ -173,12 +278,21 @@ def _first_row(value):
     return value
 
 
-def self_check(kind: str, module, x: torch.Tensor, vec=None) -> str | None:
+FUSED_TOLERANCE = 2e-2  # relative (norm) difference from ComfyUI's operations: a few bf16 roundings
+
+
+def self_check(kind: str, module, x: torch.Tensor, vec=None, pe=None) -> str | None:
     """None when the replacement at sparsity 0 gives the stock module's output bit for bit on a
-    small input shaped like ``x`` (and, for blocks, with the call's modulation ``vec``)."""
+    small input shaped like ``x`` (and, for blocks, with the call's modulation ``vec``).
+
+    ``single_block_fused``: None when the one-pass kernels give ComfyUI's norm, modulation,
+    query/key norms, rotary embedding (with the call's ``pe``) and gated residual within
+    ``FUSED_TOLERANCE`` (they round in other places than separate operations do)."""
     generator = torch.Generator(device=x.device).manual_seed(0)
     small = torch.randn((1, min(x.shape[1], 24), x.shape[-1]), generator=generator, device=x.device,
                         dtype=torch.float32).to(x.dtype)
+    if kind == "single_block_fused":
+        return fused_problem(module) or _fused_check(module, small, vec, pe, generator)
     try:
         if kind == "sequential":
             stock = torch.nn.Sequential.forward(module, small.clone())

@@ -36,7 +36,7 @@ if _IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
 _KERNEL_MODULES = ("chipmunk_pack.kernels.attention_triton", "chipmunk_pack.kernels.mlp_triton",
-                   "chipmunk_pack.kernels.index_lists_triton")
+                   "chipmunk_pack.kernels.index_lists_triton", "chipmunk_pack.kernels.block_ops_triton")
 
 
 def _patch_bf16_dot_if_broken():
