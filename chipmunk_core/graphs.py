@@ -7,12 +7,16 @@ with one launch.
 
 Protocol of ``StepGraph.run(fn, inputs, persistent, settings)``:
 1. The key is (shape, dtype, device of every input; ``data_ptr`` of every persistent tensor;
-   ``settings``). A call whose key differs from the stored one drops the graph and runs ``fn``
-   eagerly: that run is the warm-up (Triton compiles, lazily allocated buffers come into being,
-   cuBLAS picks its kernels) and its result is returned as is.
+   ``settings``). A call whose key differs from the stored one drops the graph. If the key's
+   shapes and settings (its "signature") never ran in this process, it runs ``fn`` eagerly: that
+   run is the warm-up (Triton compiles and autotunes, cuBLAS picks its kernels) and its result is
+   returned as is. A signature that ran before is captured at once (step 2): its kernels are
+   compiled, and only the addresses changed (a new sampling run's caches).
 2. The next call with the same key copies the inputs into static buffers, captures ``fn`` on them
    (capture executes nothing on the GPU), replays the graph and returns its static outputs.
 3. Later calls with the same key copy the inputs and replay: ``fn``'s Python does not run.
+The key is stored as it stands after the call: persistent tensors that ``fn`` itself brought into
+being (lazily allocated buffers) belong to it, so the next call finds the same key.
 
 What the caller must guarantee (nothing here can check it):
 - ``fn`` reads tensors other than ``inputs`` only at fixed addresses: caches updated in place,
@@ -24,8 +28,12 @@ What the caller must guarantee (nothing here can check it):
   does not run, so host-side counters do not advance and branches are not re-taken. Host state
   that ``fn`` updates must therefore be updated by the caller, outside ``fn``, on replays too.
 - ``fn`` neither synchronises with the host (``.item()``, ``bool(tensor)``, ``nonzero``, boolean
-  indexing, pageable host-to-device copies) nor draws from a ``torch.Generator``, and allocates
-  nothing it keeps beyond the call except during the warm-up run.
+  indexing, pageable host-to-device copies) nor draws from a ``torch.Generator``. What it
+  allocates and keeps beyond the call (a lazily made buffer) must be listed in ``persistent``
+  afterwards, and work it does only once (a transposed weight it caches) is best done before the
+  first call: a capture would bake that work into every replay.
+- ``persistent`` is a sequence of tensors or a callable returning one (evaluated before the call
+  and again after it).
 - The returned tensors are the graph's static outputs, overwritten by the next replay: copy what
   must outlive it. Memory the graph allocates stays reserved until ``reset()``.
 - Outputs are a tensor or a (possibly nested) tuple/list of tensors; ``inputs`` a tuple of tensors.
@@ -92,11 +100,20 @@ class CudaGraphBackend(GraphBackend):
         graph.replay()
 
 
-class StepGraph:
-    """One captured callable and the key it was captured for (see the module docstring)."""
+# Signatures (a key without its addresses) that ran eagerly in this process: their kernels are
+# compiled and tuned, so a new sampling run at the same shapes captures its first call at once.
+PROCESS_WARM: set = set()
 
-    def __init__(self, backend: GraphBackend | None = None):
+
+class StepGraph:
+    """One captured callable and the key it was captured for (see the module docstring).
+
+    ``warm``: the set of signatures that ran eagerly, shared by the graphs that share compiled
+    kernels (``PROCESS_WARM``, for the CUDA graphs of a process); by default this graph's own."""
+
+    def __init__(self, backend: GraphBackend | None = None, warm: set | None = None):
         self.backend = backend if backend is not None else CudaGraphBackend()
+        self.warm = warm if warm is not None else set()
         self.captures = 0
         self.replays = 0
         self.reset()
@@ -113,12 +130,17 @@ class StepGraph:
         shapes = tuple((tuple(t.shape), t.dtype, str(t.device), t.stride()) for t in inputs)
         return shapes, tuple(t.data_ptr() for t in persistent), settings
 
-    def run(self, fn, inputs: tuple, persistent: tuple = (), settings=()):
-        key = self.make_key(inputs, persistent, settings)
+    def run(self, fn, inputs: tuple, persistent=(), settings=()):
+        tensors = persistent if callable(persistent) else (lambda: persistent)
+        key = self.make_key(inputs, tensors(), settings)
         if key != self.key:
             self.reset()
-            self.key = key
-            return fn(*inputs)
+            signature = (key[0], key[2])
+            if signature not in self.warm:
+                outputs = fn(*inputs)
+                self.warm.add(signature)
+                self.key = self.make_key(inputs, tensors(), settings)
+                return outputs
         if self._graph is None:
             self._static_inputs = _static_copies(inputs)
             try:
@@ -128,6 +150,7 @@ class StepGraph:
                 raise CaptureFailed(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") \
                     from error
             self.captures += 1
+            self.key = self.make_key(inputs, tensors(), settings)
         else:
             for static, new in zip(self._static_inputs, inputs):
                 static.copy_(new)
@@ -147,15 +170,16 @@ class StepReplays:
     "eager", "captured", "replayed".
     """
 
-    def __init__(self, backend_factory=None):
+    def __init__(self, backend_factory=None, warm: set | None = None):
         self.backend_factory = backend_factory or CudaGraphBackend
+        self.warm = PROCESS_WARM if warm is None else warm
         self.graphs: dict = {}
         self.changes: dict = {}
 
-    def run(self, fn, inputs: tuple, persistent: tuple, settings, bookkeeping):
+    def run(self, fn, inputs: tuple, persistent, settings, bookkeeping):
         graph = self.graphs.get(settings)
         if graph is None:
-            graph = self.graphs[settings] = StepGraph(self.backend_factory())
+            graph = self.graphs[settings] = StepGraph(self.backend_factory(), self.warm)
         captures, replays = graph.captures, graph.replays
         before = bookkeeping.snapshot()
         outputs = graph.run(fn, inputs, persistent, settings)

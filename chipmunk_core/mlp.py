@@ -98,6 +98,17 @@ class SparseDeltaMLP:
         """Whether the next sparse step re-ranks the units when it is not told (``rank=None``)."""
         return self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0
 
+    def needs_fc2(self) -> bool:
+        """Whether no transposed copy of fc2 is kept yet (see ``keep_fc2``)."""
+        return self._w2_t is None
+
+    def keep_fc2(self, w2, w2_key):
+        """On a dense step: make fc2's transposed copy for the sparse steps now (when ``w2_key``
+        says the weight is the layer's own), so that the first sparse step, which may be captured
+        as a CUDA graph at once, does not bake the transpose into every replay."""
+        if w2_key is not None:
+            self._transposed_fc2(w2, w2_key)
+
     def _transposed_fc2(self, w2, w2_key):
         if w2_key is not None and self._w2_t is not None and self._w2_t[0] == w2_key:
             return self._w2_t[1]

@@ -202,7 +202,7 @@ class SamplingRun:
         addresses (the model's weights). Returns (outputs, "eager" | "captured" | "replayed")."""
         caches = call.caches
         settings = caches.graph_settings(self.config)
-        out, how = caches.graphs.run(fn, inputs, tuple(caches.persistent()) + tuple(persistent), settings,
+        out, how = caches.graphs.run(fn, inputs, lambda: tuple(caches.persistent()) + tuple(persistent), settings,
                                      _Bookkeeping(self, caches))
         self.stats[f"graph {how} calls"] += 1
         return out, how

@@ -154,6 +154,9 @@ def sequential_mlp(module, layer, stream: str, x):
     if layer.mlp_is_dense(state, x):
         y = fc2(state.dense_step(x, fc1(x), order, config))
         state.store_output(y)
+        if state.needs_fc2():
+            with linear_weights(fc2, x) as (w2, _):
+                state.keep_fc2(w2, weight_identity(fc2, w2))
         return y
     with linear_weights(fc1, x) as (w1, b1), linear_weights(fc2, x) as (w2, _):
         return state.sparse_step(x, w1, b1, w2, order, config, layer.seeds, w2_key=weight_identity(fc2, w2))
@@ -209,6 +212,7 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
             if dense:
                 mlp_out = F.linear(state.dense_step(x_mod, pre_activation, order, config), w2[:, width:])
                 state.store_output(mlp_out)
+                state.keep_fc2(w2[:, width:], weight_identity(block.linear2, w2[:, width:]))
             else:
                 mlp_out = state.sparse_step(
                     x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,

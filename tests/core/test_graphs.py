@@ -55,7 +55,7 @@ def test_replays_copy_new_inputs_into_the_static_buffers():
     assert static[0] is graph._static_inputs[0] and torch.equal(static[0], torch.full((2,), 5.0))
 
 
-def test_any_key_change_drops_the_graph_and_runs_eagerly():
+def test_any_key_change_drops_the_graph():
     backend = RecordingBackend()
     graph = StepGraph(backend)
     step = make_step([])
@@ -74,12 +74,18 @@ def test_any_key_change_drops_the_graph_and_runs_eagerly():
     ]
     for change in changes:
         args = {"inputs": (x, x), **base, **change}
+        captures = graph.captures
         graph.run(step, args["inputs"], args["persistent"], args["settings"])
-        assert graph._graph is None, change  # eager warm-up at the new key
-        graph.run(step, args["inputs"], args["persistent"], args["settings"])
-        assert graph._graph is not None
-        graph.run(step, (x, x), **base)  # back to the old key: eager again, no stale graph
-        assert graph._graph is None
+        assert graph.key == StepGraph.make_key(args["inputs"], args["persistent"], args["settings"]), change
+        if "persistent" in change:  # only an address moved: the shapes ran before, a new capture at once
+            assert graph.captures == captures + 1, change
+        else:  # new shapes or settings: an eager warm-up
+            assert graph._graph is None, change
+            graph.run(step, args["inputs"], args["persistent"], args["settings"])
+            assert graph._graph is not None
+        captures = graph.captures
+        graph.run(step, (x, x), **base)  # back to a key whose shapes ran before: a new capture, no stale graph
+        assert graph.captures == captures + 1 and graph.key[1] == (weight.data_ptr(),)
 
 
 def test_reset_forgets_the_graph():
@@ -90,5 +96,27 @@ def test_reset_forgets_the_graph():
     graph.run(step, (x, x))
     graph.reset()
     assert graph.key is None and graph._graph is None
-    graph.run(step, (x, x))
-    assert graph.captures == 1 and graph._graph is None
+    graph.run(step, (x, x))  # the shapes ran before: captured at once
+    assert graph.captures == 2 and graph._graph is not None
+
+
+def test_a_signature_that_ran_before_is_captured_at_once_and_buffers_made_in_the_call_belong_to_its_key():
+    """A new run's caches (new addresses, same shapes) need no eager warm-up when the process ran
+    those shapes; a buffer the first call brings into being is part of the key that call stores."""
+    warm = set()
+    first, second = StepGraph(RecordingBackend(), warm), StepGraph(RecordingBackend(), warm)
+    x = torch.ones(3)
+    first.run(make_step([]), (x, x), persistent=(torch.ones(2),))
+    assert first.captures == 0 and len(warm) == 1
+    buffers = []
+
+    def lazy_step(a, b):
+        if not buffers:
+            buffers.append(torch.zeros(3))  # made by the call, kept
+        return a + b + buffers[0]
+
+    persistent = lambda: tuple(buffers) or (torch.ones(2),)
+    second.run(lazy_step, (x, x), persistent=persistent)
+    assert second.captures == 1  # same signature (shapes, settings): captured on its first call
+    second.run(lazy_step, (x, x), persistent=persistent)
+    assert second.captures == 1 and second.replays == 2  # the key stored after the call holds
