@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh latest    # one GPU: the README's FLUX tables (static and dynamic VRAM)
 #   bash bench/gpu_session.sh wan_lists # one GPU: WAN2.1-1.3B with the key lists kept from the warm-up
 #   bash bench/gpu_session.sh fused     # one GPU: the single blocks' one-pass per-token kernels (FLUX)
+#   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
@@ -178,6 +179,11 @@ fused)
     job 0 300 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times --kernels 25 \
         --variants "stock,chipmunk,chipmunk unfused,chipmunk+cache,chipmunk+cache unfused" \
         --out "$R/e2e_flux_fused.json"
+    ;;
+hunyuan)
+    # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.
+    job 0 570 hunyuan "${E2E[@]}" --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x49}" --warmup-steps 1 \
+        --variants "stock,chipmunk+cache" --out "$R/e2e_hunyuan_long.json"
     ;;
 retrain)
     python3 -m lab.train --comfyui .device/comfyui-v0.19.3.tar.gz --data .device/toy_sprites.npz --gpus 0 \
