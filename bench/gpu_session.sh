@@ -182,7 +182,7 @@ fused)
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.
-    job 0 570 hunyuan "${E2E[@]}" --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x49}" --warmup-steps 1 \
+    job 0 570 hunyuan "${E2E[@]}" --case hunyuan --sizes "${HUNYUAN_SIZE:-1280x720x49}" \
         --variants "stock,chipmunk+cache" --out "$R/e2e_hunyuan_long.json"
     ;;
 retrain)
