@@ -143,7 +143,7 @@ def block_ops_cases(dtype):
             {"QKV": dtype, "Wq": dtype, "Wk": dtype, "PE": "fp32", "Q": dtype, "K": dtype}, \
             {"D": 128, "BLOCK_N": 16, "HAS_PE": True}, {"num_warps": 4, "num_stages": 1}
         yield f"gated residual {size_class}", size_class, bt._gated_residual_kernel, \
-            {"X": dtype, "Gate": dtype, "A": dtype, "Bt": dtype}, {"BLOCK_C": 4096, "ROWS": 2, "HAS_B": True}, \
+            {"X": dtype, "Gate": dtype, "A": dtype, "Bt": dtype, "Out": dtype}, {"BLOCK_C": 4096, "ROWS": 2, "HAS_B": True}, \
             {"num_warps": 8, "num_stages": 1}
 
 

@@ -70,8 +70,8 @@ VARIANTS = {
     # Stock with the conditioning kept on the GPU as Chipmunk runs keep it (hooks.conditioning_on_device):
     # how much of Chipmunk's gain is that host-side fix alone.
     "stock resident": {"_stock": True, "_resident": True},
-    # The single blocks' per-token work through ComfyUI's own operations instead of the one-pass
-    # kernels (as when their self-check fails).
+    # The single and double blocks' per-token work through ComfyUI's own operations instead of the
+    # one-pass kernels (as when their self-checks fail).
     "chipmunk unfused": {"_unfused": True},
     "chipmunk+cache unfused": {"step_cache": "fixed", "_unfused": True},
 }
@@ -294,15 +294,16 @@ def main():
         noise = comfy.sample.prepare_noise(latent, 1)
         reference = stock_seconds = None
         outputs = {}
-        fused_problem = hooks.replacements.fused_problem
+        fused_problem, double_check = hooks.replacements.fused_problem, hooks.replacements.double_block_check
         for label in ns.variants.split(","):
             settings = VARIANTS[label]
             probes = {k: v for k, v in (settings or {}).items() if k.startswith("_")}
             settings = None if settings is None or probes.get("_stock") else \
                 {k: v for k, v in settings.items() if not k.startswith("_")}
             model = stock if settings is None else hooks.accelerate(stock, **settings)
-            hooks.replacements.fused_problem = ((lambda block: "off in this variant") if probes.get("_unfused")
-                                                else fused_problem)
+            unfused = probes.get("_unfused")
+            hooks.replacements.fused_problem = (lambda block: "off in this variant") if unfused else fused_problem
+            hooks.replacements.double_block_check = (lambda *a: "off in this variant") if unfused else double_check
             if probes.get("_resident"):
                 model = with_resident_conditioning(model, hooks)
             step_events = []

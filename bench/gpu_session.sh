@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh latest    # one GPU: the README's FLUX tables (static and dynamic VRAM)
 #   bash bench/gpu_session.sh wan_lists # one GPU: WAN2.1-1.3B with the key lists kept from the warm-up
 #   bash bench/gpu_session.sh fused     # one GPU: the single blocks' one-pass per-token kernels (FLUX)
+#   bash bench/gpu_session.sh flux_final # one GPU: FLUX static and dynamic VRAM after the double blocks' kernels
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -179,6 +180,14 @@ fused)
     job 0 300 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times --kernels 25 \
         --variants "stock,chipmunk,chipmunk unfused,chipmunk+cache,chipmunk+cache unfused" \
         --out "$R/e2e_flux_fused.json"
+    ;;
+flux_final)
+    # FLUX after the double blocks' one-pass per-token kernels: static VRAM (per-step times, kernels,
+    # and without the one-pass kernels), then as main.py runs v0.19.3 (dynamic VRAM) at three sizes.
+    job 0 200 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --busy --step-times --kernels 25 \
+        --variants "stock,chipmunk,chipmunk+cache,chipmunk unfused" --out "$R/e2e_flux_final.json"
+    job 0 280 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,2048x2048 --warmup-steps 12 \
+        --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_final_dynamic.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.

@@ -142,21 +142,23 @@ def layer_norm_modulate(x, scale1, shift, eps):
     return layer_norm_modulate_reference(x, scale1, shift, eps)
 
 
-def qk_norm_rope(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe):
-    """Queries and keys ([B, H, N, D] each, contiguous) from a fused projection: RMS norm per head,
-    then the rotary embedding ``pe`` (None: none). See ``block_ops_reference``."""
+def qk_norm_rope(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=None):
+    """Queries and keys ([B, H, N, D] each, contiguous, or into the views ``out``) from a fused
+    projection: RMS norm per head, then the rotary embedding ``pe`` (None: none). See
+    ``block_ops_reference``."""
     if backend_for(qkv) == "triton":
         from .block_ops_triton import qk_norm_rope_triton
-        return qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe)
-    return qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe)
+        return qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out)
+    return qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out)
 
 
-def gated_residual_(x, gate, a, b=None):
-    """``x += gate * (a + b)`` in place, one pass; returns x. See ``block_ops_reference``."""
+def gated_residual_(x, gate, a, b=None, out=None):
+    """``x += gate * (a + b)`` in place (or into ``out``, x unchanged), one pass; returns the
+    result. See ``block_ops_reference``."""
     if backend_for(x) == "triton":
         from .block_ops_triton import gated_residual_triton_
-        return gated_residual_triton_(x, gate, a, b)
-    return gated_residual_reference_(x, gate, a, b)
+        return gated_residual_triton_(x, gate, a, b, out)
+    return gated_residual_reference_(x, gate, a, b, out)
 
 
 def _into(out, indices, counts):

@@ -13,9 +13,11 @@ between operations, so that the kernels can be held to them:
   are the queries and the next ``H * D`` the keys: RMS norm over each head's ``D`` with a weight,
   rounded, then the rotary embedding ``pe`` (``[1 or B, 1, >= N, D/2, 2, 2]``, float32:
   ``out[2i + r] = pe[i, r, 0] * x[2i] + pe[i, r, 1] * x[2i + 1]``). Returns ``q, k`` as
-  contiguous ``[B, H, N, D]``.
-- ``gated_residual_``: ``x += gate * (a + b)`` in place (``b`` may be None), each sum and product
-  rounded to x's dtype as separate operations would be.
+  contiguous ``[B, H, N, D]``, or writes them into ``out`` (two ``[B, H, N, D]`` views, e.g. the
+  text or image rows of a joint sequence's buffers).
+- ``gated_residual_``: ``x += gate * (a + b)`` in place (``b`` may be None), or
+  ``out = x + gate * (a + b)``, each sum and product rounded to x's dtype as separate operations
+  would be.
 
 Modulation vectors (``scale1``, ``shift``, ``gate``) are ``[1 or B, 1, C]``: one per batch row.
 """
@@ -30,18 +32,22 @@ def layer_norm_modulate_reference(x, scale1, shift, eps):
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), scale1)
 
 
-def qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe):
+def qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=None):
     batch, n_tokens, _ = qkv.shape
     width = q_weight.shape[0] * heads
     head_dim = q_weight.shape[0]
-    out = []
+    result = []
     for part, weight, eps in ((0, q_weight, q_eps), (1, k_weight, k_eps)):
         t = qkv[..., part * width:(part + 1) * width].reshape(batch, n_tokens, heads, head_dim).transpose(1, 2)
         t = F.rms_norm(t, (head_dim,), weight=weight.to(t.dtype), eps=eps)
         if pe is not None:
             t = _rope(t, pe[:, :, :n_tokens])
-        out.append(t.contiguous())
-    return out[0], out[1]
+        result.append(t.contiguous())
+    if out is not None:
+        out[0].copy_(result[0])
+        out[1].copy_(result[1])
+        return out
+    return result[0], result[1]
 
 
 def _rope(t, pe):
@@ -50,7 +56,10 @@ def _rope(t, pe):
     return rotated.reshape(*t.shape).to(t.dtype)
 
 
-def gated_residual_reference_(x, gate, a, b=None):
+def gated_residual_reference_(x, gate, a, b=None, out=None):
     total = a if b is None else a + b
-    x += total * gate
-    return x
+    if out is None:
+        x += total * gate
+        return x
+    torch.add(x, total * gate, out=out)
+    return out

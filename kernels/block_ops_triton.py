@@ -6,7 +6,7 @@
 - ``_qk_norm_rope_kernel``: one program per batch row and tile of tokens, walking the heads: the
   tile's rotary table (float32, ``D/2 x 2 x 2`` per token) is read once for all heads and both of
   queries and keys, which come straight out of the fused projection (no strided copies).
-- ``_gated_residual_kernel``: ``x += gate * (a + b)`` per row tile.
+- ``_gated_residual_kernel``: ``x + gate * (a + b)`` per row, into x or another tensor.
 
 Rows wider than ``MAX_WIDTH`` channels (none of the supported models) go to the reference.
 """
@@ -71,7 +71,7 @@ def layer_norm_modulate_triton(x, scale1, shift, eps):
 
 @triton.jit
 def _qk_norm_rope_kernel(QKV, Wq, Wk, PE, Q, K, n_tokens, heads, q_eps, k_eps,
-                         s_b, s_n, s_pb, s_pn, s_pi, s_pr, s_pc,
+                         s_b, s_n, s_pb, s_pn, s_pi, s_pr, s_pc, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
                          D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PE: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,17 +111,18 @@ def _qk_norm_rope_kernel(QKV, Wq, Wk, PE, Q, K, n_tokens, heads, q_eps, k_eps,
                 re = e
                 ro = o
             y = tl.reshape(tl.join(re, ro), (BLOCK_N, D)).to(Q.dtype.element_ty)
-            dst = ((b * heads + h) * n_tokens + n64[:, None]) * D + d[None, :]
             if part == 0:
-                tl.store(Q + dst, y, mask=nm[:, None])
+                tl.store(Q + b * s_qb + h * s_qh + n64[:, None] * s_qn + d[None, :], y, mask=nm[:, None])
             else:
-                tl.store(K + dst, y, mask=nm[:, None])
+                tl.store(K + b * s_kb + h * s_kh + n64[:, None] * s_kn + d[None, :], y, mask=nm[:, None])
 
 
-def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe):
+def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=None):
     batch, n_tokens, columns = qkv.shape
     head_dim = q_weight.shape[0]
     problem = None
+    if out is not None and any(t.shape != (batch, heads, n_tokens, head_dim) or t.stride(-1) != 1 for t in out):
+        problem = "output views of another shape, or strided in the head dim"
     if head_dim not in (64, 128) or k_weight.shape != q_weight.shape or columns < 2 * heads * head_dim:
         problem = f"head dim {head_dim}, projection width {columns}"
     elif qkv.stride(-1) != 1:
@@ -131,9 +132,12 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe):
         problem = f"rotary table {tuple(pe.shape)}"
     if problem is not None:
         note_fallback("qk_norm_rope", problem)
-        return qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe)
-    q = torch.empty((batch, heads, n_tokens, head_dim), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty_like(q)
+        return qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out)
+    if out is None:
+        q = torch.empty((batch, heads, n_tokens, head_dim), dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty_like(q)
+    else:
+        q, k = out
     weights = [w.to(device=qkv.device, dtype=qkv.dtype).contiguous() for w in (q_weight, k_weight)]
     if pe is None:
         pe_args, table = (0, 0, 0, 0, 0), q
@@ -144,14 +148,14 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe):
     block_n = 16
     _qk_norm_rope_kernel[(triton.cdiv(n_tokens, block_n), batch)](
         qkv, *weights, table, q, k, n_tokens, heads, float(q_eps), float(k_eps),
-        qkv.stride(0), qkv.stride(1), *pe_args,
+        qkv.stride(0), qkv.stride(1), *pe_args, *q.stride()[:3], *k.stride()[:3],
         D=head_dim, BLOCK_N=block_n, HAS_PE=pe is not None, num_warps=4)
     return q, k
 
 
 @triton.jit
-def _gated_residual_kernel(X, Gate, A, Bt, n_rows, n_tokens, C,
-                           s_xb, s_xn, s_gb, s_gc, s_ab, s_an, s_bb, s_bn,
+def _gated_residual_kernel(X, Gate, A, Bt, Out, n_rows, n_tokens, C,
+                           s_xb, s_xn, s_gb, s_gc, s_ab, s_an, s_bb, s_bn, s_ob, s_on,
                            BLOCK_C: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
     cm = c < C
@@ -166,23 +170,23 @@ def _gated_residual_kernel(X, Gate, A, Bt, n_rows, n_tokens, C,
                 total = total.to(X.dtype.element_ty).to(tl.float32)
             gate = tl.load(Gate + b * s_gb + c * s_gc, mask=cm, other=0.0).to(tl.float32)
             step = (total * gate).to(X.dtype.element_ty).to(tl.float32)
-            xp = X + b * s_xb + n * s_xn + c
-            x = tl.load(xp, mask=cm, other=0.0).to(tl.float32)
-            tl.store(xp, (x + step).to(X.dtype.element_ty), mask=cm)
+            x = tl.load(X + b * s_xb + n * s_xn + c, mask=cm, other=0.0).to(tl.float32)
+            tl.store(Out + b * s_ob + n * s_on + c, (x + step).to(X.dtype.element_ty), mask=cm)
 
 
-def gated_residual_triton_(x, gate, a, b=None):
+def gated_residual_triton_(x, gate, a, b=None, out=None):
     batch, n_tokens, channels = x.shape
     s_gate = _vector_strides(gate, batch, channels)
-    same = all(t is None or (t.shape == x.shape and t.stride(-1) == 1) for t in (a, b))
+    same = all(t is None or (t.shape == x.shape and t.stride(-1) == 1) for t in (a, b, out))
     if channels > MAX_WIDTH or s_gate is None or not same or x.stride(-1) != 1:
         note_fallback("gated_residual", f"x {tuple(x.shape)}, gate {tuple(gate.shape)}")
-        return gated_residual_reference_(x, gate, a, b)
+        return gated_residual_reference_(x, gate, a, b, out)
+    out = x if out is None else out
     rows, per_program = batch * n_tokens, 2
     block_c = triton.next_power_of_2(channels)
     other = b if b is not None else a
     _gated_residual_kernel[(triton.cdiv(rows, per_program),)](
-        x, gate, a, other, rows, n_tokens, channels, x.stride(0), x.stride(1), *s_gate,
-        a.stride(0), a.stride(1), other.stride(0), other.stride(1),
+        x, gate, a, other, out, rows, n_tokens, channels, x.stride(0), x.stride(1), *s_gate,
+        a.stride(0), a.stride(1), other.stride(0), other.stride(1), out.stride(0), out.stride(1),
         BLOCK_C=block_c, ROWS=per_program, HAS_B=b is not None, num_warps=8 if block_c >= 4096 else 4)
-    return x
+    return out

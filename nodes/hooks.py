@@ -227,10 +227,16 @@ def _note_plan(run: SamplingRun, accelerator: Accelerator):
         run.note("plan", plan.attention_only_reason)
     elif config.sparse_mlp and plan.mlp_refusals:
         run.note("mlp", "MLP kept dense where the block is not one Chipmunk knows: " + "; ".join(plan.mlp_refusals))
+    if not plan.attention_only_reason and config.sparse_mlp and plan.block_refusals:
+        run.note("blocks", "double blocks run ComfyUI's own per-token code (their MLP is still Chipmunk's): "
+                           + "; ".join(plan.block_refusals), logging.INFO)
     if run.step_cache_schedule.disabled_reason:
         run.note("step cache", run.step_cache_schedule.disabled_reason)
     for kind, problem in accelerator.checks.items():
-        if problem and kind == FUSED_CHECK:
+        if problem and kind == "double_block":
+            run.note(f"check {kind}", "double blocks run ComfyUI's own code (their MLP is still Chipmunk's): the "
+                                      f"self-check of their one-pass per-token kernels failed ({problem})", logging.INFO)
+        elif problem and kind == FUSED_CHECK:
             run.note(f"check {kind}", "single blocks use ComfyUI's own per-token operations (norms, modulation, "
                                       f"rotary embedding) instead of one-pass kernels: their self-check failed ({problem})",
                      logging.INFO)
@@ -581,15 +587,19 @@ def _chipmunk_inner(chipmunk_patch, extra, args):
 def mlp_proxy(stock, accelerator: Accelerator, site):
     """A shallow copy of ``stock`` (same children and parameters) whose forward is Chipmunk's."""
     proxy = copy.copy(stock)
-    forward = sequential_forward if site.kind == "sequential" else single_block_forward
+    forward = {"sequential": sequential_forward, "single_block": single_block_forward,
+               "double_block": double_block_forward}[site.kind]
     proxy.forward = functools.partial(forward, stock, accelerator, site)
     return proxy
 
 
-def _checked(accelerator: Accelerator, kind: str, module, x, vec=None, pe=None) -> bool:
+def _checked(accelerator: Accelerator, kind: str, module, x, vec=None, pe=None, txt=None) -> bool:
     """Run the parity self-check once per kind of block for this model; True when it passed."""
     if kind not in accelerator.checks:
-        problem = replacements.self_check(kind, module, x, vec, pe)
+        if kind == "double_block":
+            problem = replacements.double_block_check(module, x, txt, vec, pe)
+        else:
+            problem = replacements.self_check(kind, module, x, vec, pe)
         accelerator.checks[kind] = problem
         if problem and accelerator.run is not None:
             _note_plan(accelerator.run, accelerator)
@@ -619,6 +629,21 @@ def single_block_forward(stock, accelerator: Accelerator, site, x, vec, pe, attn
     fused = _checked(accelerator, FUSED_CHECK, stock, x, vec, pe)
     return replacements.single_block(stock, layer, x, vec, pe, attn_mask, modulation_dims, transformer_options,
                                      fused=fused)
+
+
+@torch.compiler.disable
+def double_block_forward(stock, accelerator: Accelerator, site, img, txt, vec, pe, attn_mask=None,
+                         modulation_dims_img=None, modulation_dims_txt=None, transformer_options={}):
+    """FLUX's double block with its per-token work in one-pass kernels where the block serves a
+    sparse MLP (the same rule as the single blocks), else ComfyUI's own forward."""
+    layer = (transformer_options or {}).get(LAYER_KEY)
+    if (layer is None or not layer.serves_mlp() or modulation_dims_img is not None or modulation_dims_txt is not None
+            or (pe is not None and pe.shape[2] < txt.shape[1] + img.shape[1])
+            or replacements.has_attention_patches(transformer_options)
+            or not _checked(accelerator, site.kind, stock, img, vec, pe, txt=txt)):
+        return type(stock).forward(stock, img, txt, vec, pe, attn_mask, modulation_dims_img, modulation_dims_txt,
+                                   transformer_options)
+    return replacements.double_block(stock, img, txt, vec, pe, attn_mask, transformer_options)
 
 
 __all__ = ["accelerate", "install", "Accelerator", "SLIDER_FIELDS"]

@@ -28,8 +28,8 @@ class MLPSite:
 
     path: str    # object path under the BaseModel, e.g. "diffusion_model.double_blocks.3.img_mlp"
     layer: int
-    stream: str  # "img" (two-stream blocks), "fused" (single blocks), "ffn" (WAN)
-    kind: str    # "sequential" or "single_block"
+    stream: str  # "img" (two-stream blocks), "fused" (single blocks), "ffn" (WAN), "joint" (a double block)
+    kind: str    # "sequential", "single_block" or "double_block" (per-token work only; see replacements)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class ModelPlan:
     mlp_refusals: tuple[str, ...]  # why an MLP keeps its stock code, one line per kind of block
     attention_only_reason: str | None = None  # set when the whole model runs attention-only
     step_cache_reason: str | None = None      # set when step caching cannot be used with this model
+    block_refusals: tuple[str, ...] = ()      # why double blocks keep ComfyUI's per-token code (their MLP may be sparse)
 
     @property
     def mlp_layers(self) -> frozenset[int]:
@@ -121,18 +122,18 @@ class FamilyAdapter:
         return tuple(-(-s // p) for s, p in zip(spatial_shape, patch_size))
 
     def plan(self, diffusion_model, name: str, full: bool) -> ModelPlan:
-        sites, refusals = [], {}
+        sites, refusals, block_refusals = [], {}, {}
         if full:
             for path, layer, stream, kind, module in self.mlp_candidates(diffusion_model):
                 reason = replacements.fingerprint(kind, module)
                 if reason is None:
                     sites.append(MLPSite(path, layer, stream, kind))
                 else:
-                    refusals.setdefault(f"{kind} {reason}", None)
+                    (block_refusals if kind == "double_block" else refusals).setdefault(f"{kind} {reason}", None)
         return ModelPlan(
             family=self.family, model_name=name, block_keys=tuple(self.block_keys(diffusion_model)),
             n_layers=self.dims(diffusion_model).n_layers, mlp_sites=tuple(sites),
-            mlp_refusals=tuple(refusals),
+            mlp_refusals=tuple(refusals), block_refusals=tuple(block_refusals),
             attention_only_reason=None if full else f"{name} changes the model's forward pass: Chipmunk runs its "
                                                     "attention only (MLP dense, no step caching)",
             step_cache_reason=None if full else f"{name} adds its own inputs between blocks")

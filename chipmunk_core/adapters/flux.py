@@ -53,6 +53,8 @@ class FluxAdapter(FamilyAdapter):
     def mlp_candidates(self, diffusion_model):
         for i, block in enumerate(diffusion_model.double_blocks):
             yield f"diffusion_model.double_blocks.{i}.img_mlp", i, "img", "sequential", block.img_mlp
+            # the block around it, for its per-token work only (the MLP stays the site above)
+            yield f"diffusion_model.double_blocks.{i}", i, "joint", "double_block", block
         offset = len(diffusion_model.double_blocks)
         for i, block in enumerate(diffusion_model.single_blocks):
             yield f"diffusion_model.single_blocks.{i}", offset + i, "fused", "single_block", block

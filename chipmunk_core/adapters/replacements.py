@@ -14,6 +14,13 @@ parity self-check confirms that the replacement at sparsity 0 gives the stock ou
   and a second self-check finds the kernels equal to ComfyUI's operations within bf16 rounding;
   otherwise through ComfyUI's own operations.
 
+- "double_block": FLUX's ``DoubleStreamBlock`` (text first), only for its per-token work: the
+  same operations in the same order with norms, modulation, query/key norms, rotary embedding and
+  gated residuals in the one-pass kernels (queries and keys written straight into the joint
+  sequence's buffers); its image MLP is still the "sequential" replacement and its attention
+  ComfyUI's attention function. Used where its self-check finds it equal to the stock block within
+  bf16 rounding; the inputs are not changed in place.
+
 Everything else keeps its stock code and Chipmunk serves its attention only.
 ComfyUI is imported lazily: this module must import without it.
 """
@@ -32,6 +39,8 @@ from ..mlp import SparseDeltaMLP
 from .weights import linear_weights, weight_identity
 
 SINGLE_BLOCK_PARAMETERS = ["x", "vec", "pe", "attn_mask", "modulation_dims", "transformer_options"]
+DOUBLE_BLOCK_PARAMETERS = ["img", "txt", "vec", "pe", "attn_mask", "modulation_dims_img", "modulation_dims_txt",
+                           "transformer_options"]
 ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")
 
 
@@ -79,6 +88,23 @@ def fingerprint(kind: str, module) -> str | None:
                                 or module.linear2.in_features != width + hidden):
             problem = "fused split sizes differ from 3 x width + MLP width"
         return problem
+    if kind == "double_block":
+        cls = type(module)
+        if cls.__name__ != "DoubleStreamBlock" or cls.__module__ != "comfy.ldm.flux.layers":
+            return f"block is {cls.__module__}.{cls.__name__}"
+        parameters = list(inspect.signature(cls.forward).parameters)[1:]
+        if parameters != DOUBLE_BLOCK_PARAMETERS:
+            return f"forward takes ({', '.join(parameters)})"
+        if getattr(module, "flipped_img_txt", False):
+            return "image tokens come first"
+        for stream in ("img", "txt"):
+            attention = getattr(module, f"{stream}_attn", None)
+            problem = (_layer_norm_problem(getattr(module, f"{stream}_norm1", None), f"{stream}_norm1")
+                       or _layer_norm_problem(getattr(module, f"{stream}_norm2", None), f"{stream}_norm2")
+                       or _qk_norm_problem(getattr(attention, "norm", None), module.hidden_size // module.num_heads))
+            if problem:
+                return problem
+        return None
     return f"unknown kind {kind!r}"
 
 
@@ -95,20 +121,27 @@ def _rms_norm_kind(module, head_dim: int) -> str | None:
     return None
 
 
-def fused_problem(block) -> str | None:
-    """None when a single block's norms are ones the one-pass kernels compute (``kernels``'
-    ``layer_norm_modulate`` and ``qk_norm_rope``), else why not."""
-    pre_norm, norm = getattr(block, "pre_norm", None), getattr(block, "norm", None)
-    if not isinstance(pre_norm, torch.nn.LayerNorm) or pre_norm.weight is not None or pre_norm.bias is not None:
-        return f"pre-norm is {type(pre_norm).__name__}, not a LayerNorm without affine part"
+def _layer_norm_problem(module, name: str) -> str | None:
+    if not isinstance(module, torch.nn.LayerNorm) or module.weight is not None or module.bias is not None:
+        return f"{name} is {type(module).__name__}, not a LayerNorm without affine part"
+    return None
+
+
+def _qk_norm_problem(norm, head_dim: int) -> str | None:
     if type(norm).__name__ != "QKNorm":
         return f"query/key norm is {type(norm).__name__}"
-    head_dim = block.hidden_size // block.num_heads
     for name in ("query_norm", "key_norm"):
         module = getattr(norm, name, None)
         if _rms_norm_kind(module, head_dim) is None:
             return f"{name} is {type(module).__module__}.{type(module).__name__}, not an RMSNorm over the head dim"
     return None
+
+
+def fused_problem(block) -> str | None:
+    """None when a single block's norms are ones the one-pass kernels compute (``kernels``'
+    ``layer_norm_modulate`` and ``qk_norm_rope``), else why not."""
+    return (_layer_norm_problem(getattr(block, "pre_norm", None), "pre-norm")
+            or _qk_norm_problem(getattr(block, "norm", None), block.hidden_size // block.num_heads))
 
 
 @contextlib.contextmanager
@@ -122,13 +155,14 @@ def _rms_norm_weight(module, like):
         yield weight, module.eps if module.eps is not None else torch.finfo(like.dtype).eps  # torch's default
 
 
-def _qk_norm_rope(block, qkv, pe):
-    """Normed, rotated queries and keys ([B, H, N, D]) and the values' view, from linear1's qkv
-    columns (``qkv`` [B, N, >= 3 * width]) in one pass."""
-    norm = block.norm
+def _qk_norm_rope(block, qkv, pe, norm=None, out=None):
+    """Normed, rotated queries and keys ([B, H, N, D], or into ``out``) and the values' view, from
+    a fused qkv projection (``qkv`` [B, N, >= 3 * width]) in one pass; ``norm``: the QKNorm (the
+    single block's by default)."""
+    norm = block.norm if norm is None else norm
     heads, width = block.num_heads, block.hidden_size
     with _rms_norm_weight(norm.query_norm, qkv) as (w_q, eps_q), _rms_norm_weight(norm.key_norm, qkv) as (w_k, eps_k):
-        q, k = kernels.qk_norm_rope(qkv, heads, w_q, w_k, eps_q, eps_k, pe)
+        q, k = kernels.qk_norm_rope(qkv, heads, w_q, w_k, eps_q, eps_k, pe, out)
     v = qkv[..., 2 * width:3 * width].unflatten(-1, (heads, -1)).transpose(1, 2)
     return q, k, v
 
@@ -229,6 +263,7 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
     return x
 
 
+@torch.no_grad()
 def _fused_check(block, small, vec, pe, generator) -> str | None:
     from comfy.ldm.flux.layers import apply_mod
     from comfy.ldm.flux.math import apply_rope
@@ -264,6 +299,76 @@ def _fused_check(block, small, vec, pe, generator) -> str | None:
     return None
 
 
+def double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={}):
+    """FLUX's DoubleStreamBlock (text first, no per-token modulation ranges) with its per-token work
+    in the one-pass kernels (see the module docstring). ``img`` and ``txt`` are not changed."""
+    from comfy.ldm.flux.math import attention
+
+    if getattr(block, "modulation", True):
+        img_mod1, img_mod2 = block.img_mod(vec)
+        txt_mod1, txt_mod2 = block.txt_mod(vec)
+    else:
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+    batch, n_text, n_image = img.shape[0], txt.shape[1], img.shape[1]
+    heads, head_dim = block.num_heads, block.hidden_size // block.num_heads
+    q = torch.empty((batch, heads, n_text + n_image, head_dim), dtype=img.dtype, device=img.device)
+    k = torch.empty_like(q)
+    values = []
+    for stream, rows, mod in (("txt", slice(0, n_text), txt_mod1), ("img", slice(n_text, n_text + n_image), img_mod1)):
+        x, norm1, attn_module = (txt, block.txt_norm1, block.txt_attn) if stream == "txt" else \
+            (img, block.img_norm1, block.img_attn)
+        qkv = attn_module.qkv(kernels.layer_norm_modulate(x, 1 + mod.scale, mod.shift, norm1.eps))
+        _, _, v = _qk_norm_rope(block, qkv, None if pe is None else pe[:, :, rows], attn_module.norm,
+                                out=(q[:, :, rows], k[:, :, rows]))
+        values.append(v)
+    v = torch.cat(values, dim=2)
+    del values
+    attn = attention(q, k, v, pe=None, mask=attn_mask, transformer_options=transformer_options)
+    del q, k, v
+    out = []
+    for stream, x, mod1, mod2, part in (("img", img, img_mod1, img_mod2, attn[:, n_text:]),
+                                        ("txt", txt, txt_mod1, txt_mod2, attn[:, :n_text])):
+        attn_module, norm2, mlp = (block.img_attn, block.img_norm2, block.img_mlp) if stream == "img" else \
+            (block.txt_attn, block.txt_norm2, block.txt_mlp)
+        x = kernels.gated_residual_(x, mod1.gate, attn_module.proj(part), out=torch.empty_like(x))
+        kernels.gated_residual_(x, mod2.gate, mlp(kernels.layer_norm_modulate(x, 1 + mod2.scale, mod2.shift, norm2.eps)))
+        out.append(x)
+    img, txt = out
+    if txt.dtype == torch.float16:
+        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+    return img, txt
+
+
+@torch.no_grad()
+def double_block_check(block, img, txt, vec, pe=None) -> str | None:
+    """None when ``double_block`` gives the stock block's output within ``FUSED_TOLERANCE`` on small
+    inputs shaped like the call's (with the call's modulation and the first rows of its rotary
+    table), else why not."""
+    generator = torch.Generator(device=img.device).manual_seed(0)
+
+    def small(like, n):  # small values: the update is then what the output is made of, also in bf16
+        return (0.01 * torch.randn((1, min(like.shape[1], n), like.shape[-1]), generator=generator,
+                                   device=like.device, dtype=torch.float32)).to(like.dtype)
+
+    s_img, s_txt, row = small(img, 24), small(txt, 8), _first_row(vec)
+    rows = None if pe is None else pe[:1, :, :s_txt.shape[1] + s_img.shape[1]]
+    try:
+        stock = type(block).forward(block, s_img.clone(), s_txt.clone(), vec=row, pe=rows, attn_mask=None,
+                                    transformer_options={})
+        ours = double_block(block, s_img, s_txt, row, rows)
+    except Exception as exc:  # the stock code changed its calling convention
+        return f"the check could not run ({type(exc).__name__}: {exc})"
+    for name, a, b, x in (("image", ours[0], stock[0], s_img), ("text", ours[1], stock[1], s_txt)):
+        if a.shape != b.shape:
+            return f"{name} output shape {tuple(a.shape)} != stock {tuple(b.shape)}"
+        # the block's update (output - input): the residual stream would hide a wrong update
+        update = b.float() - x.float()
+        difference = float((a.float() - b.float()).norm() / update.norm().clamp_min(1e-12))
+        if not difference <= FUSED_TOLERANCE:
+            return f"{name} update differs from ComfyUI's by {difference:.1e} (relative)"
+    return None
+
+
 def has_attention_patches(transformer_options) -> bool:
     patches = (transformer_options or {}).get("patches") or {}
     return any(patches.get(name) for name in ATTENTION_PATCHES)
@@ -282,7 +387,7 @@ def _first_row(value):
     return value
 
 
-FUSED_TOLERANCE = 2e-2  # relative (norm) difference from ComfyUI's operations: a few bf16 roundings
+FUSED_TOLERANCE = 3e-2  # relative (norm) difference from ComfyUI's operations: a few bf16 roundings (9e-3 seen)
 
 
 def self_check(kind: str, module, x: torch.Tensor, vec=None, pe=None) -> str | None:

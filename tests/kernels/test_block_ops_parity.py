@@ -58,6 +58,24 @@ def test_qk_norm_rope(interpreted, batch, n_tokens, heads, head_dim, extra, dtyp
         close(got, want, dtype, name)
 
 
+def test_qk_norm_rope_into_views_of_a_joint_buffer(interpreted):
+    """Text and image rows written into one [B, H, T + N, D] buffer (no concatenation after)."""
+    gen = torch.Generator().manual_seed(11)
+    batch, text, image, heads, head_dim, dtype = 2, 5, 19, 2, 64, torch.bfloat16
+    weights = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype) for _ in range(2)]
+    pe = rotary_table(1, text + image, head_dim, gen)
+    q = torch.full((batch, heads, text + image, head_dim), float("nan"), dtype=dtype)
+    k = torch.full_like(q, float("nan"))
+    for rows, table in ((slice(0, text), pe[:, :, :text]), (slice(text, None), pe[:, :, text:])):
+        qkv = torch.randn(batch, text if rows.start == 0 else image, 3 * heads * head_dim, generator=gen).to(dtype)
+        expected = qk_norm_rope_reference(qkv, heads, *weights, 1e-6, 1e-6, table)
+        got = interpreted["block_ops_triton"].qk_norm_rope_triton(qkv, heads, *weights, 1e-6, 1e-6, table,
+                                                                  out=(q[:, :, rows], k[:, :, rows]))
+        assert got[0].data_ptr() == q[:, :, rows].data_ptr()
+        close(q[:, :, rows], expected[0], dtype, "queries")
+        close(k[:, :, rows], expected[1], dtype, "keys")
+
+
 @pytest.mark.parametrize("with_b, gate_rows", [(True, 2), (False, 1)])
 def test_gated_residual(interpreted, with_b, gate_rows):
     gen = torch.Generator().manual_seed(7)
@@ -70,6 +88,11 @@ def test_gated_residual(interpreted, with_b, gate_rows):
     actual = x.clone()
     assert interpreted["block_ops_triton"].gated_residual_triton_(actual, gate, a, b) is actual
     close(actual, expected, dtype, "gated residual")
+    into = torch.full_like(x, float("nan"))
+    kept = x.clone()
+    assert interpreted["block_ops_triton"].gated_residual_triton_(kept, gate, a, b, out=into) is into
+    close(into, expected, dtype, "gated residual into another tensor")
+    assert torch.equal(kept, x)
 
 
 def test_references_are_the_stock_operations():
