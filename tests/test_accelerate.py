@@ -238,11 +238,11 @@ def test_mlp_of_a_changed_block_falls_back_with_one_message(flux, caplog, monkey
 
 def test_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, caplog, monkeypatch):
     """The single and double blocks' norms, modulation, rotary embedding and gated residuals go
-    through one-pass kernels once self-checks find them equal to ComfyUI's operations; a ComfyUI
-    whose rotary embedding differs (here: monkeypatched) fails those checks, and the blocks then use
-    ComfyUI's own operations (the MLPs stay sparse), said once each. (No always-dense layers here:
+    through one-pass kernels once self-checks find the blocks' updates equal to ComfyUI's; a ComfyUI
+    whose query/key norm differs (here: monkeypatched) fails those checks, and the blocks then use
+    ComfyUI's own code (the MLPs stay sparse), said once each. (No always-dense layers here:
     the narrow FLUX's two double blocks would be them.)"""
-    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.flux.layers as flux_layers
     from chipmunk_pack.chipmunk_core.adapters import replacements
 
     size = flux.sizes[0]
@@ -256,8 +256,8 @@ def test_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, ca
         unfused = flux.sample(flux.accelerate(preset=cm.CUSTOM, first_dense_layers=0), size)
     assert _relative(fused, unfused) < 1e-4  # float32 on the CPU: the same arithmetic up to rounding order
 
-    stock_rope = flux_math.apply_rope
-    monkeypatch.setattr(flux_math, "apply_rope", lambda q, k, pe: stock_rope(k, q, pe))  # a changed convention
+    stock_norm = flux_layers.QKNorm.forward
+    monkeypatch.setattr(flux_layers.QKNorm, "forward", lambda self, q, k, v: stock_norm(self, k, q, v))  # changed
     caplog.clear()
     with caplog.at_level(logging.INFO):
         drifted = flux.sample(flux.accelerate(preset=cm.CUSTOM, first_dense_layers=0), size)
@@ -266,7 +266,7 @@ def test_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, ca
             patch.setattr(replacements, "double_block_check", lambda *args: "turned off by the test")
             drifted_unfused = flux.sample(flux.accelerate(preset=cm.CUSTOM, first_dense_layers=0), size)
     report = cm.reports(caplog)[-2]
-    assert "instead of one-pass kernels: their self-check failed (queries differ" in report, report
+    assert "instead of one-pass kernels: their self-check failed (output update differs" in report, report
     assert "double blocks run ComfyUI's own code (their MLP is still Chipmunk's): the self-check" in report, report
     assert cm.step_counts(report)["sparse"] > 0 and "MLP 70%" in report
     assert torch.equal(drifted, drifted_unfused)  # ComfyUI's own operations, as with the kernels off

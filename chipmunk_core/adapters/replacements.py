@@ -204,13 +204,13 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
                  fused=False):
     """FLUX's SingleStreamBlock with its fused MLP through the sparse-delta MLP of ``layer``.
 
-    ``layer`` None: dense, keeping nothing (the self-check's "sparsity 0"), in ComfyUI's operations.
+    ``layer`` None: dense, keeping nothing (the self-checks).
     ``fused``: the per-token work through the one-pass kernels (see the module docstring).
     """
     from comfy.ldm.flux.layers import apply_mod
     from comfy.ldm.flux.math import attention
 
-    fused = fused and layer is not None and modulation_dims is None
+    fused = fused and modulation_dims is None
     mod = _modulation(block, vec)
     if fused:
         x_mod = kernels.layer_norm_modulate(x, 1 + mod.scale, mod.shift, block.pre_norm.eps)
@@ -240,6 +240,9 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
         del qkv, q, k, v
         if dense and layer is None:
             output = block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2))
+            if fused:
+                kernels.gated_residual_(x, mod.gate, output)
+                output = None
         else:
             # linear2 in its two parts: the MLP part is what the cache holds (dense) or updates (sparse).
             w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
@@ -261,42 +264,6 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x
-
-
-@torch.no_grad()
-def _fused_check(block, small, vec, pe, generator) -> str | None:
-    from comfy.ldm.flux.layers import apply_mod
-    from comfy.ldm.flux.math import apply_rope
-
-    def differs(ours, stock):
-        return float((ours.float() - stock.float()).norm() / stock.float().norm().clamp_min(1e-12))
-
-    n_tokens, width, heads = small.shape[1], block.hidden_size, block.num_heads
-    mod = _modulation(block, _first_row(vec))
-    qkv = torch.randn((1, n_tokens, 3 * width), generator=generator, device=small.device,
-                      dtype=torch.float32).to(small.dtype)
-    rows = None if pe is None else pe[:1, :, :n_tokens]
-    try:
-        stock_x = apply_mod(block.pre_norm(small), (1 + mod.scale), mod.shift, None)
-        ours_x = kernels.layer_norm_modulate(small, 1 + mod.scale, mod.shift, block.pre_norm.eps)
-        q, k, v = qkv.view(1, n_tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        stock_q, stock_k = block.norm(q, k, v)
-        if rows is not None:
-            stock_q, stock_k = apply_rope(stock_q, stock_k, rows)
-        ours_q, ours_k, _ = _qk_norm_rope(block, qkv, rows)
-        stock_r = small.clone()
-        stock_r += apply_mod(qkv[..., :width] + qkv[..., width:2 * width], mod.gate, None, None)
-        ours_r = kernels.gated_residual_(small.clone(), mod.gate, qkv[..., :width], qkv[..., width:2 * width])
-    except Exception as exc:  # the stock code changed its calling convention
-        return f"the check could not run ({type(exc).__name__}: {exc})"
-    for name, ours, stock in (("norm and modulation", ours_x, stock_x), ("queries", ours_q, stock_q),
-                              ("keys", ours_k, stock_k), ("gated residual", ours_r, stock_r)):
-        if ours.shape != stock.shape:
-            return f"{name}: shape {tuple(ours.shape)} != ComfyUI's {tuple(stock.shape)}"
-        difference = differs(ours, stock)
-        if not difference <= FUSED_TOLERANCE:
-            return f"{name} differ from ComfyUI's by {difference:.1e} (relative)"
-    return None
 
 
 def double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={}):
@@ -345,12 +312,7 @@ def double_block_check(block, img, txt, vec, pe=None) -> str | None:
     inputs shaped like the call's (with the call's modulation and the first rows of its rotary
     table), else why not."""
     generator = torch.Generator(device=img.device).manual_seed(0)
-
-    def small(like, n):  # small values: the update is then what the output is made of, also in bf16
-        return (0.01 * torch.randn((1, min(like.shape[1], n), like.shape[-1]), generator=generator,
-                                   device=like.device, dtype=torch.float32)).to(like.dtype)
-
-    s_img, s_txt, row = small(img, 24), small(txt, 8), _first_row(vec)
+    s_img, s_txt, row = _small_inputs(generator, img, 24), _small_inputs(generator, txt, 8), _first_row(vec)
     rows = None if pe is None else pe[:1, :, :s_txt.shape[1] + s_img.shape[1]]
     try:
         stock = type(block).forward(block, s_img.clone(), s_txt.clone(), vec=row, pe=rows, attn_mask=None,
@@ -358,15 +320,42 @@ def double_block_check(block, img, txt, vec, pe=None) -> str | None:
         ours = double_block(block, s_img, s_txt, row, rows)
     except Exception as exc:  # the stock code changed its calling convention
         return f"the check could not run ({type(exc).__name__}: {exc})"
-    for name, a, b, x in (("image", ours[0], stock[0], s_img), ("text", ours[1], stock[1], s_txt)):
+    return _update_differs((("image", ours[0], stock[0], s_img), ("text", ours[1], stock[1], s_txt)))
+
+
+def _small_inputs(generator, like, n):
+    """Small values shaped like ``like``'s rows: a block's update is then what its output is made
+    of, also in bf16 (the residual stream would hide a wrong update)."""
+    return (0.01 * torch.randn((1, min(like.shape[1], n), like.shape[-1]), generator=generator, device=like.device,
+                               dtype=torch.float32)).to(like.dtype)
+
+
+def _update_differs(outputs) -> str | None:
+    """None when each (name, ours, stock, input) has ours - stock within ``FUSED_TOLERANCE`` of the
+    stock update (stock - input), else which differs and by how much."""
+    for name, a, b, x in outputs:
         if a.shape != b.shape:
             return f"{name} output shape {tuple(a.shape)} != stock {tuple(b.shape)}"
-        # the block's update (output - input): the residual stream would hide a wrong update
         update = b.float() - x.float()
         difference = float((a.float() - b.float()).norm() / update.norm().clamp_min(1e-12))
         if not difference <= FUSED_TOLERANCE:
             return f"{name} update differs from ComfyUI's by {difference:.1e} (relative)"
     return None
+
+
+@torch.no_grad()
+def _single_block_fused_check(block, x, vec, pe) -> str | None:
+    """None when ``single_block`` with the one-pass kernels gives the stock block's update within
+    ``FUSED_TOLERANCE`` (small inputs, the call's modulation, the first rows of its rotary table)."""
+    small = _small_inputs(torch.Generator(device=x.device).manual_seed(0), x, 24)
+    row = _first_row(vec)
+    rows = None if pe is None else pe[:1, :, :small.shape[1]]
+    try:
+        stock = type(block).forward(block, small.clone(), vec=row, pe=rows, attn_mask=None, transformer_options={})
+        ours = single_block(block, None, small.clone(), row, rows, fused=True)
+    except Exception as exc:  # the stock code changed its calling convention
+        return f"the check could not run ({type(exc).__name__}: {exc})"
+    return _update_differs((("output", ours, stock, small),))
 
 
 def has_attention_patches(transformer_options) -> bool:
@@ -394,14 +383,14 @@ def self_check(kind: str, module, x: torch.Tensor, vec=None, pe=None) -> str | N
     """None when the replacement at sparsity 0 gives the stock module's output bit for bit on a
     small input shaped like ``x`` (and, for blocks, with the call's modulation ``vec``).
 
-    ``single_block_fused``: None when the one-pass kernels give ComfyUI's norm, modulation,
-    query/key norms, rotary embedding (with the call's ``pe``) and gated residual within
-    ``FUSED_TOLERANCE`` (they round in other places than separate operations do)."""
+    ``single_block_fused``: None when the block with its per-token work in the one-pass kernels
+    gives the stock block's update within ``FUSED_TOLERANCE`` (the kernels round in other places
+    than separate operations do), with the call's ``pe``."""
     generator = torch.Generator(device=x.device).manual_seed(0)
     small = torch.randn((1, min(x.shape[1], 24), x.shape[-1]), generator=generator, device=x.device,
                         dtype=torch.float32).to(x.dtype)
     if kind == "single_block_fused":
-        return fused_problem(module) or _fused_check(module, small, vec, pe, generator)
+        return fused_problem(module) or _single_block_fused_check(module, x, vec, pe)
     try:
         if kind == "sequential":
             stock = torch.nn.Sequential.forward(module, small.clone())
