@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh wan_lists # one GPU: WAN2.1-1.3B with the key lists kept from the warm-up
 #   bash bench/gpu_session.sh fused     # one GPU: the single blocks' one-pass per-token kernels (FLUX)
 #   bash bench/gpu_session.sh flux_final # one GPU: FLUX static and dynamic VRAM after the double blocks' kernels
+#   bash bench/gpu_session.sh flux_check # one GPU: FLUX 1024x1024 stock and Chipmunk, static VRAM
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -188,6 +189,12 @@ flux_final)
         --variants "stock,chipmunk,chipmunk+cache,chipmunk unfused" --out "$R/e2e_flux_final.json"
     job 0 280 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,2048x2048 --warmup-steps 12 \
         --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_final_dynamic.json"
+    ;;
+flux_check)
+    # A short check of the final code: FLUX 1024x1024, static VRAM, stock and Chipmunk (the report
+    # says whether every self-check passed).
+    job 0 200 flux_check "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 \
+        --variants "stock,chipmunk" --out "$R/e2e_flux_check.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.
