@@ -60,6 +60,16 @@ def _gelu_tanh_problem(module, name: str) -> str | None:
     return None
 
 
+def _flux_block_problem(module, class_name: str, parameters: list[str]) -> str | None:
+    cls = type(module)
+    if cls.__name__ != class_name or cls.__module__ != "comfy.ldm.flux.layers":
+        return f"block is {cls.__module__}.{cls.__name__}"
+    found = list(inspect.signature(cls.forward).parameters)[1:]
+    if found != parameters:
+        return f"forward takes ({', '.join(found)})"
+    return None
+
+
 def fingerprint(kind: str, module) -> str | None:
     """None when ``module`` is a structure Chipmunk's MLP replacement knows, else why not."""
     if kind == "sequential":
@@ -71,12 +81,9 @@ def fingerprint(kind: str, module) -> str | None:
             problem = "fc1/fc2 shapes do not chain"
         return problem
     if kind == "single_block":
-        cls = type(module)
-        if cls.__name__ != "SingleStreamBlock" or cls.__module__ != "comfy.ldm.flux.layers":
-            return f"block is {cls.__module__}.{cls.__name__}"
-        parameters = list(inspect.signature(cls.forward).parameters)[1:]
-        if parameters != SINGLE_BLOCK_PARAMETERS:
-            return f"forward takes ({', '.join(parameters)})"
+        problem = _flux_block_problem(module, "SingleStreamBlock", SINGLE_BLOCK_PARAMETERS)
+        if problem:
+            return problem
         if getattr(module, "yak_mlp", False):
             return "MLP is gated (YakMLP)"
         width, hidden = module.hidden_size, module.mlp_hidden_dim
@@ -89,12 +96,9 @@ def fingerprint(kind: str, module) -> str | None:
             problem = "fused split sizes differ from 3 x width + MLP width"
         return problem
     if kind == "double_block":
-        cls = type(module)
-        if cls.__name__ != "DoubleStreamBlock" or cls.__module__ != "comfy.ldm.flux.layers":
-            return f"block is {cls.__module__}.{cls.__name__}"
-        parameters = list(inspect.signature(cls.forward).parameters)[1:]
-        if parameters != DOUBLE_BLOCK_PARAMETERS:
-            return f"forward takes ({', '.join(parameters)})"
+        problem = _flux_block_problem(module, "DoubleStreamBlock", DOUBLE_BLOCK_PARAMETERS)
+        if problem:
+            return problem
         if getattr(module, "flipped_img_txt", False):
             return "image tokens come first"
         for stream in ("img", "txt"):
