@@ -596,10 +596,7 @@ def mlp_proxy(stock, accelerator: Accelerator, site):
 def _checked(accelerator: Accelerator, kind: str, module, x, vec=None, pe=None, txt=None) -> bool:
     """Run the parity self-check once per kind of block for this model; True when it passed."""
     if kind not in accelerator.checks:
-        if kind == "double_block":
-            problem = replacements.double_block_check(module, x, txt, vec, pe)
-        else:
-            problem = replacements.self_check(kind, module, x, vec, pe)
+        problem = replacements.self_check(kind, module, x, vec, pe, txt)
         accelerator.checks[kind] = problem
         if problem and accelerator.run is not None:
             _note_plan(accelerator.run, accelerator)

@@ -243,10 +243,7 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
             attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
         del qkv, q, k, v
         if dense and layer is None:
-            output = block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2))
-            if fused:
-                kernels.gated_residual_(x, mod.gate, output)
-                output = None
+            parts = (block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2)),)
         else:
             # linear2 in its two parts: the MLP part is what the cache holds (dense) or updates (sparse).
             w2, b2 = casts.enter_context(linear_weights(block.linear2, attn))
@@ -258,13 +255,11 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
                 mlp_out = state.sparse_step(
                     x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
                     layer.seeds, w2_key=weight_identity(block.linear2, w2[:, width:]))
-            if fused:
-                kernels.gated_residual_(x, mod.gate, F.linear(attn, w2[:, :width], b2), mlp_out)
-                output = None
-            else:
-                output = F.linear(attn, w2[:, :width], b2) + mlp_out
-    if output is not None:
-        x += apply_mod(output, mod.gate, None, modulation_dims)
+            parts = (F.linear(attn, w2[:, :width], b2), mlp_out)
+    if fused:
+        kernels.gated_residual_(x, mod.gate, *parts)
+    else:
+        x += apply_mod(parts[0] if len(parts) == 1 else parts[0] + parts[1], mod.gate, None, modulation_dims)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x
@@ -285,9 +280,9 @@ def double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={
     q = torch.empty((batch, heads, n_text + n_image, head_dim), dtype=img.dtype, device=img.device)
     k = torch.empty_like(q)
     values = []
-    for stream, rows, mod in (("txt", slice(0, n_text), txt_mod1), ("img", slice(n_text, n_text + n_image), img_mod1)):
-        x, norm1, attn_module = (txt, block.txt_norm1, block.txt_attn) if stream == "txt" else \
-            (img, block.img_norm1, block.img_attn)
+    for x, norm1, attn_module, mod, rows in ((txt, block.txt_norm1, block.txt_attn, txt_mod1, slice(0, n_text)),
+                                             (img, block.img_norm1, block.img_attn, img_mod1,
+                                              slice(n_text, n_text + n_image))):
         qkv = attn_module.qkv(kernels.layer_norm_modulate(x, 1 + mod.scale, mod.shift, norm1.eps))
         _, _, v = _qk_norm_rope(block, qkv, None if pe is None else pe[:, :, rows], attn_module.norm,
                                 out=(q[:, :, rows], k[:, :, rows]))
@@ -297,10 +292,9 @@ def double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={
     attn = attention(q, k, v, pe=None, mask=attn_mask, transformer_options=transformer_options)
     del q, k, v
     out = []
-    for stream, x, mod1, mod2, part in (("img", img, img_mod1, img_mod2, attn[:, n_text:]),
-                                        ("txt", txt, txt_mod1, txt_mod2, attn[:, :n_text])):
-        attn_module, norm2, mlp = (block.img_attn, block.img_norm2, block.img_mlp) if stream == "img" else \
-            (block.txt_attn, block.txt_norm2, block.txt_mlp)
+    for x, attn_module, norm2, mlp, mod1, mod2, part in (
+            (img, block.img_attn, block.img_norm2, block.img_mlp, img_mod1, img_mod2, attn[:, n_text:]),
+            (txt, block.txt_attn, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2, attn[:, :n_text])):
         x = kernels.gated_residual_(x, mod1.gate, attn_module.proj(part), out=torch.empty_like(x))
         kernels.gated_residual_(x, mod2.gate, mlp(kernels.layer_norm_modulate(x, 1 + mod2.scale, mod2.shift, norm2.eps)))
         out.append(x)
@@ -383,18 +377,21 @@ def _first_row(value):
 FUSED_TOLERANCE = 3e-2  # relative (norm) difference from ComfyUI's operations: a few bf16 roundings (9e-3 seen)
 
 
-def self_check(kind: str, module, x: torch.Tensor, vec=None, pe=None) -> str | None:
+def self_check(kind: str, module, x: torch.Tensor, vec=None, pe=None, txt=None) -> str | None:
     """None when the replacement at sparsity 0 gives the stock module's output bit for bit on a
     small input shaped like ``x`` (and, for blocks, with the call's modulation ``vec``).
 
-    ``single_block_fused``: None when the block with its per-token work in the one-pass kernels
-    gives the stock block's update within ``FUSED_TOLERANCE`` (the kernels round in other places
-    than separate operations do), with the call's ``pe``."""
+    ``single_block_fused`` and ``double_block``: None when the block with its per-token work in the
+    one-pass kernels gives the stock block's update within ``FUSED_TOLERANCE`` (the kernels round
+    in other places than separate operations do), with the call's ``pe`` (and text stream ``txt``
+    for double blocks, whose image stream is ``x``)."""
+    if kind == "single_block_fused":
+        return fused_problem(module) or _single_block_fused_check(module, x, vec, pe)
+    if kind == "double_block":
+        return double_block_check(module, x, txt, vec, pe)
     generator = torch.Generator(device=x.device).manual_seed(0)
     small = torch.randn((1, min(x.shape[1], 24), x.shape[-1]), generator=generator, device=x.device,
                         dtype=torch.float32).to(x.dtype)
-    if kind == "single_block_fused":
-        return fused_problem(module) or _single_block_fused_check(module, x, vec, pe)
     try:
         if kind == "sequential":
             stock = torch.nn.Sequential.forward(module, small.clone())
