@@ -95,14 +95,17 @@ def mlp_cases(dtype):
                "Order": "i32"}
     down_ptrs = {"Delta": dtype, "W2": dtype, "Out": dtype, "Result": dtype, "Idx": "i32", "Cnt": "i32",
                  "Order": "i32"}
-    for size_class, parts in mt.MLP_CONFIGS.items():
+    tables = [(size_class, "", parts) for size_class, parts in mt.MLP_CONFIGS.items()]
+    tables += [(size_class, " long rows", parts) for size_class, parts in mt.MLP_LONG_CONFIGS.items()]
+    for size_class, rows_label, parts in tables:
         up, down = parts["up"], parts["down"]
         const = {"HAS_BIAS": True, "ACTIVATION": 0, "BLOCK_M": up["block_m"], "BLOCK_N": up["block_n"],
                  "BLOCK_K": up["block_k"], "EVEN_K": True, "HIDDEN_OFFSET_TYPE": tl.int32, "HIDDEN_BY_POSITION": True}
-        yield f"mlp up {size_class}", size_class, mt._mlp_delta_up_kernel, up_ptrs, const, up
+        yield f"mlp up {size_class}{rows_label}", size_class, mt._mlp_delta_up_kernel, up_ptrs, const, up
         const = {"BLOCK_M": down["block_m"], "BLOCK_N": down["block_n"], "BLOCK_K": down["block_k"], "EVEN_N": True,
                  "HAS_RESULT": True}
-        yield f"mlp down {size_class}", size_class, mt._mlp_delta_down_kernel, down_ptrs, const, down
+        yield f"mlp down {size_class}{rows_label}", size_class, mt._mlp_delta_down_kernel, down_ptrs, const, down
+    for size_class in mt.MLP_CONFIGS:
         yield f"block means {size_class}", size_class, mt._block_means_kernel, \
             {"T": dtype, "Out": dtype, "Order": "i32"}, {"BLOCK_R": 32, "BLOCK_C": 128}, \
             {"num_warps": 4, "num_stages": 3}
@@ -139,9 +142,11 @@ def block_ops_cases(dtype):
         yield f"layer norm + modulation {size_class}", size_class, bt._layer_norm_modulate_kernel, \
             {"X": dtype, "Scale": dtype, "Shift": dtype, "Out": dtype}, {"BLOCK_C": 4096, "ROWS": 2}, \
             {"num_warps": 8, "num_stages": 1}
-        yield f"q/k norms + rotary {size_class}", size_class, bt._qk_norm_rope_kernel, \
-            {"QKV": dtype, "Wq": dtype, "Wk": dtype, "PE": "fp32", "Q": dtype, "K": dtype}, \
-            {"D": 128, "BLOCK_N": 16, "HAS_PE": True}, {"num_warps": 4, "num_stages": 1}
+        for copy_v in (False, True):
+            yield f"q/k norms + rotary{' + values' if copy_v else ''} {size_class}", size_class, \
+                bt._qk_norm_rope_kernel, {"QKV": dtype, "Wq": dtype, "Wk": dtype, "PE": "fp32", "Q": dtype, "K": dtype,
+                                          "V": dtype}, \
+                {"D": 128, "BLOCK_N": 16, "HAS_PE": True, "COPY_V": copy_v}, {"num_warps": 4, "num_stages": 1}
         yield f"gated residual {size_class}", size_class, bt._gated_residual_kernel, \
             {"X": dtype, "Gate": dtype, "A": dtype, "Bt": dtype, "Out": dtype}, {"BLOCK_C": 4096, "ROWS": 2, "HAS_B": True}, \
             {"num_warps": 8, "num_stages": 1}
@@ -169,12 +174,12 @@ def main():
     failures = 0
     print(f"triton {triton.__version__}")
     for arch in (int(a) for a in args.archs.split(",")):
-        wanted = "small" if arch in SMALL else "big"
+        wanted = {"small"} if arch in SMALL else {"big", "hopper"} if arch == 90 else {"big"}
         for dtype in args.dtypes.split(","):
             for label, size_class, fn, ptrs, const, cfg in (*sparse_cases(dtype), *dense_cases(dtype), *mlp_cases(dtype),
                                                            *selection_cases(dtype), *sampled_cases(dtype),
                                                            *block_ops_cases(dtype)):
-                if size_class != wanted:
+                if size_class not in wanted:
                     continue
                 sig = signature(fn, ptrs, const)
                 src = ASTSource(fn, sig, constexprs=const, attrs=attributes(fn, sig))

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
+import os
 import sys
 import time
 import types
@@ -74,6 +76,10 @@ VARIANTS = {
     # one-pass kernels (as when their self-checks fail).
     "chipmunk unfused": {"_unfused": True},
     "chipmunk+cache unfused": {"step_cache": "fixed", "_unfused": True},
+    # The sparse MLP with the kernel configuration in CHIPMUNK_BENCH_MLP (JSON {"up": {...}, "down": {...}}
+    # over the defaults, short and long rows alike).
+    "chipmunk mlp": {"_mlp": True},
+    "chipmunk+cache mlp": {"step_cache": "fixed", "_mlp": True},
 }
 
 
@@ -288,6 +294,9 @@ def main():
         stock = build(ns.case, ns.device, dtype, ns.smoke)
     pos, neg = conditioning(ns.case, 5, ns.smoke), conditioning(ns.case, 6, ns.smoke)
     rows = []
+    mlp_triton = importlib.import_module("chipmunk_pack.kernels.mlp_triton")
+    mlp_tables = (mlp_triton.MLP_CONFIGS["big"], mlp_triton.MLP_LONG_CONFIGS["hopper"])  # what "chipmunk mlp" overrides
+    mlp_defaults = [{part: dict(values) for part, values in table.items()} for table in mlp_tables]
     for size in ns.sizes.split(","):
         shape = latent_shape(ns.case, size, ns.batch, ns.smoke)
         latent = torch.zeros(shape)
@@ -304,6 +313,13 @@ def main():
             unfused = probes.get("_unfused")
             hooks.replacements.fused_problem = (lambda block: "off in this variant") if unfused else fused_problem
             hooks.replacements.double_block_check = (lambda *a: "off in this variant") if unfused else double_check
+            for table, defaults in zip(mlp_tables, mlp_defaults):
+                for part in ("up", "down"):
+                    table[part] = dict(defaults[part])
+                    if probes.get("_mlp"):
+                        table[part].update(json.loads(os.environ.get("CHIPMUNK_BENCH_MLP", "{}")).get(part, {}))
+            if probes.get("_mlp"):  # a kernel configuration this process has not compiled: no capture before an eager call
+                importlib.import_module("chipmunk_pack.chipmunk_core.graphs").PROCESS_WARM.clear()
             if probes.get("_resident"):
                 model = with_resident_conditioning(model, hooks)
             step_events = []

@@ -19,6 +19,9 @@
 #   bash bench/gpu_session.sh fused     # one GPU: the single blocks' one-pass per-token kernels (FLUX)
 #   bash bench/gpu_session.sh flux_final # one GPU: FLUX static and dynamic VRAM after the double blocks' kernels
 #   bash bench/gpu_session.sh flux_check # one GPU: FLUX 1024x1024 stock and Chipmunk, static VRAM
+#   bash bench/gpu_session.sh kernels2048 # one GPU: the kernels at FLUX 2048x2048, and a profiled run there
+#   bash bench/gpu_session.sh mlp2048   # one GPU: the sparse MLP in bands of row tiles, and FLUX 2048x2048 with it
+#   bash bench/gpu_session.sh flux_table # one GPU: the README's FLUX tables (dynamic VRAM), other sizes, batch 2
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -195,6 +198,34 @@ flux_check)
     # says whether every self-check passed).
     job 0 200 flux_check "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 \
         --variants "stock,chipmunk" --out "$R/e2e_flux_check.json"
+    ;;
+kernels2048)
+    # FLUX 2048x2048: the sparse attention and MLP kernels at that shape (configuration sweeps), and
+    # where a Chipmunk run's GPU time goes there.
+    job 0 330 kernels python3 bench/kernels.py --ops sparse,mlp --shapes flux2048,flux --group-sizes 192,128,256 \
+        --sweep --json "$R/kernels_flux2048.json"
+    job 0 240 flux_2048 "${E2E[@]}" --case flux --sizes 2048x2048 --warmup-steps 12 --busy --kernels 30 \
+        --variants "chipmunk" --out "$R/e2e_flux_2048_kernels.json"
+    ;;
+mlp2048)
+    # The sparse MLP's programs in bands of row tiles (so that a band's inputs stay in L2): the
+    # sweep at FLUX 1024x1024 and 2048x2048, then FLUX 2048x2048 end to end (dynamic VRAM) with
+    # the defaults and with the sweep's fastest up / down configurations at 2048x2048.
+    job 0 220 kernels python3 bench/kernels.py --ops mlp --shapes flux2048,flux --sweep --json "$R/kernels_mlp_bands.json"
+    CHIPMUNK_BENCH_MLP=$(python3 bench/bench_utils.py best-mlp "$R/kernels_mlp_bands.json" flux2048) && export CHIPMUNK_BENCH_MLP
+    echo "fastest at 2048x2048: $CHIPMUNK_BENCH_MLP" | tee "$R/best_mlp.txt"
+    job 0 340 flux_2048 "${E2E[@]}" --case flux --sizes 2048x2048 --warmup-steps 12 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk mlp" --out "$R/e2e_flux_2048_mlp_dynamic.json"
+    ;;
+flux_table)
+    # The README's FLUX tables as main.py runs v0.19.3 (dynamic VRAM): the three target sizes with
+    # and without the step cache, the other listed sizes, and batch 2.
+    job 0 330 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,2048x2048 --warmup-steps 12 \
+        --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_table_dynamic.json"
+    job 0 130 flux_sizes "${E2E[@]}" --case flux --sizes 512x512,768x768,1536x1536 --warmup-steps 12 \
+        --dynamic-vram --variants "stock,chipmunk" --out "$R/e2e_flux_sizes_dynamic.json"
+    job 0 110 flux_batch2 "${E2E[@]}" --case flux --sizes 1024x1024 --batch 2 --warmup-steps 12 \
+        --dynamic-vram --variants "stock,chipmunk" --out "$R/e2e_flux_batch2_dynamic.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.

@@ -44,11 +44,12 @@ from bench_utils import bench_ms, keep_count, random_lists, rel_err  # noqa: E40
 # name: (batch, heads, tokens, head_dim, keep fraction of the sparse attention)
 ATTENTION_SHAPES = {
     "flux": (1, 24, 4608, 128, 0.165),
+    "flux2048": (1, 24, 16896, 128, 0.165),
     "wan": (1, 40, 75600, 128, 0.10),
     "hunyuan": (1, 24, 119056, 128, 0.07),
 }
 # name: (tokens, d_in, hidden, d_out, keep fraction, row block)
-MLP_SHAPES = {"flux": (4608, 3072, 12288, 3072, 0.30, 128)}
+MLP_SHAPES = {"flux": (4608, 3072, 12288, 3072, 0.30, 128), "flux2048": (16896, 3072, 12288, 3072, 0.30, 128)}
 DTYPE = torch.bfloat16
 
 
@@ -89,14 +90,20 @@ def sparse_configs(sweep, group_size, explicit=None):
         return explicit
     if not sweep:
         return [{}]
-    entries = {  # rows per tile, block_n, warps, stages, register cap
+    entries = {  # rows per tile (+ a second sub-tile's rows), block_n, warps, stages, register cap
         128: [(128, 128, 8, 2, None), (128, 64, 8, 2, None), (128, 64, 8, 2, 128)],
-        192: [(64, 64, 4, 3, None), (64, 64, 4, 4, None), (64, 32, 4, 3, None)],
+        192: [(64, 64, 4, 3, None), (64, 64, 4, 4, None), (64, 32, 4, 3, None),
+              ((128, 64), 64, 8, 2, None), ((128, 64), 64, 8, 3, None), ((128, 64), 32, 8, 3, None),
+              ((128, 64), 128, 8, 2, None)],
         256: [(128, 128, 8, 2, None), (128, 64, 8, 2, 128), (256, 64, 16, 2, None), (256, 128, 16, 2, None),
-              (256, 32, 16, 3, None)],
+              (256, 32, 16, 3, None), ((128, 128), 64, 8, 2, None)],
     }.get(group_size, [])
-    return [{"block_m": rows, "block_n": bn, "num_warps": w, "num_stages": st, **({"maxnreg": reg} if reg else {})}
-            for rows, bn, w, st, reg in entries] or [{}]
+    configs = []
+    for rows, bn, w, st, reg in entries:
+        first, second = rows if isinstance(rows, tuple) else (rows, 0)
+        configs.append({"block_m": first, **({"block_m2": second} if second else {}), "block_n": bn, "num_warps": w,
+                        "num_stages": st, **({"maxnreg": reg} if reg else {})})
+    return configs or [{}]
 
 
 def dense_configs(sweep, explicit=None):
@@ -235,12 +242,15 @@ def bench_dense_attention(shape_name, args, rows):
     torch.cuda.empty_cache()
 
 
-def mlp_configs(sweep):
+def mlp_configs(sweep, explicit=None):
+    if explicit:
+        return explicit
     if not sweep:
         return [{}]
-    ups = [{"block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": st} for bn, st in ((128, 4), (128, 3), (256, 3))]
-    downs = [{"block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": st}
-             for bn, st in ((128, 3), (128, 4), (256, 3), (64, 4))]
+    ups = [{"block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": st, "band_rows": band}
+           for bn, st in ((128, 4), (256, 3)) for band in (0, 4, 8, 16, 32)]
+    downs = [{"block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": 3, "band_rows": band}
+             for bn in (128, 256) for band in (0, 8, 16, 32)]
     return [{"up": up} for up in ups] + [{"down": down} for down in downs]
 
 
@@ -281,7 +291,7 @@ def bench_mlp(shape_name, args, rows):
     if args.sweep:  # configurations are compared on the fastest layout only
         variants = variants[-1:]
     for layout, w2_arg, order_arg, hidden_arg in variants:
-        for config in mlp_configs(args.sweep):
+        for config in mlp_configs(args.sweep, args.mlp_configs):
             try:
                 # (from the float32 copy: the timed runs below update hidden_arg in place)
                 h_k = h32.transpose(1, 2).contiguous().transpose(1, 2) if order_arg is None else h32.clone()
@@ -335,12 +345,16 @@ def main():
     parser.add_argument("--sparse-configs", default=None,
                         help='JSON list of sparse-attention configurations to time instead of the sweep, '
                              'e.g. \'[{"block_n": 32, "num_stages": 3, "maxnreg": 168}]\'')
+    parser.add_argument("--mlp-configs", default=None,
+                        help='JSON list of MLP configurations to time instead of the sweep, e.g. '
+                             '\'[{"up": {"band_rows": 16}, "down": {"band_rows": 16}}]\'')
     args = parser.parse_args()
+    args.mlp_configs = json.loads(args.mlp_configs) if args.mlp_configs else None
     args.group_sizes = [int(g) for g in args.group_sizes.split(",")]
     args.sparse_configs = json.loads(args.sparse_configs) if args.sparse_configs else None
     args.dense_configs = json.loads(args.dense_configs) if args.dense_configs else None
     # rough dense times (ms) so that slow shapes get few repetitions
-    args.expected = {"flux": 0.4, "wan": 200.0, "hunyuan": 320.0}
+    args.expected = {"flux": 0.4, "flux2048": 5.5, "wan": 200.0, "hunyuan": 320.0}
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

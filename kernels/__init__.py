@@ -144,8 +144,8 @@ def layer_norm_modulate(x, scale1, shift, eps):
 
 def qk_norm_rope(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=None):
     """Queries and keys ([B, H, N, D] each, contiguous, or into the views ``out``) from a fused
-    projection: RMS norm per head, then the rotary embedding ``pe`` (None: none). See
-    ``block_ops_reference``."""
+    projection: RMS norm per head, then the rotary embedding ``pe`` (None: none). ``out`` of three
+    views also receives the values, unchanged. See ``block_ops_reference``."""
     if backend_for(qkv) == "triton":
         from .block_ops_triton import qk_norm_rope_triton
         return qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out)

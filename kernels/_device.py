@@ -1,5 +1,6 @@
-"""What the Triton launchers share: facts about the GPU they launch on, the row tile they split
-row groups into, and the one log line for a fallback to the reference."""
+"""What the Triton launchers share: facts about the GPU they launch on (shared memory class, L2
+size, copy engine), the row tile they split row groups into, and the one log line for a fallback
+to the reference."""
 
 from __future__ import annotations
 
@@ -25,6 +26,28 @@ def size_class(device) -> str:
         return "big"
     index = device.index if device.index is not None else torch.cuda.current_device()
     return "big" if _big_shared_memory(index) else "small"
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 0)
+
+
+def l2_bytes(device) -> int:
+    """The GPU's L2 cache in bytes (0 off CUDA, or where torch does not say)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def capability_major(device) -> int:
+    """The GPU's compute capability major (9 for Hopper; 0 off CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_capability(device.index if device.index is not None
+                                            else torch.cuda.current_device())[0]
 
 
 def row_tile(rows: int, cap: int) -> int:

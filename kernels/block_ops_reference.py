@@ -14,7 +14,8 @@ between operations, so that the kernels can be held to them:
   rounded, then the rotary embedding ``pe`` (``[1 or B, 1, >= N, D/2, 2, 2]``, float32:
   ``out[2i + r] = pe[i, r, 0] * x[2i] + pe[i, r, 1] * x[2i + 1]``). Returns ``q, k`` as
   contiguous ``[B, H, N, D]``, or writes them into ``out`` (two ``[B, H, N, D]`` views, e.g. the
-  text or image rows of a joint sequence's buffers).
+  text or image rows of a joint sequence's buffers; a third view receives the values, the next
+  ``H * D`` columns, unchanged).
 - ``gated_residual_``: ``x += gate * (a + b)`` in place (``b`` may be None), or
   ``out = x + gate * (a + b)``, each sum and product rounded to x's dtype as separate operations
   would be.
@@ -46,6 +47,8 @@ def qk_norm_rope_reference(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out
     if out is not None:
         out[0].copy_(result[0])
         out[1].copy_(result[1])
+        if len(out) == 3:  # the values too, unchanged
+            out[2].copy_(qkv[..., 2 * width:3 * width].reshape(batch, n_tokens, heads, head_dim).transpose(1, 2))
         return out
     return result[0], result[1]
 

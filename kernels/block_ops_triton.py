@@ -70,9 +70,10 @@ def layer_norm_modulate_triton(x, scale1, shift, eps):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(QKV, Wq, Wk, PE, Q, K, n_tokens, heads, q_eps, k_eps,
+def _qk_norm_rope_kernel(QKV, Wq, Wk, PE, Q, K, V, n_tokens, heads, q_eps, k_eps,
                          s_b, s_n, s_pb, s_pn, s_pi, s_pr, s_pc, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
-                         D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PE: tl.constexpr):
+                         s_vb, s_vh, s_vn,
+                         D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PE: tl.constexpr, COPY_V: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < n_tokens
@@ -115,6 +116,10 @@ def _qk_norm_rope_kernel(QKV, Wq, Wk, PE, Q, K, n_tokens, heads, q_eps, k_eps,
                 tl.store(Q + b * s_qb + h * s_qh + n64[:, None] * s_qn + d[None, :], y, mask=nm[:, None])
             else:
                 tl.store(K + b * s_kb + h * s_kh + n64[:, None] * s_kn + d[None, :], y, mask=nm[:, None])
+        if COPY_V:  # the values, unchanged, into their own view (e.g. rows of a joint sequence)
+            values = tl.load(QKV + b * s_b + n64[:, None] * s_n + (2 * width + h * D) + d[None, :], mask=nm[:, None])
+            tl.store(V + b * s_vb + h * s_vh + n64[:, None] * s_vn + d[None, :], values.to(V.dtype.element_ty),
+                     mask=nm[:, None])
 
 
 def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=None):
@@ -123,7 +128,7 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=No
     problem = None
     if out is not None and any(t.shape != (batch, heads, n_tokens, head_dim) or t.stride(-1) != 1 for t in out):
         problem = "output views of another shape, or strided in the head dim"
-    if head_dim not in (64, 128) or k_weight.shape != q_weight.shape or columns < 2 * heads * head_dim:
+    if head_dim not in (64, 128) or k_weight.shape != q_weight.shape or columns < (len(out or ()) or 2) * heads * head_dim:
         problem = f"head dim {head_dim}, projection width {columns}"
     elif qkv.stride(-1) != 1:
         problem = "the projection's last dimension is strided"
@@ -137,7 +142,8 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=No
         q = torch.empty((batch, heads, n_tokens, head_dim), dtype=qkv.dtype, device=qkv.device)
         k = torch.empty_like(q)
     else:
-        q, k = out
+        q, k = out[:2]
+    v = out[2] if out is not None and len(out) == 3 else q  # never written without COPY_V
     weights = [w.to(device=qkv.device, dtype=qkv.dtype).contiguous() for w in (q_weight, k_weight)]
     if pe is None:
         pe_args, table = (0, 0, 0, 0, 0), q
@@ -147,10 +153,10 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=No
                    pe.stride(4), pe.stride(5))
     block_n = 16
     _qk_norm_rope_kernel[(triton.cdiv(n_tokens, block_n), batch)](
-        qkv, *weights, table, q, k, n_tokens, heads, float(q_eps), float(k_eps),
-        qkv.stride(0), qkv.stride(1), *pe_args, *q.stride()[:3], *k.stride()[:3],
-        D=head_dim, BLOCK_N=block_n, HAS_PE=pe is not None, num_warps=4)
-    return q, k
+        qkv, *weights, table, q, k, v, n_tokens, heads, float(q_eps), float(k_eps),
+        qkv.stride(0), qkv.stride(1), *pe_args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        D=head_dim, BLOCK_N=block_n, HAS_PE=pe is not None, COPY_V=v is not q, num_warps=4)
+    return (q, k) if out is None else out
 
 
 @triton.jit

@@ -25,7 +25,10 @@ Layouts the caller chooses (any strides work; these are the fast ones, measured 
 through the row order.
 
 Programs are numbered row tile first: the same unit-tile position of different row blocks covers
-nearby (sorted) units, so the weight rows they gather are shared through L2.
+nearby (sorted) units, so the weight rows they gather are shared through L2. With ``band_rows``
+they go through bands of that many row tiles, row tile first within a band, so that the band's
+rows of x (or of the scratch) are read from L2 by every unit (output) tile instead of being read
+from memory again for each (see ``MLP_LONG_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import note_fallback, row_tile, size_class
+from ._device import capability_major, l2_bytes, note_fallback, row_tile, size_class
 from .mlp_reference import sparse_mlp_delta_reference
 
 _ACTIVATION_IDS = {"gelu_tanh": 0}
@@ -50,16 +53,21 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M: tl.constexpr):
+def _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, n_col_tiles, band, BLOCK_M: tl.constexpr):
     """This program's batch, column tile, first row position, row block and the block's unit count.
 
-    Programs are numbered row tile first (see the module docstring)."""
+    Programs go through bands of ``band`` row tiles, and within a band row tile first (see the
+    module docstring)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    first_pos = (pid % n_row_tiles) * BLOCK_M
+    per_band = band * n_col_tiles
+    first_tile = (pid // per_band) * band
+    band_rows = tl.minimum(n_row_tiles - first_tile, band)
+    in_band = pid % per_band
+    first_pos = (first_tile + in_band % band_rows) * BLOCK_M
     blk = first_pos // block_size
     count = tl.minimum(tl.load(Cnt + b * s_cb + blk), K_CAP)
-    return b, pid // n_row_tiles, first_pos, blk, count
+    return b, in_band // band_rows, first_pos, blk, count
 
 
 @triton.jit
@@ -84,12 +92,13 @@ def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s
 def _mlp_delta_up_kernel(
     X, W1, B1, Hidden, Delta, Idx, Cnt, Order,
     s_xb, s_xn, s_w1m, s_hb, s_hn, s_hm, s_db, s_dk, s_ib, s_iblk, s_cb,
-    N, D_IN, K_CAP, block_size, n_row_tiles,
+    N, D_IN, K_CAP, block_size, n_row_tiles, n_col_tiles, band,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     HIDDEN_OFFSET_TYPE: tl.constexpr, HIDDEN_BY_POSITION: tl.constexpr,
 ):
-    b, unit_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M)
+    b, unit_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, n_col_tiles,
+                                                         band, BLOCK_M)
     first_slot = unit_tile * BLOCK_N
     if first_slot < count:
         pos = first_pos + tl.arange(0, BLOCK_M)
@@ -148,11 +157,12 @@ def _down_tile(acc, Delta, d_row, s_dk, W2, w2_col, s_w2m, units, kk, count,
 def _mlp_delta_down_kernel(
     Delta, W2, Out, Result, Idx, Cnt, Order,
     s_db, s_dk, s_w2o, s_w2m, s_ob, s_on, s_rb, s_rn, s_ib, s_iblk, s_cb,
-    N, D_OUT, K_CAP, block_size, n_row_tiles,
+    N, D_OUT, K_CAP, block_size, n_row_tiles, n_col_tiles, band,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_RESULT: tl.constexpr,
 ):
-    b, out_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, BLOCK_M)
+    b, out_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, n_col_tiles,
+                                                        band, BLOCK_M)
     # With a result buffer, blocks with an empty list still copy their rows into it.
     if HAS_RESULT:
         run = count >= 0
@@ -206,6 +216,33 @@ MLP_CONFIGS = {
     "small": {"up": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 2},
               "down": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 2}},
 }
+# Where one batch row of x is larger than the GPU's L2 (FLUX above ~1500x1500): 256-wide tiles, and
+# programs in bands of a few row tiles, so that a band's rows of x (and of the scratch) stay in L2
+# while every unit (output) tile passes over them; in plain row-tile-first order each tile position
+# streams all of x again. Measured on the H200 at FLUX 2048x2048 (bench/results/
+# kernels_mlp_bands_h200.json): up 1.31 -> 1.11 ms, down 0.92 -> 0.81 ms; at 1024x1024, where x
+# fits in L2, the short configuration is as fast or faster.
+# Hopper (sm_90) only: elsewhere these tiles are unmeasured (and spill more without wgmma).
+MLP_LONG_CONFIGS = {
+    "hopper": {"up": {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3, "band_rows": 4},
+            "down": {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3, "band_rows": 8}},
+}
+
+
+def _default_config(x):
+    """The tile configuration for x ([B, N, D_in]): ``MLP_LONG_CONFIGS`` where one batch row of x
+    is larger than the GPU's L2 and the GPU has an entry there, else ``MLP_CONFIGS``."""
+    long_rows = x.shape[1] * x.shape[2] * x.element_size() > l2_bytes(x.device) > 0
+    if long_rows and capability_major(x.device) == 9:
+        return MLP_LONG_CONFIGS["hopper"]
+    return MLP_CONFIGS[size_class(x.device)]
+
+
+def _band(cfg, n_row_tiles) -> int:
+    """Row tiles per band of programs (``band_rows`` of the configuration; 0 = all of them, the
+    plain row-tile-first order)."""
+    rows = cfg.get("band_rows", 0)
+    return n_row_tiles if rows <= 0 else min(rows, n_row_tiles)
 
 
 def _fits_int32(t) -> bool:
@@ -221,11 +258,11 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     Pass ``w2`` as ``w2_t.t()`` of a cached contiguous ``[M, Dout]`` copy for coalesced loads of
     the listed units (see the module docstring); a plain ``[Dout, M]`` view works too.
     ``config`` (optional dict with "up"/"down" entries)
-    overrides ``MLP_CONFIGS``; for benchmarks.
+    overrides the defaults (``MLP_CONFIGS``, or ``MLP_LONG_CONFIGS`` for long rows); for benchmarks.
     """
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown activation {activation!r}")
-    defaults = MLP_CONFIGS[size_class(x.device)]
+    defaults = _default_config(x)
     cfg = {part: {**defaults[part], **((config or {}).get(part) or {})} for part in ("up", "down")}
     batch, n_tokens, d_in = x.shape
     d_out = w2.shape[0]
@@ -275,13 +312,14 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     if "up" in stages:
         bm = row_tile(block_size, up["block_m"])
         n_row_tiles = math.ceil(n_tokens / bm)
-        grid = (n_row_tiles * triton.cdiv(k_cap, up["block_n"]), batch)
+        n_col_tiles = triton.cdiv(k_cap, up["block_n"])
+        grid = (n_row_tiles * n_col_tiles, batch)
         _mlp_delta_up_kernel[grid](
             x, w1, b1 if b1 is not None else w1, hidden_cache, delta, unit_indices, unit_counts, order,
             x.stride(0), x.stride(1), w1.stride(0), hidden_cache.stride(0), hidden_cache.stride(1),
             hidden_cache.stride(2), delta.stride(0), delta.stride(1), unit_indices.stride(0),
             unit_indices.stride(1), unit_counts.stride(0),
-            n_tokens, d_in, k_cap, block_size, n_row_tiles,
+            n_tokens, d_in, k_cap, block_size, n_row_tiles, n_col_tiles, _band(up, n_row_tiles),
             HAS_BIAS=b1 is not None, ACTIVATION=_ACTIVATION_IDS[activation],
             BLOCK_M=bm, BLOCK_N=up["block_n"], BLOCK_K=up["block_k"], EVEN_K=d_in % up["block_k"] == 0,
             HIDDEN_OFFSET_TYPE=tl.int32 if _fits_int32(hidden_cache[0]) else tl.int64,
@@ -291,13 +329,14 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     if "down" in stages:
         bm = row_tile(block_size, down["block_m"])
         n_row_tiles = math.ceil(n_tokens / bm)
-        grid = (n_row_tiles * triton.cdiv(d_out, down["block_n"]), batch)
+        n_col_tiles = triton.cdiv(d_out, down["block_n"])
+        grid = (n_row_tiles * n_col_tiles, batch)
         res = result if result is not None else out_cache  # never written when HAS_RESULT is False
         _mlp_delta_down_kernel[grid](
             delta, w2, out_cache, res, unit_indices, unit_counts, order,
             delta.stride(0), delta.stride(1), w2.stride(0), w2.stride(1), out_cache.stride(0), out_cache.stride(1),
             res.stride(0), res.stride(1), unit_indices.stride(0), unit_indices.stride(1), unit_counts.stride(0),
-            n_tokens, d_out, k_cap, block_size, n_row_tiles,
+            n_tokens, d_out, k_cap, block_size, n_row_tiles, n_col_tiles, _band(down, n_row_tiles),
             BLOCK_M=bm, BLOCK_N=down["block_n"], BLOCK_K=down["block_k"], EVEN_N=d_out % down["block_n"] == 0,
             HAS_RESULT=result is not None,
             num_warps=down["num_warps"], num_stages=down["num_stages"],

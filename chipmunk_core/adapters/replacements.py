@@ -160,15 +160,16 @@ def _rms_norm_weight(module, like):
 
 
 def _qk_norm_rope(block, qkv, pe, norm=None, out=None):
-    """Normed, rotated queries and keys ([B, H, N, D], or into ``out``) and the values' view, from
-    a fused qkv projection (``qkv`` [B, N, >= 3 * width]) in one pass; ``norm``: the QKNorm (the
-    single block's by default)."""
+    """Normed, rotated queries and keys ([B, H, N, D]) and the values' view, from a fused qkv
+    projection (``qkv`` [B, N, >= 3 * width]) in one pass; ``norm``: the QKNorm (the single
+    block's by default). ``out``: views (q, k, v) to write all three into instead."""
     norm = block.norm if norm is None else norm
     heads, width = block.num_heads, block.hidden_size
     with _rms_norm_weight(norm.query_norm, qkv) as (w_q, eps_q), _rms_norm_weight(norm.key_norm, qkv) as (w_k, eps_k):
-        q, k = kernels.qk_norm_rope(qkv, heads, w_q, w_k, eps_q, eps_k, pe, out)
-    v = qkv[..., 2 * width:3 * width].unflatten(-1, (heads, -1)).transpose(1, 2)
-    return q, k, v
+        if out is not None:
+            return kernels.qk_norm_rope(qkv, heads, w_q, w_k, eps_q, eps_k, pe, out)
+        q, k = kernels.qk_norm_rope(qkv, heads, w_q, w_k, eps_q, eps_k, pe)
+    return q, k, qkv[..., 2 * width:3 * width].unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 # --- the replaced code -----------------------------------------------------------------------------
@@ -278,17 +279,13 @@ def double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={
     batch, n_text, n_image = img.shape[0], txt.shape[1], img.shape[1]
     heads, head_dim = block.num_heads, block.hidden_size // block.num_heads
     q = torch.empty((batch, heads, n_text + n_image, head_dim), dtype=img.dtype, device=img.device)
-    k = torch.empty_like(q)
-    values = []
+    k, v = torch.empty_like(q), torch.empty_like(q)
     for x, norm1, attn_module, mod, rows in ((txt, block.txt_norm1, block.txt_attn, txt_mod1, slice(0, n_text)),
                                              (img, block.img_norm1, block.img_attn, img_mod1,
                                               slice(n_text, n_text + n_image))):
         qkv = attn_module.qkv(kernels.layer_norm_modulate(x, 1 + mod.scale, mod.shift, norm1.eps))
-        _, _, v = _qk_norm_rope(block, qkv, None if pe is None else pe[:, :, rows], attn_module.norm,
-                                out=(q[:, :, rows], k[:, :, rows]))
-        values.append(v)
-    v = torch.cat(values, dim=2)
-    del values
+        _qk_norm_rope(block, qkv, None if pe is None else pe[:, :, rows], attn_module.norm,
+                      out=(q[:, :, rows], k[:, :, rows], v[:, :, rows]))
     attn = attention(q, k, v, pe=None, mask=attn_mask, transformer_options=transformer_options)
     del q, k, v
     out = []

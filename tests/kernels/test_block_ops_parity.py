@@ -58,22 +58,33 @@ def test_qk_norm_rope(interpreted, batch, n_tokens, heads, head_dim, extra, dtyp
         close(got, want, dtype, name)
 
 
-def test_qk_norm_rope_into_views_of_a_joint_buffer(interpreted):
-    """Text and image rows written into one [B, H, T + N, D] buffer (no concatenation after)."""
+@pytest.mark.parametrize("with_values", [False, True], ids=["qk", "qkv"])
+def test_qk_norm_rope_into_views_of_a_joint_buffer(interpreted, with_values):
+    """Text and image rows written into one [B, H, T + N, D] buffer (no concatenation after); with a
+    third view the values are copied there too, bit for bit."""
     gen = torch.Generator().manual_seed(11)
     batch, text, image, heads, head_dim, dtype = 2, 5, 19, 2, 64, torch.bfloat16
     weights = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype) for _ in range(2)]
     pe = rotary_table(1, text + image, head_dim, gen)
     q = torch.full((batch, heads, text + image, head_dim), float("nan"), dtype=dtype)
-    k = torch.full_like(q, float("nan"))
+    k, v = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
     for rows, table in ((slice(0, text), pe[:, :, :text]), (slice(text, None), pe[:, :, text:])):
         qkv = torch.randn(batch, text if rows.start == 0 else image, 3 * heads * head_dim, generator=gen).to(dtype)
         expected = qk_norm_rope_reference(qkv, heads, *weights, 1e-6, 1e-6, table)
+        views = (q[:, :, rows], k[:, :, rows]) + ((v[:, :, rows],) if with_values else ())
         got = interpreted["block_ops_triton"].qk_norm_rope_triton(qkv, heads, *weights, 1e-6, 1e-6, table,
-                                                                  out=(q[:, :, rows], k[:, :, rows]))
-        assert got[0].data_ptr() == q[:, :, rows].data_ptr()
+                                                                  out=views)
+        assert got[0].data_ptr() == q[:, :, rows].data_ptr() and len(got) == len(views)
         close(q[:, :, rows], expected[0], dtype, "queries")
         close(k[:, :, rows], expected[1], dtype, "keys")
+        values = qkv[..., 2 * heads * head_dim:].unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        if with_values:
+            assert torch.equal(v[:, :, rows], values)
+            reference_v = torch.empty_like(values)
+            qk_norm_rope_reference(qkv, heads, *weights, 1e-6, 1e-6, table,
+                                   out=(torch.empty_like(values), torch.empty_like(values), reference_v))
+            assert torch.equal(reference_v, values)
+    assert v.isnan().all() != with_values
 
 
 @pytest.mark.parametrize("with_b, gate_rows", [(True, 2), (False, 1)])

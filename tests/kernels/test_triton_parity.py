@@ -273,7 +273,10 @@ def test_attention_with_column_sums_hint_paths(interpreted, hint_offset, fixed_m
     {"up": {"block_n": 256}, "down": {"block_n": 256}},
     {"up": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3},
      "down": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3}},
-], ids=["wide-tiles", "small-tiles"])
+    # programs in bands of 3 row tiles (4 row tiles: a full band and a band of one)
+    {"up": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3, "band_rows": 3},
+     "down": {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3, "band_rows": 3}},
+], ids=["wide-tiles", "small-tiles", "bands"])
 def test_sparse_mlp_delta_configs(interpreted, config):
     b, n, d_in, m, d_out, block, capacity, dtype = 1, 200, 96, 192, 80, 128, 100, torch.bfloat16
     gen = torch.Generator().manual_seed(23)
@@ -323,3 +326,36 @@ def test_interpreter_is_in_use(interpreted):
     from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(interpreted["attention_triton"]._column_sparse_attention_kernel, InterpretedFunction)
+
+
+def test_sparse_mlp_delta_long_rows_configuration(interpreted, monkeypatch):
+    """Rows of x larger than the GPU's L2 take the long-row tiles (bands of row tiles) on Hopper,
+    the plain ones elsewhere and for short rows; both give the reference's result."""
+    mlp = interpreted["mlp_triton"]
+    x = torch.zeros(1, 300, 64, dtype=torch.bfloat16)  # 38400 bytes per batch row
+    monkeypatch.setattr(mlp, "l2_bytes", lambda device: 32768)
+    for major, expected in ((9, mlp.MLP_LONG_CONFIGS["hopper"]), (8, mlp.MLP_CONFIGS["big"])):
+        monkeypatch.setattr(mlp, "capability_major", lambda device, major=major: major)
+        assert mlp._default_config(x) is expected
+    monkeypatch.setattr(mlp, "l2_bytes", lambda device: 65536)
+    assert mlp._default_config(x) is mlp.MLP_CONFIGS["big"]
+    # the long-row tiles at a size the interpreter runs (bands of 2 over 5 row tiles of 64)
+    long = {part: {**cfg, "block_m": 64, "band_rows": 2} for part, cfg in mlp.MLP_LONG_CONFIGS["hopper"].items()}
+    b, n, d_in, m, d_out, block, capacity, dtype = 1, 300, 64, 320, 272, 64, 260, torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
+    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
+    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
+                         for _ in range(n_blocks)]).view(b, n_blocks, capacity).int()
+    counts = torch.randint(1, capacity + 1, (b, n_blocks), generator=gen).int()
+    hidden = torch.randn(b, m, n, generator=gen).to(dtype).transpose(1, 2)
+    out = torch.randn(b, n, d_out, generator=gen).to(dtype)
+    ref_hidden, ref_out = hidden.float(), out.float()
+    sparse_mlp_delta_reference(x, w1, None, w2, units, counts, None, block, ref_hidden, ref_out)
+    kernel_hidden, kernel_out = hidden.clone(), out.clone()
+    mlp.sparse_mlp_delta_triton(x, w1, None, w2.t().contiguous().t(), units, counts, None, block, kernel_hidden,
+                                kernel_out, config=long)
+    assert_matches(kernel_hidden, ref_hidden, dtype, "hidden cache")
+    assert_matches(kernel_out.float() - out.float(), ref_out - out.float(), dtype, "output update")
