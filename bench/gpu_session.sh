@@ -22,6 +22,7 @@
 #   bash bench/gpu_session.sh kernels2048 # one GPU: the kernels at FLUX 2048x2048, and a profiled run there
 #   bash bench/gpu_session.sh mlp2048   # one GPU: the sparse MLP in bands of row tiles, and FLUX 2048x2048 with it
 #   bash bench/gpu_session.sh flux_table # one GPU: the README's FLUX tables (dynamic VRAM), other sizes, batch 2
+#   bash bench/gpu_session.sh flux_table_best2 # one GPU: the three target sizes, fastest of two runs
 #   bash bench/gpu_session.sh flux_1024_check # one GPU: FLUX 1024x1024 static (kernel times) and dynamic (best of 2)
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
@@ -227,6 +228,12 @@ flux_table)
         --dynamic-vram --variants "stock,chipmunk" --out "$R/e2e_flux_sizes_dynamic.json"
     job 0 110 flux_batch2 "${E2E[@]}" --case flux --sizes 1024x1024 --batch 2 --warmup-steps 12 \
         --dynamic-vram --variants "stock,chipmunk" --out "$R/e2e_flux_batch2_dynamic.json"
+    ;;
+flux_table_best2)
+    # The three target sizes again, the fastest of two timed runs per variant (as the issue's own
+    # table was measured).
+    job 0 480 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,2048x2048 --warmup-steps 12 \
+        --repeats 2 --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_table_best2_dynamic.json"
     ;;
 flux_1024_check)
     # FLUX 1024x1024 again: static VRAM with the kernels that take the GPU time, and dynamic VRAM
