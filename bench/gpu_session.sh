@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh mlp2048   # one GPU: the sparse MLP in bands of row tiles, and FLUX 2048x2048 with it
 #   bash bench/gpu_session.sh flux_table # one GPU: the README's FLUX tables (dynamic VRAM), other sizes, batch 2
 #   bash bench/gpu_session.sh flux_table_best2 # one GPU: the three target sizes, fastest of two runs
+#   bash bench/gpu_session.sh flux_static_best2 # one GPU: FLUX 1024x1024 static VRAM, fastest of two runs, busy
 #   bash bench/gpu_session.sh flux_1024_check # one GPU: FLUX 1024x1024 static (kernel times) and dynamic (best of 2)
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
@@ -234,6 +235,11 @@ flux_table_best2)
     # table was measured).
     job 0 480 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024,1280x768,2048x2048 --warmup-steps 12 \
         --repeats 2 --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_table_best2_dynamic.json"
+    ;;
+flux_static_best2)
+    # FLUX 1024x1024, static VRAM, fastest of two timed runs, GPU busy from a profiled third run.
+    job 0 160 flux_static "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --repeats 2 --busy \
+        --variants "stock,chipmunk" --out "$R/e2e_flux_1024_static_best2.json"
     ;;
 flux_1024_check)
     # FLUX 1024x1024 again: static VRAM with the kernels that take the GPU time, and dynamic VRAM
