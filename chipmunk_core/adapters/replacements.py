@@ -112,15 +112,17 @@ def fingerprint(kind: str, module) -> str | None:
     return f"unknown kind {kind!r}"
 
 
-def _rms_norm_kind(module, head_dim: int) -> str | None:
+def _rms_norm_kind(module, head_dim: int | None = None) -> str | None:
     """"ops" (ComfyUI's RMSNorm op: ``weight``, ``eps``), "scale" (older ComfyUI's FLUX RMSNorm:
-    ``scale``, eps 1e-6) or None when ``module`` is neither, over the head dim."""
+    ``scale``, eps 1e-6) or None when ``module`` is neither (over ``head_dim`` channels, when given)."""
+    def over_head_dim(t):
+        return head_dim is None or tuple(t.shape) == (head_dim,)
+
     if (isinstance(module, torch.nn.RMSNorm) and type(module).__module__.startswith("comfy.ops")
-            and module.weight is not None and tuple(module.weight.shape) == (head_dim,)):
+            and module.weight is not None and over_head_dim(module.weight)):
         return "ops"
     if (type(module).__name__ == "RMSNorm" and type(module).__module__ == "comfy.ldm.flux.layers"
-            and isinstance(getattr(module, "scale", None), torch.nn.Parameter)
-            and tuple(module.scale.shape) == (head_dim,)):
+            and isinstance(getattr(module, "scale", None), torch.nn.Parameter) and over_head_dim(module.scale)):
         return "scale"
     return None
 
@@ -150,9 +152,9 @@ def fused_problem(block) -> str | None:
 
 @contextlib.contextmanager
 def _rms_norm_weight(module, like):
-    """(weight in ``like``'s dtype and device, eps) of a query/key norm (``_rms_norm_kind``), as
-    its forward uses them."""
-    if not isinstance(module, torch.nn.RMSNorm):  # older ComfyUI's FLUX RMSNorm
+    """(weight in ``like``'s dtype and device, eps) of a query/key norm of a kind
+    ``_rms_norm_kind`` names (the fingerprint checked it), as its forward uses them."""
+    if _rms_norm_kind(module) == "scale":
         yield module.scale.to(device=like.device, dtype=like.dtype), 1e-6
         return
     with linear_weights(module, like) as (weight, _):
