@@ -11,21 +11,17 @@ import os
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def _big_shared_memory(index: int) -> bool:
-    major, minor = torch.cuda.get_device_capability(index)
-    # sm_80 and sm_90 give a block up to ~227 KB of shared memory; sm_86 / sm_89 about 100 KB.
-    return major >= 9 or (major, minor) == (8, 0)
-
-
-def size_class(device) -> str:
-    """"big" where the tile configurations tuned on the H100 fit in shared memory (and on the CPU,
-    where only Triton's interpreter runs them), "small" elsewhere."""
+def _cuda_index(device) -> int | None:
+    """The CUDA device index of ``device`` (the current one when it names none); None off CUDA."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "big"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return "big" if _big_shared_memory(index) else "small"
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,21 +29,27 @@ def _l2_bytes(index: int) -> int:
     return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 0)
 
 
+def size_class(device) -> str:
+    """"big" where the tile configurations tuned on the H100 fit in shared memory (and on the CPU,
+    where only Triton's interpreter runs them), "small" elsewhere."""
+    index = _cuda_index(device)
+    if index is None:
+        return "big"
+    # sm_80 and sm_90 give a block up to ~227 KB of shared memory; sm_86 / sm_89 about 100 KB.
+    major, minor = _capability(index)
+    return "big" if major >= 9 or (major, minor) == (8, 0) else "small"
+
+
 def l2_bytes(device) -> int:
     """The GPU's L2 cache in bytes (0 off CUDA, or where torch does not say)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 0
-    return _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    index = _cuda_index(device)
+    return 0 if index is None else _l2_bytes(index)
 
 
 def capability_major(device) -> int:
     """The GPU's compute capability major (9 for Hopper; 0 off CUDA)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_capability(device.index if device.index is not None
-                                            else torch.cuda.current_device())[0]
+    index = _cuda_index(device)
+    return 0 if index is None else _capability(index)[0]
 
 
 def row_tile(rows: int, cap: int) -> int:
@@ -57,11 +59,6 @@ def row_tile(rows: int, cap: int) -> int:
     while tile * 2 <= cap and rows % (tile * 2) == 0:
         tile *= 2
     return tile
-
-
-@functools.lru_cache(maxsize=None)
-def _copy_engine(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,10 +74,8 @@ def tensor_descriptors(device) -> bool:
     """True where kernels may load tiles through the copy engine (TMA) with host-side tensor
     descriptors: a GPU of sm_90 or newer (or Triton's interpreter on the CPU) and a Triton that
     has them."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if not _copy_engine(index):
+    if torch.device(device).type == "cuda":
+        if capability_major(device) < 9:
             return False
     elif os.environ.get("TRITON_INTERPRET") != "1":
         return False
