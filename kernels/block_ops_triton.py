@@ -31,6 +31,13 @@ def _vector_strides(t, batch, channels):
 
 
 @triton.jit
+def _batch_and_token(row, n_tokens):
+    """(batch, token) of a row of the flattened [B * N, C] view, as 64-bit offsets. The row kernels
+    below take ROWS consecutive rows per program."""
+    return (row // n_tokens).to(tl.int64), (row % n_tokens).to(tl.int64)
+
+
+@triton.jit
 def _layer_norm_modulate_kernel(X, Scale, Shift, Out, n_rows, n_tokens, C, eps,
                                 s_xb, s_xn, s_sb, s_sc, s_hb, s_hc, s_ob, s_on,
                                 BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
@@ -39,8 +46,7 @@ def _layer_norm_modulate_kernel(X, Scale, Shift, Out, n_rows, n_tokens, C, eps,
     for r in range(ROWS):
         row = tl.program_id(0) * ROWS + r
         if row < n_rows:
-            b = (row // n_tokens).to(tl.int64)
-            n = (row % n_tokens).to(tl.int64)
+            b, n = _batch_and_token(row, n_tokens)
             x = tl.load(X + b * s_xb + n * s_xn + c, mask=cm, other=0.0).to(tl.float32)
             mean = tl.sum(x, 0) / C
             centred = tl.where(cm, x - mean, 0.0)
@@ -168,8 +174,7 @@ def _gated_residual_kernel(X, Gate, A, Bt, Out, n_rows, n_tokens, C,
     for r in range(ROWS):
         row = tl.program_id(0) * ROWS + r
         if row < n_rows:
-            b = (row // n_tokens).to(tl.int64)
-            n = (row % n_tokens).to(tl.int64)
+            b, n = _batch_and_token(row, n_tokens)
             total = tl.load(A + b * s_ab + n * s_an + c, mask=cm, other=0.0).to(tl.float32)
             if HAS_B:
                 total += tl.load(Bt + b * s_bb + n * s_bn + c, mask=cm, other=0.0).to(tl.float32)
