@@ -131,10 +131,11 @@ def _qk_norm_rope_kernel(QKV, Wq, Wk, PE, Q, K, V, n_tokens, heads, q_eps, k_eps
 def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=None):
     batch, n_tokens, columns = qkv.shape
     head_dim = q_weight.shape[0]
+    copy_v = out is not None and len(out) == 3
     problem = None
     if out is not None and any(t.shape != (batch, heads, n_tokens, head_dim) or t.stride(-1) != 1 for t in out):
         problem = "output views of another shape, or strided in the head dim"
-    if head_dim not in (64, 128) or k_weight.shape != q_weight.shape or columns < (len(out or ()) or 2) * heads * head_dim:
+    if head_dim not in (64, 128) or k_weight.shape != q_weight.shape or columns < (3 if copy_v else 2) * heads * head_dim:
         problem = f"head dim {head_dim}, projection width {columns}"
     elif qkv.stride(-1) != 1:
         problem = "the projection's last dimension is strided"
@@ -149,7 +150,7 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=No
         k = torch.empty_like(q)
     else:
         q, k = out[:2]
-    v = out[2] if out is not None and len(out) == 3 else q  # never written without COPY_V
+    v = out[2] if copy_v else q  # never written without COPY_V
     weights = [w.to(device=qkv.device, dtype=qkv.dtype).contiguous() for w in (q_weight, k_weight)]
     if pe is None:
         pe_args, table = (0, 0, 0, 0, 0), q
@@ -161,7 +162,7 @@ def qk_norm_rope_triton(qkv, heads, q_weight, k_weight, q_eps, k_eps, pe, out=No
     _qk_norm_rope_kernel[(triton.cdiv(n_tokens, block_n), batch)](
         qkv, *weights, table, q, k, v, n_tokens, heads, float(q_eps), float(k_eps),
         qkv.stride(0), qkv.stride(1), *pe_args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        D=head_dim, BLOCK_N=block_n, HAS_PE=pe is not None, COPY_V=v is not q, num_warps=4)
+        D=head_dim, BLOCK_N=block_n, HAS_PE=pe is not None, COPY_V=copy_v, num_warps=4)
     return (q, k) if out is None else out
 
 
