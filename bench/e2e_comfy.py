@@ -297,6 +297,7 @@ def main():
     mlp_triton = importlib.import_module("chipmunk_pack.kernels.mlp_triton")
     mlp_tables = (mlp_triton.MLP_CONFIGS["big"], mlp_triton.MLP_LONG_CONFIGS["hopper"])  # what "chipmunk mlp" overrides
     mlp_defaults = [{part: dict(values) for part, values in table.items()} for table in mlp_tables]
+    mlp_override = json.loads(os.environ.get("CHIPMUNK_BENCH_MLP", "{}"))
     for size in ns.sizes.split(","):
         shape = latent_shape(ns.case, size, ns.batch, ns.smoke)
         latent = torch.zeros(shape)
@@ -317,7 +318,7 @@ def main():
                 for part in ("up", "down"):
                     table[part] = dict(defaults[part])
                     if probes.get("_mlp"):
-                        table[part].update(json.loads(os.environ.get("CHIPMUNK_BENCH_MLP", "{}")).get(part, {}))
+                        table[part].update(mlp_override.get(part, {}))
             if probes.get("_mlp"):  # a kernel configuration this process has not compiled: no capture before an eager call
                 importlib.import_module("chipmunk_pack.chipmunk_core.graphs").PROCESS_WARM.clear()
             if probes.get("_resident"):
