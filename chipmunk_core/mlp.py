@@ -36,12 +36,14 @@ class SparseDeltaMLP:
     contiguous) and unit-major ([B, M, N]): the layout the Triton kernel reads and writes with
     coalesced accesses (scattered 2-byte stores into a token-major cache cost half the sparse
     MLP's time on an H100). The output cache stays in token order (its rows are whole, contiguous
-    vectors wherever they sit). fc2's weight is handed to the kernel transposed (``w2_t.t()``),
-    made once per run when the weight is the layer's own parameter.
+    vectors wherever they sit). fc2's weight is handed to the kernel transposed (``w2_t.t()``):
+    from ``fc2_copies`` (one copy per weight for the run, where the run plan keeps one), else
+    transposed into a temporary for the step.
     """
 
-    def __init__(self, storage: torch.device | None = None):
+    def __init__(self, storage: torch.device | None = None, fc2_copies: "TransposedWeights | None" = None):
         self.storage = storage  # where the hidden/output caches live (None: with the computation)
+        self.fc2_copies = fc2_copies  # None: no copy is kept
         self.reset()
 
     def reset(self):
@@ -50,7 +52,6 @@ class SparseDeltaMLP:
         self.block_mean = None  # [B, NB, M] fp32 pre-activation mean per row block
         self.signature = None
         self._order = None      # row order of the last dense step
-        self._w2_t = None       # (key, fc2 weight transposed to [M, Dout])
         self._selection = None  # (indices, counts) of the last ranking (buffers reused by the next)
         self._sparse_steps = 0  # sparse steps since the last dense step
         self._x_mean = None     # [B, NB, Din] block means of x, fc1's dtype
@@ -59,13 +60,12 @@ class SparseDeltaMLP:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
 
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.out, self.block_mean, self._w2_t[1] if self._w2_t else None)
+        tensors = (self.hidden, self.out, self.block_mean)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def buffers(self) -> list[torch.Tensor]:
         """The long-lived tensors a sparse step reads or updates in place."""
-        tensors = (self.hidden, self.out, self.block_mean, self._x_mean, *(self._selection or ()),
-                   self._w2_t[1] if self._w2_t else None)
+        tensors = (self.hidden, self.out, self.block_mean, self._x_mean, *(self._selection or ()))
         return [t for t in tensors if t is not None]
 
     def hidden_in_token_order(self) -> torch.Tensor:
@@ -98,23 +98,17 @@ class SparseDeltaMLP:
         """Whether the next sparse step re-ranks the units when it is not told (``rank=None``)."""
         return self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0
 
-    def needs_fc2(self) -> bool:
-        """Whether no transposed copy of fc2 is kept yet (see ``keep_fc2``)."""
-        return self._w2_t is None
-
     def keep_fc2(self, w2, w2_key):
-        """On a dense step: make fc2's transposed copy for the sparse steps now (when ``w2_key``
-        says the weight is the layer's own), so that the first sparse step, which may be captured
-        as a CUDA graph at once, does not bake the transpose into every replay."""
-        if w2_key is not None:
-            self._transposed_fc2(w2, w2_key)
+        """On a dense step: make fc2's transposed copy for the sparse steps now, where one is kept
+        (``w2_key`` says the weight is the layer's own), so that the first sparse step, which may
+        be captured as a CUDA graph at once, does not bake the transpose into every replay."""
+        if self.fc2_copies is not None and w2_key is not None:
+            self.fc2_copies.get(w2, w2_key)
 
     def _transposed_fc2(self, w2, w2_key):
-        if w2_key is not None and self._w2_t is not None and self._w2_t[0] == w2_key:
-            return self._w2_t[1]
-        w2_t = w2.t().contiguous()
-        self._w2_t = (w2_key, w2_t) if w2_key is not None else None
-        return w2_t
+        if self.fc2_copies is None or w2_key is None:
+            return w2.t().contiguous()
+        return self.fc2_copies.get(w2, w2_key)
 
     def units(self) -> int:
         """Hidden units of the MLP (0 before the first dense step)."""
@@ -166,3 +160,27 @@ class SparseDeltaMLP:
             current, self.block_mean, keep_count=keep_count,
             random_count=round(config.mlp_random_fraction * n_units), row_seeds=seeds,
             pad_to=config.selection_tile, out=out)
+
+
+class TransposedWeights:
+    """fc2 weights transposed to [M, Dout] for the sparse MLP kernel: one copy per weight for the
+    whole run, shared by every conditioning. Keyed by ``weights.weight_identity`` (the weight is
+    the module's own parameter: the same tensor for the whole run)."""
+
+    def __init__(self):
+        self.copies: dict = {}
+
+    def get(self, w2, key) -> torch.Tensor:
+        found = self.copies.get(key)
+        if found is None:
+            found = self.copies[key] = w2.t().contiguous()
+        return found
+
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self.copies.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.copies.values())
+
+    def reset(self):
+        self.copies.clear()

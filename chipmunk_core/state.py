@@ -24,8 +24,9 @@ from .attention import SparseDeltaAttention, selects_keys
 from .config import ChipmunkConfig
 from .graphs import StepReplays
 from .layout import JointLayout, SequenceShape, joint_layout
-from .memory import ModelDims, cache_bytes, place_caches
-from .mlp import SparseDeltaMLP
+from .memory import ModelDims
+from .mlp import SparseDeltaMLP, TransposedWeights
+from .plan import DEVICE, HOST, OFF, CostModel, RunPlan, layer_items, plan_memory, quantised, stock_reason
 from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
 from .step_cache import StepCache, StepCacheSchedule
@@ -34,12 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 class CondCaches:
-    """The delta caches of every Chipmunk layer for one conditioning signature."""
+    """The delta caches of every Chipmunk layer for one conditioning signature, where the run plan
+    puts them (``storage``: layer -> kind -> None for the compute device, or the CPU)."""
 
-    def __init__(self, uuids: tuple, storage: torch.device | None = None, estimate: int = 0):
+    def __init__(self, uuids: tuple, plan: RunPlan | None = None, fc2_copies: TransposedWeights | None = None):
         self.uuids = uuids
-        self.storage = storage
-        self.estimate = estimate
+        self.plan = plan
+        self.fc2_copies = fc2_copies
         self.attention: dict[int, SparseDeltaAttention] = {}
         self.mlp: dict[tuple[int, str], SparseDeltaMLP] = {}
         self.step_cache = StepCache()
@@ -52,16 +54,23 @@ class CondCaches:
     def persistent(self) -> list[torch.Tensor]:
         """Every long-lived tensor a sparse step reads or updates in place (a graph's addresses)."""
         states = [*self.attention.values(), *self.mlp.values(), self.step_cache]
-        return [t for state in states for t in state.buffers()]
+        copies = self.fc2_copies.buffers() if self.fc2_copies is not None else []
+        return [t for state in states for t in state.buffers()] + copies
+
+    def _storage(self, where: str) -> torch.device | None:
+        return torch.device("cpu") if where == HOST else None
 
     def attention_state(self, layer: int) -> SparseDeltaAttention:
         if layer not in self.attention:
-            self.attention[layer] = SparseDeltaAttention(self.storage)
+            where = self.plan.attention_on(layer) if self.plan else DEVICE
+            self.attention[layer] = SparseDeltaAttention(self._storage(where))
         return self.attention[layer]
 
     def mlp_state(self, layer: int, stream: str) -> SparseDeltaMLP:
         if (layer, stream) not in self.mlp:
-            self.mlp[(layer, stream)] = SparseDeltaMLP(self.storage)
+            where = self.plan.mlp_on(layer) if self.plan else DEVICE
+            keep = self.plan is None or self.plan.keeps_fc2_copy(layer)
+            self.mlp[(layer, stream)] = SparseDeltaMLP(self._storage(where), self.fc2_copies if keep else None)
         return self.mlp[(layer, stream)]
 
     def nbytes(self) -> int:
@@ -77,17 +86,15 @@ class CondCaches:
         self.graphs.reset()
 
 
-# Devices whose latents follow the measured size rule (min_sparse_tokens; tests add "cpu").
-SIZE_RULE_DEVICES = ("cuda",)
-
-
 class SamplingRun:
     """State of one sampling run of a Chipmunk-patched model."""
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
-                 free_memory=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
-                 paged_weights: bool = False):
-        """``dims`` sizes the caches; ``free_memory(device) -> bytes | None`` says what is free.
+                 memory_budget=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
+                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel = CostModel()):
+        """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
+        of the device the caches may take (asked once, when the run is planned; None: no limit).
+        ``conditionings``: how many conditionings the sampler evaluates per step (cond, uncond).
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
@@ -97,7 +104,11 @@ class SamplingRun:
         total_steps = max(1, len(sample_sigmas) - 1) if sample_sigmas is not None else 1
         self.config = config
         self.dims = dims
-        self.free_memory = free_memory
+        self.memory_budget = memory_budget
+        self.conditionings = max(1, conditionings)
+        self.cost = cost
+        self.plan: RunPlan | None = None  # made by the first model call (``make_plan``)
+        self.fc2_copies = TransposedWeights()
         self.sample_sigmas = sample_sigmas
         self.clock = StepClock(sample_sigmas)  # predicting once the sampler is known (predict_steps)
         self.schedule = DenseSchedule(config, total_steps, continues=starts_mid_schedule)
@@ -111,7 +122,6 @@ class SamplingRun:
         self.steps: dict[int, str] = {}  # step -> "dense" | "sparse" | "skipped" | "stock"
         self.notes: dict[str, str] = {}  # things the user should know, said once per run
         self.peak_cache_bytes = 0
-        self.cache_storage: set[str] = set()
 
     @property
     def total_steps(self) -> int:
@@ -123,49 +133,55 @@ class SamplingRun:
             self.notes[key] = message
             logger.log(level, "Chipmunk: %s", message)
 
-    def caches_for(self, uuids: tuple, x: torch.Tensor, n_tokens: int) -> CondCaches:
+    def make_plan(self, x: torch.Tensor, shape: SequenceShape, cond_or_uncond: tuple) -> RunPlan:
+        """The run's plan, made on its first model call (the latent's size is known, no cache exists)."""
+        grid_tokens = math.prod(shape.grid)
+        n_tokens = grid_tokens + shape.text_len
+        rows = self.conditionings * max(1, x.shape[0] // max(1, len(cond_or_uncond)))
+        paged = self.min_sparse_tokens > self.config.min_sparse_tokens
+        reason = stock_reason(self.config, x.device, grid_tokens, self.min_sparse_tokens, paged)
+        items = [] if reason or self.dims is None else layer_items(
+            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost)
+        wanted = sum(item.nbytes for item in items)
+        budget = None
+        if items and x.device.type != "cpu" and self.memory_budget is not None:
+            budget = quantised(self.memory_budget(x, rows, wanted))
+        memory = plan_memory(items, budget, self.cost)
+        if items and not any(where != OFF for where in memory.placement.values()):
+            reason = (f"no device memory was free for caches ({memory.wanted / 2**30:.2f} GiB wanted): layers run "
+                      "stock")
+        plan = RunPlan(reason, memory, rows, n_tokens)
+        logger.info("Chipmunk plan for %d row(s) x %d tokens: %s", rows, n_tokens, plan.describe())
+        return plan
+
+    def caches_for(self, uuids: tuple, x: torch.Tensor) -> CondCaches:
         signature = (uuids, tuple(x.shape), x.dtype, str(x.device))
         caches = self._caches.get(signature)
         if caches is None:
             # A conditioning now batched differently, or at another shape: its old caches are stale.
             for old in [s for s, c in self._caches.items() if set(c.uuids) & set(uuids)]:
                 self._caches.pop(old).reset()
-            caches = self._caches[signature] = self._new_caches(uuids, x, n_tokens)
+            caches = self._caches[signature] = CondCaches(uuids, self.plan, self.fc2_copies)
         return caches
-
-    def _new_caches(self, uuids, x, n_tokens: int) -> CondCaches:
-        if self.dims is None:
-            return CondCaches(uuids)
-        config = self.config if self.mlp_layers else self.config.replace(mlp_sparsity=0.0)
-        needed = cache_bytes(config, self.dims, x.shape[0], n_tokens, x.dtype)
-        free = self.free_memory(x.device) if self.free_memory else None
-        storage = place_caches(needed, free, x.device)
-        self.cache_storage.add("GPU" if storage.type == "cuda" else storage.type.upper())
-        free_text = "unknown" if free is None else "%.1f GiB" % (free / 2**30)
-        logger.info("Chipmunk caches for %d conditioning(s) x %d tokens: %.2f GiB (device free: %s) -> kept on %s",
-                    len(uuids), n_tokens, needed / 2**30, free_text, storage)
-        return CondCaches(uuids, storage, needed)
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":
         """The call's step, its dense/sparse/skip decision and its conditioning's caches."""
         step = self.clock.step(transformer_options.get("sigmas"))
         self._note_clock()
         uuids = tuple(str(u) for u in transformer_options.get("uuids") or ("default",))
-        n_tokens = math.prod(shape.grid) + shape.text_len
-        caches = self.caches_for(uuids, x, n_tokens)
-        dense = self.schedule.is_dense(step)
         cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
+        if self.plan is None:
+            self.plan = self.make_plan(x, shape, cond_or_uncond)
+            if self.plan.stock_reason and self.config.sparse:
+                self.note("stock", self.plan.stock_reason, logging.INFO)
+            elif self.plan.memory.given_up():
+                self.note("memory", self.plan.memory.describe())
+        caches = self.caches_for(uuids, x)
+        dense = self.schedule.is_dense(step)
         seeds = row_seeds(self.seed, x.shape[0], cond_or_uncond, step, x.device)
         call = ModelCall(self, step, dense, caches, shape, seeds)
         call.cond_or_uncond = cond_or_uncond
-        grid_tokens = math.prod(shape.grid)
-        if x.device.type in SIZE_RULE_DEVICES and grid_tokens < self.min_sparse_tokens:
-            call.stock_layers = True
-            self.note("small", f"{grid_tokens} image tokens is below the {self.min_sparse_tokens} where sparse "
-                               "steps pay off on the GPUs measured"
-                               + (" with the weights paged in per layer (dynamic VRAM)"
-                                  if self.min_sparse_tokens > self.config.min_sparse_tokens else "")
-                               + ": layers run stock at this size", logging.INFO)
+        call.stock_layers = self.plan.stock_reason is not None
         return call
 
     def end_call(self, call: "ModelCall"):
@@ -176,7 +192,8 @@ class SamplingRun:
         if self.steps.get(call.step) not in ("dense",):
             self.steps[call.step] = kind
         self.stats[f"{kind} calls"] += 1
-        self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes() for c in self._caches.values()))
+        self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes() for c in self._caches.values())
+                                    + self.fc2_copies.nbytes())
 
     def achieved(self, kind: str) -> float | None:
         """Fraction of the attention (or MLP) work that sparse steps skipped on Chipmunk layers."""
@@ -192,7 +209,7 @@ class SamplingRun:
             "layers": dict(self.stats),
             "graphs": {how: self.stats[f"graph {how} calls"] for how in ("eager", "captured", "replayed")},
             "cache_gib": self.peak_cache_bytes / 2**30,
-            "cache_on": sorted(self.cache_storage),
+            "plan": None if self.plan is None else self.plan.describe(),
             "notes": list(self.notes.values()),
         }
 
@@ -228,6 +245,7 @@ class SamplingRun:
         for caches in self._caches.values():
             caches.reset()
         self._caches.clear()
+        self.fc2_copies.reset()
 
 
 class _Bookkeeping:
@@ -318,6 +336,9 @@ class ModelCall:
         image tokens, or None for the always-dense first layers (and when nothing is sparse)."""
         if index < self.config.first_dense_layers or not self.config.sparse or self.stock_layers:
             return None
+        plan = self.run.plan
+        if plan is not None and plan.attention_on(index) == OFF and plan.mlp_on(index) == OFF:
+            return None  # the plan keeps no cache for this layer: it runs stock
         return LayerCall(self, index, text_len, image_len)
 
 
@@ -370,7 +391,8 @@ class LayerCall:
         head dim 64 or 128, no mask or a key-padding mask. Anything else (cross-attention, a
         sequence another patch changed, a mask with real biases) goes to the previous backend.
         """
-        if not self.config.sparse_attention:
+        plan = self.call.run.plan
+        if not self.config.sparse_attention or (plan is not None and plan.attention_on(self.index) == OFF):
             return None
         skip_reshape = kwargs.get("skip_reshape", False)
         if skip_reshape:
@@ -416,7 +438,9 @@ class LayerCall:
 
     # --- MLP -----------------------------------------------------------------------------------
     def serves_mlp(self) -> bool:
-        return self.config.sparse_mlp and self.index in self.call.run.mlp_layers
+        run = self.call.run
+        return (self.config.sparse_mlp and self.index in run.mlp_layers
+                and (run.plan is None or run.plan.mlp_on(self.index) != OFF))
 
     def mlp_state(self, stream: str) -> SparseDeltaMLP:
         return self.call.caches.mlp_state(self.index, stream)

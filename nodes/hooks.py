@@ -121,7 +121,6 @@ def install(model, accelerator: Accelerator):
 
 # --- sampling run ----------------------------------------------------------------------------------
 def outer_sample_wrapper(executor, *args, **kwargs):
-    import comfy.model_management
     import comfy.model_patcher
 
     guider = executor.class_obj
@@ -134,9 +133,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     diffusion_model = patcher.get_model_object("diffusion_model")
     run = SamplingRun(accelerator.config, sample_sigmas=sigmas, seed=seed,
                       dims=accelerator.adapter.dims(diffusion_model),
-                      free_memory=comfy.model_management.get_free_memory,
+                      memory_budget=functools.partial(cache_budget, patcher),
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
-                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas), paged_weights=_dynamic_vram(patcher))
+                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas), paged_weights=_dynamic_vram(patcher),
+                      conditionings=_conditionings(guider))
     _note_plan(run, accelerator)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
@@ -151,6 +151,40 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
         report.publish(accelerator, run, seconds)
         run.release()
+
+
+def _conditionings(guider) -> int:
+    """How many conditionings the sampler evaluates per step: every positive entry, and every
+    negative one unless cfg 1 drops them (ComfyUI's CFG-1 optimisation)."""
+    import math
+
+    conds = getattr(guider, "original_conds", None) or getattr(guider, "conds", None) or {}
+    cfg = getattr(guider, "cfg", 1.0)
+    skip_negative = math.isclose(float(cfg), 1.0) and not guider.model_options.get("disable_cfg1_optimization", False)
+    count = sum(len(entries) for name, entries in conds.items()
+                if isinstance(entries, list) and not (name == "negative" and skip_negative))
+    return max(1, count)
+
+
+def cache_budget(patcher, x: torch.Tensor, rows: int, wanted: int) -> int | None:
+    """Device bytes the run's caches may take: ComfyUI first unloads idle models to make room for
+    them next to this model's working memory (as it does for its own inference), so the answer
+    does not depend on what else happened to be loaded; then free memory less that working memory.
+    Memory that dynamic VRAM could take back from the weights is not counted (caches there would
+    push the model's weights out every step)."""
+    import comfy.model_management as mm
+
+    if x.device.type == "cpu":
+        return None
+    try:
+        working = int(patcher.model.memory_required([rows] + list(x.shape[1:])))
+    except Exception:  # a model without ComfyUI's estimate: the conservative share of a GiB per row
+        working = rows * 2**30
+    working += int(mm.minimum_inference_memory())
+    keep = [loaded for loaded in mm.current_loaded_models if loaded.model is patcher
+            or getattr(loaded.model, "model", None) is patcher.model]
+    mm.free_memory(wanted + working, x.device, keep_loaded=keep)
+    return max(0, int(mm.get_free_memory(x.device)) - working)
 
 
 # Samplers that evaluate the model once per step, at the schedule's own sigmas: the step of each

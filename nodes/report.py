@@ -28,8 +28,7 @@ def lines(accelerator, run, seconds: float) -> list[str]:
             if graphs["replayed"] or graphs["captured"]:
                 out.append(f"CUDA graphs: {graphs['replayed']} sparse model calls replayed, {graphs['captured']} "
                            f"captured, {graphs['eager']} eager")
-            where = "/".join(data["cache_on"]) or "-"
-            out.append(f"cache: {data['cache_gib']:.2f} GiB on {where}")
+            out.append(f"memory: {data['plan']}" if data["plan"] else f"cache: {data['cache_gib']:.2f} GiB")
     out.append(f"settings: {config.describe()}; dense steps {sorted(run.schedule.dense_steps)}")
     out.extend(f"note: {note}" for note in data["notes"])
     return out

@@ -37,6 +37,11 @@ from harness import paths
 # need it) without running the pack's __init__ (which needs ComfyUI), and without putting the
 # pack's folders on sys.path (a top-level ``kernels`` would shadow a PyPI package of that name):
 # the repository root is registered as a bare package named ``chipmunk_pack``.
+# The tests study the method itself on the CPU: Chipmunk's layers run there with the reference
+# kernels (users' CPUs run stock; tests of that take this out again). Servers started by the
+# tests inherit it.
+os.environ.setdefault("CHIPMUNK_SPARSE_ON_CPU", "1")
+
 if "chipmunk_pack" not in sys.modules:
     _package = types.ModuleType("chipmunk_pack")
     _package.__path__ = [str(Path(__file__).resolve().parents[1])]

@@ -156,8 +156,8 @@ def test_the_size_rule_is_stricter_where_the_weights_are_paged(flux, graphs_on_c
     latents stock; under dynamic VRAM min_sparse_tokens_paged does, and the report says which."""
     import importlib
 
-    state = importlib.import_module(graphs_on_cpu.__name__.rsplit(".", 2)[0] + ".chipmunk_core.state")
-    monkeypatch.setattr(state, "SIZE_RULE_DEVICES", ("cuda", "cpu"))
+    run_plan = importlib.import_module(graphs_on_cpu.__name__.rsplit(".", 2)[0] + ".chipmunk_core.plan")
+    monkeypatch.setattr(run_plan, "SIZE_RULE_DEVICES", ("cuda", "cpu"))
     size = flux.sizes[0]
     rule = dict(min_sparse_tokens=0, min_sparse_tokens_paged=10 ** 6)
     for dynamic, stock in ((False, False), (True, True)):

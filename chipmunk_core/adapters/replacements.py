@@ -195,7 +195,7 @@ def sequential_mlp(module, layer, stream: str, x):
     if layer.mlp_is_dense(state, x):
         y = fc2(state.dense_step(x, fc1(x), order, config))
         state.store_output(y)
-        if state.needs_fc2():
+        if state.fc2_copies is not None:
             with linear_weights(fc2, x) as (w2, _):
                 state.keep_fc2(w2, weight_identity(fc2, w2))
         return y

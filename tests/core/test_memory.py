@@ -1,11 +1,18 @@
-"""Cache sizing and placement, decided before any cache is allocated."""
+"""The run plan's memory part: cache sizes, the order in which caches are given up, host streaming
+only where the cost model says it pays, and budgets that do not move the plan by small amounts."""
 
 import torch
 
+from chipmunk_pack.chipmunk_core import plan as run_plan
 from chipmunk_pack.chipmunk_core.config import resolve_config
-from chipmunk_pack.chipmunk_core.memory import ModelDims, cache_bytes, place_caches
+from chipmunk_pack.chipmunk_core.memory import ModelDims
+from chipmunk_pack.chipmunk_core.plan import (
+    ATTENTION, DEVICE, FC2_COPY, HOST, MLP, OFF, CostModel, cache_bytes, layer_items, plan_memory, quantised,
+    stock_reason)
 
 HUNYUAN = ModelDims(60, 24, 128, 12288, 3072)
+FLUX = ModelDims(57, 24, 128, 12288, 3072)
+FLUX_TOKENS = 4096 + 512
 
 
 def test_cache_size_follows_the_method_formula():
@@ -19,9 +26,73 @@ def test_cache_size_follows_the_method_formula():
     assert cache_bytes(config, HUNYUAN, 2, 1000, torch.bfloat16) == 2 * cache_bytes(config, HUNYUAN, 1, 1000, torch.bfloat16)
 
 
-def test_caches_leave_the_gpu_only_when_they_do_not_fit():
-    gpu = torch.device("cuda", 0)
-    assert place_caches(10 * 2**30, 80 * 2**30, gpu) == gpu
-    assert place_caches(70 * 2**30, 80 * 2**30, gpu) == torch.device("cpu")
-    assert place_caches(70 * 2**30, None, gpu) == gpu
-    assert place_caches(70 * 2**30, 1, torch.device("cpu")) == torch.device("cpu")
+def _flux_items(rows=1):
+    return layer_items(resolve_config("flux"), FLUX, rows, FLUX_TOKENS, 2, range(57))
+
+
+def test_everything_on_the_device_when_it_fits_and_without_a_known_budget():
+    items = _flux_items()
+    wanted = sum(i.nbytes for i in items)
+    for budget in (None, wanted):
+        plan = plan_memory(items, budget)
+        assert set(plan.placement.values()) == {DEVICE}
+        assert plan.device_bytes == wanted and not plan.given_up()
+
+
+def test_memory_is_given_up_where_it_buys_least_first():
+    """fc2 copies go first, then MLP caches, and attention caches last (time saved per byte)."""
+    items = _flux_items()
+    total = {kind: sum(i.nbytes for i in items if i.kind == kind) for kind in (ATTENTION, MLP, FC2_COPY)}
+    plan = plan_memory(items, total[ATTENTION] + total[MLP])
+    assert plan.given_up() == {FC2_COPY: 55}
+    plan = plan_memory(items, total[ATTENTION] + total[MLP] // 2)
+    given_up = plan.given_up()
+    assert given_up[FC2_COPY] == 55 and 0 < given_up[MLP] < 55 and ATTENTION not in given_up
+    plan = plan_memory(items, total[ATTENTION] // 2)
+    assert plan.given_up()[MLP] == 55 and 0 < plan.given_up()[ATTENTION] < 55
+    assert plan.device_bytes <= total[ATTENTION] // 2
+    assert "not free" in plan.describe() and "attention of" in plan.describe()
+
+
+def test_fc2_copies_only_where_the_mlp_cache_is_on_the_device():
+    items = _flux_items()
+    plan = plan_memory(items, sum(i.nbytes for i in items if i.kind != FC2_COPY) - 1)
+    for layer in range(2, 57):
+        if plan.where(layer, FC2_COPY) == DEVICE:
+            assert plan.where(layer, MLP) == DEVICE
+
+
+def test_image_caches_are_never_streamed_but_long_video_layers_are():
+    """FLUX's layers are too short to hide a copy over the host link; a 720p WAN-14B layer is not."""
+    plan = plan_memory(_flux_items(), 0)
+    assert HOST not in plan.placement.values() and set(plan.placement.values()) == {OFF}
+    wan14 = ModelDims(40, 40, 128, 13824, 5120)
+    items = layer_items(resolve_config("wan"), wan14, 2, 75600, 2, ())
+    plan = plan_memory(items, 0)
+    assert set(plan.placement.values()) == {HOST} and plan.host_bytes == sum(i.nbytes for i in items)
+    slow_link = plan_memory(items, 0, CostModel(host_bandwidth=1e9))
+    assert set(slow_link.placement.values()) == {OFF}
+
+
+def test_small_differences_in_free_memory_give_the_same_plan():
+    items = _flux_items()
+    free = 6 * 2**30 + 5 * 2**20
+    assert plan_memory(items, quantised(free)) == plan_memory(items, quantised(free + 100 * 2**20))
+    assert quantised(None) is None and quantised(-5) == 0
+
+
+def test_stock_reasons():
+    config = resolve_config("flux")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert stock_reason(config, cuda, 4096, 2304, False) is None
+    assert "below the 2304" in stock_reason(config, cuda, 1024, 2304, False)
+    assert "dynamic VRAM" in stock_reason(config, cuda, 1024, 3840, True)
+    assert stock_reason(config.replace(attention_sparsity=0.0, mlp_sparsity=0.0), cuda, 4096, 0, False)
+
+
+def test_the_cpu_runs_stock_unless_asked(monkeypatch):
+    config = resolve_config("flux")
+    monkeypatch.delenv(run_plan.SPARSE_ON_CPU, raising=False)
+    assert "needs a CUDA GPU" in stock_reason(config, torch.device("cpu"), 4096, 0, False)
+    monkeypatch.setenv(run_plan.SPARSE_ON_CPU, "1")
+    assert stock_reason(config, torch.device("cpu"), 4096, 0, False) is None

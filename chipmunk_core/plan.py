@@ -1,0 +1,219 @@
+"""The run plan: decided once when a sampling run's first model call arrives, before any cache exists.
+
+The plan says, for the whole run, whether Chipmunk's layers run at all (``stock_reason``: the CPU's
+reference kernels, a latent below the measured size bound) and, per layer, which delta caches exist
+and where they live (``placement``): on the compute device, in host memory (streamed each sparse
+step), or not at all (that part of the layer runs stock). Hooks and states only read it.
+
+Memory is given up where it buys the least: every cache is an item with its bytes and the time its
+sparse steps save (``CostModel``), and items are placed in order of time saved per byte. With FLUX
+at 1024x1024 that keeps attention caches (about 10 us saved per MB and step) before MLP caches
+(about 4 us/MB) before the transposed copies of fc2 (about 0.7 us/MB: without one the sparse step
+transposes the weight into a temporary). An item goes to host memory only where copying it over
+the host link each sparse step costs less than half of what it saves; an image layer's step is too
+short for that, a long video layer's is not.
+
+The budget is what the device has free once ComfyUI has unloaded idle models for it (the hooks ask
+ComfyUI as it asks for its own inference), less the model's working memory, rounded down to
+``BUDGET_QUANTUM``: the same model, size, settings and card give the same plan whatever else was
+loaded, and a plan that had to shrink says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels import selection_size
+from .config import ChipmunkConfig
+from .memory import ModelDims
+
+DEVICE, HOST, OFF = "device", "host", "off"
+ATTENTION, MLP, FC2_COPY = "attention", "MLP", "fc2 copy"
+BUDGET_QUANTUM = 256 * 2**20
+
+# Devices whose latents follow the measured size rule (min_sparse_tokens; tests add "cpu").
+SIZE_RULE_DEVICES = ("cuda",)
+# Devices where Chipmunk's kernels beat stock. Elsewhere (the CPU, where the PyTorch reference
+# kernels run) layers run stock and the report says why. The tests and the quality lab, which
+# study the method itself on the CPU, set CHIPMUNK_SPARSE_ON_CPU=1.
+SPARSE_DEVICES = ("cuda",)
+SPARSE_ON_CPU = "CHIPMUNK_SPARSE_ON_CPU"
+
+
+def sparse_devices() -> tuple[str, ...]:
+    return SPARSE_DEVICES + (("cpu",) if os.environ.get(SPARSE_ON_CPU) == "1" else ())
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Rates that turn bytes and FLOPs into seconds, for ranking caches and judging host streaming.
+
+    Only ratios decide: time saved per byte orders the items, and the host link against the
+    device's matrix rate decides streaming. The defaults are of a current desktop card on PCIe 4.
+    """
+
+    matrix_flops: float = 300e12       # dense bf16 matrix rate
+    device_bandwidth: float = 1.0e12   # device memory, bytes/s (read + write)
+    host_bandwidth: float = 20e9       # host link, bytes/s one way
+    attention_efficiency: float = 0.65  # column-sparse rate / dense rate (method.md)
+    mlp_efficiency: float = 0.55        # sparse MLP rate / cuBLAS rate (70% sparsity ran 1.94x)
+    stream_share: float = 0.5           # stream only where the copies cost under this share of the saving
+
+
+@dataclass(frozen=True)
+class CacheItem:
+    """One cache of one layer for the whole run (every conditioning's rows together)."""
+
+    layer: int
+    kind: str              # ATTENTION, MLP or FC2_COPY
+    nbytes: int
+    saving: float          # seconds saved per sparse step by holding it
+    host_traffic: int = 0  # bytes over the host link per sparse step when it lives there (0: never)
+
+    @property
+    def value(self) -> float:
+        return self.saving / max(1, self.nbytes)
+
+
+def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
+                mlp_layers, cost: CostModel = CostModel()) -> list[CacheItem]:
+    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens."""
+    items = []
+    attention = mlp = None
+    if config.sparse_attention:
+        groups = math.ceil(n_tokens / config.query_group)
+        kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
+        delta = rows * n_tokens * dims.heads * dims.head_dim * element
+        lists = rows * dims.heads * (groups * (kept + 1) + n_tokens) * 4
+        flops = 4.0 * n_tokens * n_tokens * dims.head_dim * dims.heads * rows
+        saved = flops * max(0.0, 1.0 - (kept / n_tokens) / cost.attention_efficiency) / cost.matrix_flops
+        attention = (delta + lists, saved, delta + lists)  # a sparse step reads the cache
+    if config.sparse_mlp:
+        blocks = math.ceil(n_tokens / config.mlp_block)
+        caches = rows * n_tokens * (dims.mlp_hidden + dims.mlp_out) * element
+        means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)
+        flops = 4.0 * n_tokens * dims.mlp_out * dims.mlp_hidden * rows
+        saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
+        mlp = (caches + means, saved, 2 * caches)  # a sparse step reads and writes them
+    weight = dims.mlp_hidden * dims.mlp_out * element
+    for layer in range(config.first_dense_layers, dims.n_layers):
+        if attention:
+            items.append(CacheItem(layer, ATTENTION, *attention))
+        if mlp and layer in mlp_layers:
+            items.append(CacheItem(layer, MLP, *mlp))
+            # Without the copy each sparse step transposes fc2 into a temporary (read + write).
+            items.append(CacheItem(layer, FC2_COPY, weight, 2 * weight / cost.device_bandwidth))
+    return items
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where each layer's caches live in this run (``placement[(layer, kind)]``: DEVICE / HOST / OFF)."""
+
+    placement: dict = field(default_factory=dict)
+    budget: int | None = None   # device bytes the caches may take (None: no limit known)
+    wanted: int = 0             # device bytes of every cache
+    device_bytes: int = 0
+    host_bytes: int = 0
+
+    def where(self, layer: int, kind: str) -> str:
+        return self.placement.get((layer, kind), OFF)
+
+    def given_up(self) -> dict[str, int]:
+        """Per kind, how many layers' caches of that kind had no room."""
+        out = {}
+        for (_, kind), where in self.placement.items():
+            if where == OFF:
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def describe(self) -> str:
+        text = f"caches {self.device_bytes / 2**30:.2f} GiB on the device"
+        if self.host_bytes:
+            text += f", {self.host_bytes / 2**30:.2f} GiB streamed from host memory"
+        given_up = self.given_up()
+        if given_up:
+            budget = "none" if not self.budget else f"{self.budget / 2**30:.2f} GiB"
+            text += (f"; memory for {self.wanted / 2**30:.2f} GiB was not free (budget {budget}): without caches "
+                     + ", ".join(f"{kind} of {n} layers" for kind, n in given_up.items()))
+        return text
+
+
+def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = CostModel(),
+                host_budget: int | None = None) -> MemoryPlan:
+    """Place ``items`` most valuable per byte first: on the device while ``budget`` lasts, then in
+    host memory where streaming pays (see ``CostModel.stream_share``), else nowhere."""
+    wanted = sum(item.nbytes for item in items)
+    placement, device_bytes, host_bytes = {}, 0, 0
+    # The copies last: they serve a device-side MLP cache only (and are worth the least per byte
+    # wherever Chipmunk pays off).
+    for item in sorted(items, key=lambda i: (i.kind == FC2_COPY, -i.value, i.layer, i.kind)):
+        if item.kind == FC2_COPY and placement.get((item.layer, MLP), OFF) != DEVICE:
+            placement[(item.layer, item.kind)] = OFF  # only a device-side MLP reads the copy
+            continue
+        if budget is None or device_bytes + item.nbytes <= budget:
+            placement[(item.layer, item.kind)] = DEVICE
+            device_bytes += item.nbytes
+        elif (item.host_traffic and item.host_traffic / cost.host_bandwidth < cost.stream_share * item.saving
+              and (host_budget is None or host_bytes + item.nbytes <= host_budget)):
+            placement[(item.layer, item.kind)] = HOST
+            host_bytes += item.nbytes
+        else:
+            placement[(item.layer, item.kind)] = OFF
+    return MemoryPlan(placement, budget, wanted, device_bytes, host_bytes)
+
+
+def cache_bytes(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, dtype: torch.dtype,
+                mlp_layers=None) -> int:
+    """Bytes of every cache Chipmunk could keep for ``rows`` batch rows of ``n_tokens`` tokens
+    (``mlp_layers`` None: every layer's MLP is replaceable)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    mlp_layers = range(dims.n_layers) if mlp_layers is None else mlp_layers
+    return sum(item.nbytes for item in layer_items(config, dims, rows, n_tokens, element, mlp_layers))
+
+
+def quantised(budget: int | None) -> int | None:
+    """The budget rounded down to ``BUDGET_QUANTUM`` (small differences in free memory between
+    runs must not change the plan)."""
+    return None if budget is None else max(0, budget // BUDGET_QUANTUM * BUDGET_QUANTUM)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run does with Chipmunk's layers, fixed at its first model call."""
+
+    stock_reason: str | None  # set: every layer runs stock in this run (step caching still works)
+    memory: MemoryPlan
+    rows: int        # batch rows the caches were planned for (every conditioning together)
+    n_tokens: int
+
+    def attention_on(self, layer: int) -> str:
+        return OFF if self.stock_reason else self.memory.where(layer, ATTENTION)
+
+    def mlp_on(self, layer: int) -> str:
+        return OFF if self.stock_reason else self.memory.where(layer, MLP)
+
+    def keeps_fc2_copy(self, layer: int) -> bool:
+        return self.memory.where(layer, FC2_COPY) == DEVICE
+
+    def describe(self) -> str:
+        return self.stock_reason or self.memory.describe()
+
+
+def stock_reason(config: ChipmunkConfig, device: torch.device, grid_tokens: int, min_sparse_tokens: int,
+                 paged: bool) -> str | None:
+    """Why this run's layers run stock whatever the memory, or None."""
+    if not config.sparse:
+        return "both sparsities are 0"
+    if device.type not in sparse_devices():
+        return (f"on the {device.type.upper()} Chipmunk would run its PyTorch reference kernels, slower than "
+                "stock: layers run stock (the speed-up needs a CUDA GPU)")
+    if device.type in SIZE_RULE_DEVICES and grid_tokens < min_sparse_tokens:
+        return (f"{grid_tokens} image tokens is below the {min_sparse_tokens} where sparse steps pay off on the "
+                "GPUs measured" + (" with the weights paged in per layer (dynamic VRAM)" if paged else "")
+                + ": layers run stock at this size")
+    return None
