@@ -148,15 +148,27 @@ def enable_dynamic_vram(device) -> bool:
     return True
 
 
-def load_like_unet_loader(patcher):
-    """The same weights loaded as UNETLoader loads a checkpoint (state dict on the CPU). Pass the
-    built model straight in: its GPU copy is freed before the load."""
+def load_like_unet_loader(patcher, weight_dtype="default"):
+    """The same weights loaded as UNETLoader loads a checkpoint (state dict on the CPU), with its
+    ``weight_dtype`` choice. Pass the built model straight in: its GPU copy is freed before the load."""
     import comfy.sd
     import torch
     state = {k: v.to("cpu") for k, v in patcher.model.diffusion_model.state_dict().items()}
     del patcher
     torch.cuda.empty_cache()
-    return comfy.sd.load_diffusion_model_state_dict(state)
+    options = {"fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+               "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+               "fp8_e5m2": {"dtype": torch.float8_e5m2}}.get(weight_dtype, {})
+    return comfy.sd.load_diffusion_model_state_dict(state, model_options=options)
+
+
+def occupy_all_but(gib: float):
+    """A filler tensor that leaves only ``gib`` GiB of the device free (a smaller card), or None."""
+    import torch
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    extra = int(free - gib * 2**30)
+    return torch.empty(extra, dtype=torch.uint8, device="cuda") if extra > 0 else None
 
 
 def conditioning(name: str, seed: int, smoke: bool):
@@ -263,6 +275,12 @@ def main():
                         help="also time each sampling step on the GPU's timeline (events at the sampler's callback)")
     parser.add_argument("--dynamic-vram", action="store_true",
                         help="ComfyUI's dynamic VRAM as main.py enables it, model loaded as UNETLoader does")
+    parser.add_argument("--weight-dtype", default="default",
+                        choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
+                        help="with --dynamic-vram: Load Diffusion Model's weight_dtype")
+    parser.add_argument("--free-gib", default="all",
+                        help="comma list of device memory budgets: after the model is loaded, the card is occupied "
+                             "so that only this many GiB stay free (all: nothing occupied)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--out", default=None)
@@ -288,7 +306,7 @@ def main():
     if ns.dynamic_vram and not dynamic:
         sys.exit("--dynamic-vram: comfy-aimdo is not installed or found no device")
     if dynamic:
-        stock = load_like_unet_loader(build(ns.case, ns.device, dtype, ns.smoke))
+        stock = load_like_unet_loader(build(ns.case, ns.device, dtype, ns.smoke), ns.weight_dtype)
         print(f"model patcher: {type(stock).__name__}", flush=True)
     else:
         stock = build(ns.case, ns.device, dtype, ns.smoke)
@@ -298,7 +316,10 @@ def main():
     mlp_tables = (mlp_triton.MLP_CONFIGS["big"], mlp_triton.MLP_LONG_CONFIGS["hopper"])  # what "chipmunk mlp" overrides
     mlp_defaults = [{part: dict(values) for part, values in table.items()} for table in mlp_tables]
     mlp_override = json.loads(os.environ.get("CHIPMUNK_BENCH_MLP", "{}"))
-    for size in ns.sizes.split(","):
+    budgets = [None if b == "all" else float(b) for b in ns.free_gib.split(",")]
+    first_outputs = {}  # (size, variant) -> output at the first budget: is it the same at the others?
+    for size, budget in ((size, budget) for size in ns.sizes.split(",") for budget in budgets):
+        filler = None
         shape = latent_shape(ns.case, size, ns.batch, ns.smoke)
         latent = torch.zeros(shape)
         noise = comfy.sample.prepare_noise(latent, 1)
@@ -340,6 +361,9 @@ def main():
                 return time.perf_counter() - start, out
 
             run(ns.warmup_steps)  # model load, kernel compilation and autotuning
+            if budget is not None and filler is None and ns.device == "cuda":
+                filler = occupy_all_but(budget)  # the model is loaded: what stays free is the budget
+                run(ns.warmup_steps)
             seconds, out = min((run() for _ in range(ns.repeats)), key=lambda r: r[0])
             per_step = step_milliseconds(step_events)
             busy, top_kernels = gpu_busy(run, ns.kernels) if ns.busy else (None, [])
@@ -347,6 +371,7 @@ def main():
                 reference, stock_seconds = out, seconds
             deviation = float((out.float() - reference.float()).norm() / reference.float().norm())
             outputs[label] = out
+            first = first_outputs.setdefault((size, label), out)
             graphed = outputs.get(label[:-len(" eager")]) if label.endswith(" eager") else None
             vs_graphed = None if graphed is None else float((out.float() - graphed.float()).norm()
                                                             / graphed.float().norm().clamp_min(1e-30))
@@ -356,7 +381,9 @@ def main():
                              seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
                              rel_deviation_vs_graphed=vs_graphed,
-                             finite=bool(torch.isfinite(out).all()), dynamic_vram=dynamic))
+                             finite=bool(torch.isfinite(out).all()), dynamic_vram=dynamic,
+                             weight_dtype=ns.weight_dtype, free_gib=budget,
+                             same_as_first_budget=bool(torch.equal(out, first))))
             if top_kernels:
                 rows[-1]["top_kernels"] = top_kernels
             if per_step:
@@ -364,7 +391,9 @@ def main():
             extra = "" if busy is None else f"  busy {busy:4.0%}"
             if vs_graphed is not None:
                 extra += f"  vs graphed {vs_graphed:.2e}"
-            print(f"{ns.case:8s} {size:12s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
+            if first is not out:
+                extra += "  same as first budget" if torch.equal(out, first) else "  differs from first budget"
+            print(f"{ns.case:8s} {size:12s} {'all' if budget is None else f'{budget:g} GiB':>7s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
                   f"{extra}  dev {deviation:.2e}", flush=True)
             for name, ms, count in top_kernels:
                 print(f"    {ms:9.1f} ms {count:6d}x  {name}", flush=True)
@@ -374,6 +403,7 @@ def main():
             if settings is not None:
                 rows[-1]["report"] = model.model_options["transformer_options"]["chipmunk"].last_report
             del model
+        del filler
         if ns.device == "cuda":
             torch.cuda.empty_cache()
     result = dict(versions(torch), command=" ".join(["e2e_comfy.py"] + sys.argv[1:]), rows=rows)

@@ -25,6 +25,7 @@
 #   bash bench/gpu_session.sh flux_table_best2 # one GPU: the three target sizes, fastest of two runs
 #   bash bench/gpu_session.sh flux_static_best2 # one GPU: FLUX 1024x1024 static VRAM, fastest of two runs, busy
 #   bash bench/gpu_session.sh flux_1024_check # one GPU: FLUX 1024x1024 static (kernel times) and dynamic (best of 2)
+#   bash bench/gpu_session.sh budgets   # one GPU: FLUX 1024x1024 20 steps at memory budgets, bf16 and fp8 weights
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -249,6 +250,16 @@ flux_1024_check)
         --variants "stock,chipmunk" --out "$R/e2e_flux_1024_static.json"
     job 0 200 flux_dynamic "${E2E[@]}" --case flux --sizes 1024x1024 --warmup-steps 12 --repeats 2 \
         --dynamic-vram --variants "stock,chipmunk" --out "$R/e2e_flux_1024_dynamic.json"
+    ;;
+budgets)
+    # FLUX at ComfyUI's template settings (1024x1024, 20 steps, euler, cfg 1) as main.py runs it
+    # (dynamic VRAM, comfy-kitchen), on the card occupied so that only N GiB stay free once the
+    # model is loaded: bf16 and fp8_e4m3fn_fast weights; the run plan decides the caches.
+    job 0 290 flux_bf16 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram --free-gib all,24,16 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_budgets_bf16.json"
+    job 0 280 flux_fp8 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --weight-dtype fp8_e4m3fn_fast --free-gib all,24,16,12 --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_budgets_fp8.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.
