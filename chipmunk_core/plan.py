@@ -80,8 +80,11 @@ class CacheItem:
 
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
-                mlp_layers, cost: CostModel = CostModel()) -> list[CacheItem]:
-    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens."""
+                mlp_layers, cost: CostModel = CostModel(), fc2_copies: bool = True) -> list[CacheItem]:
+    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens.
+
+    ``fc2_copies``: whether a transposed copy of fc2 can be kept (the weights are stored in the
+    compute dtype; weights cast per call, fp8 for example, are transposed per step)."""
     items = []
     attention = mlp = None
     if config.sparse_attention:
@@ -105,6 +108,7 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
             items.append(CacheItem(layer, ATTENTION, *attention))
         if mlp and layer in mlp_layers:
             items.append(CacheItem(layer, MLP, *mlp))
+        if mlp and layer in mlp_layers and fc2_copies:
             # Without the copy each sparse step transposes fc2 into a temporary (read + write).
             items.append(CacheItem(layer, FC2_COPY, weight, 2 * weight / cost.device_bandwidth))
     return items

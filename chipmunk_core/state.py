@@ -91,10 +91,13 @@ class SamplingRun:
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
                  memory_budget=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
-                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel = CostModel()):
+                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel = CostModel(),
+                 weights_cast: bool = False):
         """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
         of the device the caches may take (asked once, when the run is planned; None: no limit).
         ``conditionings``: how many conditionings the sampler evaluates per step (cond, uncond).
+        ``weights_cast``: the weights are stored in another dtype and cast per call (fp8): no
+        transposed fc2 copy can be kept.
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
@@ -107,6 +110,7 @@ class SamplingRun:
         self.memory_budget = memory_budget
         self.conditionings = max(1, conditionings)
         self.cost = cost
+        self.weights_cast = weights_cast
         self.plan: RunPlan | None = None  # made by the first model call (``make_plan``)
         self.fc2_copies = TransposedWeights()
         self.sample_sigmas = sample_sigmas
@@ -141,7 +145,8 @@ class SamplingRun:
         paged = self.min_sparse_tokens > self.config.min_sparse_tokens
         reason = stock_reason(self.config, x.device, grid_tokens, self.min_sparse_tokens, paged)
         items = [] if reason or self.dims is None else layer_items(
-            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost)
+            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost,
+            fc2_copies=not self.weights_cast)
         wanted = sum(item.nbytes for item in items)
         budget = None
         if items and x.device.type != "cpu" and self.memory_budget is not None:
@@ -172,9 +177,7 @@ class SamplingRun:
         cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
         if self.plan is None:
             self.plan = self.make_plan(x, shape, cond_or_uncond)
-            if self.plan.stock_reason and self.config.sparse:
-                self.note("stock", self.plan.stock_reason, logging.INFO)
-            elif self.plan.memory.given_up():
+            if self.plan.memory.given_up():
                 self.note("memory", self.plan.memory.describe())
         caches = self.caches_for(uuids, x)
         dense = self.schedule.is_dense(step)
@@ -210,6 +213,7 @@ class SamplingRun:
             "graphs": {how: self.stats[f"graph {how} calls"] for how in ("eager", "captured", "replayed")},
             "cache_gib": self.peak_cache_bytes / 2**30,
             "plan": None if self.plan is None else self.plan.describe(),
+            "stock_reason": None if self.plan is None else self.plan.stock_reason,
             "notes": list(self.notes.values()),
         }
 

@@ -136,7 +136,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       memory_budget=functools.partial(cache_budget, patcher),
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
                       starts_mid_schedule=_starts_mid_schedule(patcher, sigmas), paged_weights=_dynamic_vram(patcher),
-                      conditionings=_conditionings(guider))
+                      conditionings=_conditionings(guider),
+                      weights_cast=getattr(patcher.model, "manual_cast_dtype", None) is not None)
     _note_plan(run, accelerator)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)

@@ -16,12 +16,14 @@ def lines(accelerator, run, seconds: float) -> list[str]:
     data = run.report()
     config, plan = accelerator.config, accelerator.plan
     out = [f"Chipmunk: {plan.model_name}, {data['steps']} steps in {seconds:.1f} s"]
+    if data["stock_reason"] and config.sparse:  # the first thing to know: Chipmunk could not help here
+        out[0] += f", ran stock: {data['stock_reason']}"
     if not config.sparse and config.step_cache == "off":
         out.append("stock sampling: both sparsities are 0 and step caching is off")
     else:
         parts = [f"{data[k]} {k}" for k in ("dense", "sparse", "skipped", "stock") if data[k]]
         out.append("steps: " + (", ".join(parts) or "none"))
-        if config.sparse:
+        if config.sparse and not data["stock_reason"]:
             out.append(f"achieved sparsity on sparse steps: attention {_percent(data['attention_sparsity'])}, "
                        f"MLP {_percent(data['mlp_sparsity'])}")
             graphs = data["graphs"]

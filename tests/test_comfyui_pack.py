@@ -131,7 +131,7 @@ def test_run_report_arrives_on_the_node(comfy_server, tiny_checkpoints):
     assert report.startswith("Chipmunk: FLUX.1, 12 steps in "), report
     counts = cm.step_counts(report)
     assert counts["dense"] == 3 and counts["skipped"] == 4 and counts["sparse"] == 5, report
-    assert "achieved sparsity" in report and "cache:" in report, report
+    assert "achieved sparsity" in report and "memory: caches" in report, report
 
 
 def test_rejected_prompt_error_names_node_and_input(comfy_server):
