@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
-from .memory import reuse_buffer, to_compute, to_storage
+from .memory import Rows, reuse_buffer, to_compute, to_storage, with_batch
 
 
 def selects_keys(config: ChipmunkConfig, step: int) -> bool:
@@ -32,8 +32,10 @@ def selects_keys(config: ChipmunkConfig, step: int) -> bool:
     return config.attention_selection == "every_dense_step" or step < config.dense_warmup_steps
 
 
-class SparseDeltaAttention:
+class SparseDeltaAttention(Rows):
     """Per-layer, per-conditioning state; q/k/v are [B, H, N, D] and results [B, N, H * D]."""
+
+    BATCHED = ("indices", "counts", "delta", "lse")
 
     def __init__(self, storage: torch.device | None = None):
         self.storage = storage  # where the delta cache lives (None: with the computation)
@@ -46,6 +48,13 @@ class SparseDeltaAttention:
         self.lse = None    # row log-sum-exp of the last dense step that computed exact column sums
         self.signature = None
         self.kept = 0
+
+    def batch(self) -> int:
+        return 0 if self.delta is None else self.delta.shape[0]
+
+    def rebatched(self, batch: int):
+        if self.signature is not None:
+            self.signature = (with_batch(self.signature[0], batch),) + self.signature[1:]
 
     @staticmethod
     def _signature(q, k):

@@ -43,3 +43,67 @@ def to_storage(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
 
 def to_compute(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
+
+
+def take_rows(value, start: int, stop: int):
+    """Batch rows ``start:stop`` of a cache value: a tensor (batch first), or a tuple, list or dict
+    of them; anything else is shared as it is. Copies, so the pieces are independent."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop].clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(v, start, stop) for v in value)
+    if isinstance(value, dict):
+        return {k: take_rows(v, start, stop) for k, v in value.items()}
+    return value
+
+
+def join_rows(values: list):
+    """The pieces of ``take_rows`` (in row order) as one value; None when any piece is None."""
+    first = values[0]
+    if any(v is None for v in values):
+        return None
+    if isinstance(first, torch.Tensor):
+        joined = torch.cat(values)
+        return joined.pin_memory() if first.is_pinned() else joined
+    if isinstance(first, (tuple, list)):
+        return type(first)(join_rows([v[i] for v in values]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: join_rows([v[k] for v in values]) for k in first}
+    return first
+
+
+def with_batch(shape: tuple, batch: int) -> tuple:
+    """``shape`` with its first (batch) size replaced."""
+    return (batch,) + tuple(shape[1:])
+
+
+class Rows:
+    """Mixin for per-conditioning cache states: ``BATCHED`` names the attributes whose tensors
+    have the batch first; ``rebatched(batch)`` fixes whatever else records the batch size. A state
+    can then be cut into the rows of each conditioning, or the pieces joined again, when ComfyUI
+    changes how it batches cond and uncond mid-run (it decides from free memory on every call)."""
+
+    BATCHED: tuple[str, ...] = ()
+
+    def rebatched(self, batch: int):
+        """Update what records the batch size (signatures) after a cut or a join."""
+
+    def take_rows(self, start: int, stop: int):
+        import copy
+        piece = copy.copy(self)
+        for name in self.BATCHED:
+            setattr(piece, name, take_rows(getattr(self, name), start, stop))
+        piece.rebatched(stop - start)
+        return piece
+
+    @classmethod
+    def joined(cls, states: list):
+        import copy
+        whole = copy.copy(states[0])
+        for name in cls.BATCHED:
+            setattr(whole, name, join_rows([getattr(s, name) for s in states]))
+        whole.rebatched(sum(s.batch() for s in states))
+        return whole
+
+    def batch(self) -> int:
+        raise NotImplementedError

@@ -24,12 +24,12 @@ from .. import kernels
 from ..kernels.mlp_reference import ACTIVATIONS
 from .config import ChipmunkConfig
 from .layout import inverse_permutation
-from .memory import reuse_buffer, to_compute, to_storage
+from .memory import Rows, reuse_buffer, to_compute, to_storage, with_batch
 
 ACTIVATION = "gelu_tanh"
 
 
-class SparseDeltaMLP:
+class SparseDeltaMLP(Rows):
     """Per-layer, per-conditioning MLP caches; x is [B, N, Din].
 
     The hidden cache is kept in block order (rows permuted by ``row_order``, so a row block is
@@ -40,6 +40,8 @@ class SparseDeltaMLP:
     from ``fc2_copies`` (one copy per weight for the run, where the run plan keeps one), else
     transposed into a temporary for the step.
     """
+
+    BATCHED = ("hidden", "out", "block_mean", "_selection", "_x_mean")
 
     def __init__(self, storage: torch.device | None = None, fc2_copies: "TransposedWeights | None" = None):
         self.storage = storage  # where the hidden/output caches live (None: with the computation)
@@ -55,6 +57,13 @@ class SparseDeltaMLP:
         self._selection = None  # (indices, counts) of the last ranking (buffers reused by the next)
         self._sparse_steps = 0  # sparse steps since the last dense step
         self._x_mean = None     # [B, NB, Din] block means of x, fc1's dtype
+
+    def batch(self) -> int:
+        return 0 if self.hidden is None else self.hidden.shape[0]
+
+    def rebatched(self, batch: int):
+        if self.signature is not None:
+            self.signature = (with_batch(self.signature[0], batch),) + self.signature[1:]
 
     def ready_for(self, x) -> bool:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)

@@ -73,6 +73,36 @@ class CondCaches:
             self.mlp[(layer, stream)] = SparseDeltaMLP(self._storage(where), self.fc2_copies if keep else None)
         return self.mlp[(layer, stream)]
 
+    def pieces(self, rows_per_uuid: int) -> dict[str, "CondCaches"]:
+        """These caches cut into one set per conditioning (rows of ``uuids[i]``: the i-th chunk of
+        ``rows_per_uuid`` rows, as ComfyUI stacks a batched call)."""
+        if len(self.uuids) == 1:
+            return {self.uuids[0]: self}
+        out = {}
+        for i, uuid in enumerate(self.uuids):
+            start, stop = i * rows_per_uuid, (i + 1) * rows_per_uuid
+            piece = CondCaches((uuid,), self.plan, self.fc2_copies)
+            piece.attention = {k: s.take_rows(start, stop) for k, s in self.attention.items()}
+            piece.mlp = {k: s.take_rows(start, stop) for k, s in self.mlp.items()}
+            piece.step_cache = self.step_cache.take_rows(start, stop)
+            out[uuid] = piece
+        self.reset()
+        return out
+
+    @classmethod
+    def joined(cls, pieces: list["CondCaches"]) -> "CondCaches":
+        """Per-conditioning sets as one set for a batched call (in the call's order)."""
+        if len(pieces) == 1:
+            return pieces[0]
+        whole = cls(tuple(u for p in pieces for u in p.uuids), pieces[0].plan, pieces[0].fc2_copies)
+        for name, state_cls in (("attention", SparseDeltaAttention), ("mlp", SparseDeltaMLP)):
+            keys = set.intersection(*(set(getattr(p, name)) for p in pieces))
+            setattr(whole, name, {k: state_cls.joined([getattr(p, name)[k] for p in pieces]) for k in sorted(keys)})
+        whole.step_cache = StepCache.joined([p.step_cache for p in pieces])
+        for piece in pieces:
+            piece.graphs.reset()
+        return whole
+
     def nbytes(self) -> int:
         return (sum(s.nbytes() for s in self.attention.values()) + sum(s.nbytes() for s in self.mlp.values())
                 + self.step_cache.nbytes())
@@ -149,7 +179,7 @@ class SamplingRun:
             fc2_copies=not self.weights_cast)
         wanted = sum(item.nbytes for item in items)
         budget = None
-        if items and x.device.type != "cpu" and self.memory_budget is not None:
+        if items and self.memory_budget is not None:
             budget = quantised(self.memory_budget(x, rows, wanted))
         memory = plan_memory(items, budget, self.cost)
         if items and not any(where != OFF for where in memory.placement.values()):
@@ -160,13 +190,39 @@ class SamplingRun:
         return plan
 
     def caches_for(self, uuids: tuple, x: torch.Tensor) -> CondCaches:
+        """The caches of the conditionings ``uuids`` batched in this order.
+
+        ComfyUI decides on every call whether cond and uncond run batched or apart (from free
+        memory): a conditioning batched differently keeps its caches, cut out of the set it was
+        batched in or joined with the others, so the output does not depend on that decision.
+        Caches made at another shape, dtype or device are stale and dropped."""
         signature = (uuids, tuple(x.shape), x.dtype, str(x.device))
         caches = self._caches.get(signature)
-        if caches is None:
-            # A conditioning now batched differently, or at another shape: its old caches are stale.
-            for old in [s for s, c in self._caches.items() if set(c.uuids) & set(uuids)]:
-                self._caches.pop(old).reset()
-            caches = self._caches[signature] = CondCaches(uuids, self.plan, self.fc2_copies)
+        if caches is not None:
+            return caches
+        per_uuid = x.shape[0] // max(1, len(uuids))
+        pieces = {}
+        for old_signature in [s for s, c in self._caches.items() if set(c.uuids) & set(uuids)]:
+            old = self._caches.pop(old_signature)
+            old_uuids, old_shape, dtype, device = old_signature
+            if old_shape[1:] == tuple(x.shape[1:]) and dtype == x.dtype and device == str(x.device) \
+                    and old_shape[0] == per_uuid * len(old_uuids):
+                pieces.update(old.pieces(per_uuid))
+            else:
+                old.reset()
+        piece_shape = (per_uuid,) + tuple(x.shape[1:])
+        for uuid, piece in pieces.items():
+            if uuid not in uuids:  # batched apart from this call now: kept for its own calls
+                self._caches[((uuid,), piece_shape, x.dtype, str(x.device))] = piece
+        if pieces and all(uuid in pieces for uuid in uuids):
+            caches = CondCaches.joined([pieces[uuid] for uuid in uuids])
+            self.stats["caches re-sliced"] += 1
+        else:
+            for uuid in uuids:
+                if uuid in pieces:
+                    pieces[uuid].reset()
+            caches = CondCaches(uuids, self.plan, self.fc2_copies)
+        self._caches[signature] = caches
         return caches
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict, shape: SequenceShape) -> "ModelCall":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .config import ChipmunkConfig
-from .memory import reuse_buffer
+from .memory import Rows, reuse_buffer, with_batch
 
 # Runs this short are distilled or few-step runs: skipping one of their steps costs too much.
 MIN_STEPS = 11
@@ -79,9 +79,11 @@ def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     return float((new.float() - old.float()).abs().mean() / old.float().abs().mean().clamp_min(1e-12))
 
 
-class StepCache:
+class StepCache(Rows):
     """Per-conditioning step-cache state: the residual of the last computed step and the adaptive
     schedule's measurements. Tensors are per stream ("img", "txt" for two-stream models)."""
+
+    BATCHED = ("_inputs", "residual", "previous_input", "previous_output")
 
     def __init__(self):
         self.reset()
@@ -96,6 +98,15 @@ class StepCache:
         self.accumulated = 0.0
         self.skips_in_a_row = 0
         self.signature = None
+
+    def batch(self) -> int:
+        tensors = list((self.residual or {}).values()) + list(self._inputs.values()) + [self.previous_input]
+        return next((t.shape[0] for t in tensors if t is not None), 0)
+
+    def rebatched(self, batch: int):
+        if self.signature is not None:
+            self.signature = tuple((name, with_batch(shape, batch), dtype, device)
+                                   for name, shape, dtype, device in self.signature)
 
     def nbytes(self) -> int:
         tensors = list((self.residual or {}).values()) + [self.previous_input, self.previous_output]

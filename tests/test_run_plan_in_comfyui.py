@@ -1,0 +1,138 @@
+"""The run plan inside real ComfyUI samplings: the output depends on the inputs only.
+
+- ComfyUI decides on every call whether cond and uncond run in one batch (from free memory): a flip
+  mid-run keeps Chipmunk's caches (cut out of the batched set, or joined again), so the picture is
+  the one of a run that never flipped, as close as stock's own two pictures are.
+- A small memory budget gives up the caches worth least per byte; with no room at all the layers
+  run stock (bit for bit the model without the node) and the report says why.
+- On the CPU, where only the reference kernels exist, users get stock sampling and the reason on
+  the report's first line (the rest of the suite sets CHIPMUNK_SPARSE_ON_CPU to study the method).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+import torch
+
+from harness import chipmunk as cm
+from test_accelerate import _relative, narrow_flux
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
+
+
+@pytest.fixture(scope="module")
+def flux(comfy_inprocess, chipmunk_pack_nodes):
+    return narrow_flux(comfy_inprocess, chipmunk_pack_nodes)
+
+
+@pytest.fixture
+def pack(chipmunk_pack_nodes):
+    """The pack's package name as ComfyUI loaded it."""
+    return chipmunk_pack_nodes["ChipmunkAccelerate"].__module__.split(".")[0]
+
+
+def _free_memory_flips(monkeypatch, unbatched_calls: range):
+    """ComfyUI's free-memory answers as seen by its cond/uncond batching: none on the calls in
+    ``unbatched_calls`` (cond and uncond then run apart), plenty otherwise."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    import comfy.samplers
+
+    calls = {"n": 0}
+    plenty = comfy.model_management.get_free_memory
+
+    def free_memory(dev=None, torch_free_too=False):
+        if torch_free_too:  # another asker (attention backends): the real answer
+            return plenty(dev, torch_free_too)
+        calls["n"] += 1
+        return 0 if calls["n"] - 1 in unbatched_calls else plenty(dev)
+
+    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):  # v0.19: the sampler asks the patcher
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory",
+                            lambda self, device: free_memory(device))
+    else:
+        monkeypatch.setattr(comfy.samplers.model_management, "get_free_memory", free_memory)
+    return calls
+
+
+def test_a_batching_flip_mid_run_keeps_the_caches(flux, monkeypatch, caplog):
+    size, steps = flux.sizes[0], 12
+    stock = flux.sample(flux.model, size, cfg=3.5, steps=steps)
+    with caplog.at_level(logging.INFO):
+        batched = flux.sample(flux.accelerate(), size, cfg=3.5, steps=steps)
+    batched_report = cm.reports(caplog)[-1]
+    calls = _free_memory_flips(monkeypatch, range(4, 8))
+    stock_flipped = flux.sample(flux.model, size, cfg=3.5, steps=steps)
+    assert calls["n"] >= steps
+    calls["n"] = 0
+    with caplog.at_level(logging.INFO):
+        flipped = flux.sample(flux.accelerate(), size, cfg=3.5, steps=steps)
+    flipped_report = cm.reports(caplog)[-1]
+    assert cm.step_counts(flipped_report) == cm.step_counts(batched_report), flipped_report
+    stock_gap = _relative(stock_flipped, stock)  # what the flip alone changes in stock ComfyUI
+    gap = _relative(flipped, batched)
+    print(f"batching flip: stock {stock_gap:.2e}, Chipmunk {gap:.2e}")
+    assert gap <= max(10 * stock_gap, 1e-5), (gap, stock_gap)
+
+
+def test_caches_dropped_on_a_flip_would_change_the_picture(flux, pack, monkeypatch):
+    """The control of the test above: without re-slicing (caches started afresh on the flip) the
+    same flip moves the output far more (4e-4 here against 2e-7 re-sliced), so that test does see a
+    flip."""
+    state = importlib.import_module(f"{pack}.chipmunk_core.state")
+    size, steps = flux.sizes[0], 12
+    batched = flux.sample(flux.accelerate(), size, cfg=3.5, steps=steps)
+    _free_memory_flips(monkeypatch, range(4, 8))
+    monkeypatch.setattr(state.CondCaches, "pieces", lambda self, rows: {})
+    dropped = flux.sample(flux.accelerate(), size, cfg=3.5, steps=steps)
+    assert _relative(dropped, batched) > 1e-4
+
+
+def test_a_small_budget_gives_up_mlp_caches_first_and_none_means_stock(flux, pack, monkeypatch, caplog):
+    hooks = importlib.import_module(f"{pack}.nodes.hooks")
+    plan = importlib.import_module(f"{pack}.chipmunk_core.plan")
+    monkeypatch.setattr(plan, "BUDGET_QUANTUM", 1)  # the tiny model's caches are far below the real quantum
+    size = flux.sizes[0]
+    stock = flux.sample(flux.model, size)
+    wanted = {}
+
+    def budget_of(share):
+        def budget(patcher, x, rows, want):
+            wanted["bytes"] = want
+            return int(share * want)
+        return budget
+
+    # A third of the memory: the caches worth least per byte are given up (which ones at real sizes
+    # is tested in tests/core/test_memory.py), the rest of the layers stay sparse.
+    monkeypatch.setattr(hooks, "cache_budget", budget_of(1 / 3))
+    with caplog.at_level(logging.INFO):
+        partial = flux.sample(flux.accelerate(), size)
+    report = cm.reports(caplog)[-1]
+    assert "was not free" in report and ("MLP of" in report or "attention of" in report), report
+    assert cm.step_counts(report)["sparse"] > 0 and torch.isfinite(partial).all()
+    assert not torch.equal(partial, stock)
+
+    monkeypatch.setattr(hooks, "cache_budget", budget_of(0))
+    with caplog.at_level(logging.INFO):
+        none = flux.sample(flux.accelerate(), size)
+    report = cm.reports(caplog)[-1]
+    assert torch.equal(none, stock)
+    first_line = report.split(" | ")[0]
+    assert "ran stock: no device memory was free for caches" in first_line, report
+    assert wanted["bytes"] > 0
+
+
+def test_the_cpu_runs_stock_and_says_so_first(flux, monkeypatch, caplog):
+    monkeypatch.delenv("CHIPMUNK_SPARSE_ON_CPU", raising=False)
+    size = flux.sizes[0]
+    stock = flux.sample(flux.model, size, cfg=3.5)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(flux.accelerate(step_cache="off"), size, cfg=3.5)
+    report = cm.reports(caplog)[-1]
+    assert torch.equal(out, stock)
+    first_line = report.split(" | ")[0]
+    assert "ran stock: on the CPU" in first_line and "needs a CUDA GPU" in first_line, report
