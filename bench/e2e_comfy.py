@@ -266,6 +266,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg", type=float, default=1.0)
+    parser.add_argument("--sampler", default="euler", help="ComfyUI sampler name (WAN's template: uni_pc)")
     parser.add_argument("--variants", default="stock,chipmunk,chipmunk+cache", help=", ".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run per size")
@@ -355,7 +356,7 @@ def main():
                 sync()
                 step_events.clear()
                 start = time.perf_counter()
-                out = comfy.sample.sample(model, noise, steps, ns.cfg, "euler", "simple", pos, neg, latent, seed=1,
+                out = comfy.sample.sample(model, noise, steps, ns.cfg, ns.sampler, "simple", pos, neg, latent, seed=1,
                                           disable_pbar=True, callback=callback)
                 sync()
                 return time.perf_counter() - start, out
@@ -377,6 +378,7 @@ def main():
                                                             / graphed.float().norm().clamp_min(1e-30))
             config = None if settings is None else model.model_options["transformer_options"]["chipmunk"].config
             rows.append(dict(case=ns.case, size=size, batch=ns.batch, latent=list(shape), steps=ns.steps, cfg=ns.cfg,
+                             sampler=ns.sampler,
                              variant=label, settings=None if config is None else config.describe(),
                              seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,

@@ -26,6 +26,7 @@
 #   bash bench/gpu_session.sh flux_static_best2 # one GPU: FLUX 1024x1024 static VRAM, fastest of two runs, busy
 #   bash bench/gpu_session.sh flux_1024_check # one GPU: FLUX 1024x1024 static (kernel times) and dynamic (best of 2)
 #   bash bench/gpu_session.sh budgets   # one GPU: FLUX 1024x1024 20 steps at memory budgets, bf16 and fp8 weights
+#   bash bench/gpu_session.sh budgets2  # one GPU: FLUX bf16 at 48/32/12 GiB, WAN2.1-1.3B's template at all and 8 GiB
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -260,6 +261,14 @@ budgets)
     job 0 280 flux_fp8 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --weight-dtype fp8_e4m3fn_fast --free-gib all,24,16,12 --variants "stock,chipmunk,chipmunk+cache" \
         --out "$R/e2e_flux_budgets_fp8.json"
+    ;;
+budgets2)
+    # The rest of the budget table: FLUX bf16 at 48, 32 and 12 GiB; WAN2.1-1.3B at its template
+    # settings (480p 81 frames, 30 steps, uni_pc, cfg 6) with all memory and 8 GiB free.
+    job 0 200 flux_bf16_more "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram --free-gib 48,32,12 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_budgets_bf16_more.json"
+    job 0 380 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
+        --dynamic-vram --free-gib all,8 --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_wan13b_budgets.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.
