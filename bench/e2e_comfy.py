@@ -356,8 +356,9 @@ def main():
                 sync()
                 step_events.clear()
                 start = time.perf_counter()
-                out = comfy.sample.sample(model, noise, steps, ns.cfg, ns.sampler, "simple", pos, neg, latent, seed=1,
-                                          disable_pbar=True, callback=callback)
+                with torch.inference_mode():  # as ComfyUI's executor runs a prompt
+                    out = comfy.sample.sample(model, noise, steps, ns.cfg, ns.sampler, "simple", pos, neg, latent,
+                                              seed=1, disable_pbar=True, callback=callback)
                 sync()
                 return time.perf_counter() - start, out
 

@@ -263,11 +263,12 @@ budgets)
         --out "$R/e2e_flux_budgets_fp8.json"
     ;;
 budgets2)
-    # The rest of the budget table: FLUX bf16 at 48, 32 and 12 GiB; WAN2.1-1.3B at its template
+    # The rest of the budget table: FLUX bf16 at 48, 32 and 12 GiB (FLUX_BUDGETS); WAN2.1-1.3B at its template
     # settings (480p 81 frames, 30 steps, uni_pc, cfg 6) with all memory and 8 GiB free.
-    job 0 200 flux_bf16_more "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram --free-gib 48,32,12 \
-        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_budgets_bf16_more.json"
-    job 0 380 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
+    job 0 160 flux_bf16_more "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --free-gib "${FLUX_BUDGETS:-48,32,12}" --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_budgets_bf16_more.json"
+    job 0 420 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
         --dynamic-vram --free-gib all,8 --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_wan13b_budgets.json"
     ;;
 hunyuan)
