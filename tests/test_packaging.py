@@ -59,3 +59,11 @@ def test_comfyui_reads_the_metadata(comfy_inprocess):
     assert config.tool_comfy.display_name == comfy["DisplayName"]
     assert config.project.supported_comfyui_version == comfy["requires-comfyui"]
     assert config.project.supported_accelerators == ["GPU :: NVIDIA CUDA"]
+
+
+def test_registry_ready_publisher_and_licence():
+    """Publishing needs a publisher id; the licence is ComfyUI's (GPL-3.0), shipped as LICENSE."""
+    data = metadata()
+    assert data["tool"]["comfy"]["PublisherId"] == "comfyui-chipmunk"
+    licence = REPO_ROOT / data["project"]["license"]["file"]
+    assert "GNU GENERAL PUBLIC LICENSE" in licence.read_text() and "Version 3" in licence.read_text()
