@@ -142,6 +142,7 @@ class SamplingRun:
         self.cost = cost
         self.weights_cast = weights_cast
         self.plan: RunPlan | None = None  # made by the first model call (``make_plan``)
+        self.wrapped_by: tuple[str, ...] = ()  # other nodes' model-call wrappers, around Chipmunk's
         self.fc2_copies = TransposedWeights()
         self.sample_sigmas = sample_sigmas
         self.clock = StepClock(sample_sigmas)  # predicting once the sampler is known (predict_steps)

@@ -141,6 +141,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     _note_plan(run, accelerator)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    run.wrapped_by = innermost_model_wrapper(guider.model_options)
+    if run.wrapped_by:
+        run.note("wrapped", f"other nodes wrap the model call ({', '.join(run.wrapped_by)}): Chipmunk's wrapper runs "
+                            "inside theirs, so what they decide (a skipped step) happens before it", logging.INFO)
     accelerator.run, accelerator.patcher, accelerator.graphs = run, patcher, None
     started = time.perf_counter()
     try:
@@ -152,6 +156,21 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
         report.publish(accelerator, run, seconds)
         run.release()
+
+
+def innermost_model_wrapper(model_options: dict) -> tuple[str, ...]:
+    """Put Chipmunk's DIFFUSION_MODEL wrapper innermost in this run's (cloned) options: a node that
+    wraps the model call (core EasyCache) then decides around Chipmunk, and a call that reaches
+    Chipmunk runs only ComfyUI's model code inside it, which a CUDA graph may capture. Returns the
+    other wrappers' keys (now outside)."""
+    import comfy.patcher_extension
+
+    wrappers = (model_options.get("transformer_options", {}).get("wrappers") or {}).get(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+    if not wrappers or HOOK_KEY not in wrappers:
+        return ()
+    wrappers[HOOK_KEY] = wrappers.pop(HOOK_KEY)
+    return tuple(str(key) for key in wrappers if key != HOOK_KEY)
 
 
 def _conditionings(guider) -> int:
@@ -207,7 +226,8 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     if run is not None and isinstance(noise, torch.Tensor):
         conditioning_on_device(getattr(guider, "conds", None), noise.device)
         function = getattr(executor.class_obj, "sampler_function", None)
-        run.predict_steps(getattr(function, "__name__", None) in ONE_CALL_PER_STEP)
+        # (a node wrapping the model call may skip calls: then each call's step is read)
+        run.predict_steps(getattr(function, "__name__", None) in ONE_CALL_PER_STEP and not run.wrapped_by)
     try:
         return executor(*args, **kwargs)
     finally:
@@ -424,10 +444,10 @@ def _graph_setup(accelerator: Accelerator, call, options: dict):
         return "off", "torch.compile is applied to this model (its own graphs and Chipmunk's would nest)"
     if getattr(patcher.model, "model_lowvram", False):
         return "off", "the model is partly offloaded (low VRAM): its weights move during a step"
-    wrappers = (options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
-    foreign = sorted(str(key) for key in wrappers if key != HOOK_KEY)
-    if foreign:
-        return "off", f"other nodes wrap the model call ({', '.join(foreign)})"
+    wrappers = list((options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}))
+    inside = [str(key) for key in wrappers[wrappers.index(HOOK_KEY) + 1:]] if HOOK_KEY in wrappers else []
+    if inside:  # their Python would be captured into the graph (innermost_model_wrapper prevents it)
+        return "off", f"other nodes wrap the model call inside Chipmunk ({', '.join(inside)})"
     patches = {name: p for name, p in (options.get("patches") or {}).items() if p}
     if patches:
         return "off", f"other nodes patch the model ({', '.join(sorted(patches))})"

@@ -74,14 +74,18 @@ def test_graphed_sparse_steps_match_eager_ones(flux, graphs_on_cpu, step_cache, 
     assert torch.isfinite(graphed).all() and _relative(graphed, eager) < 1e-5
 
 
-def test_graphs_stay_off_where_something_else_runs_inside_the_call(flux, graphs_on_cpu, caplog):
+def test_another_nodes_model_wrapper_runs_outside_the_graphs(flux, graphs_on_cpu, caplog):
+    """A node that wraps the model call (applied after Chipmunk, so registered outside it) is moved
+    outside Chipmunk's wrapper for the run: its Python runs on every call, the graphs stay on."""
     import comfy.patcher_extension
 
     size = flux.sizes[0]
     patched = flux.accelerate()
     wrapped = patched.clone()
+    seen = []
 
     def another_nodes_wrapper(executor, *args, **kwargs):
+        seen.append(1)
         return executor(*args, **kwargs)
 
     wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "another-node",
@@ -89,7 +93,40 @@ def test_graphs_stay_off_where_something_else_runs_inside_the_call(flux, graphs_
     with caplog.at_level(logging.INFO):
         flux.sample(wrapped, size, steps=12)
     report = _report(caplog)
-    assert "CUDA graphs:" not in report and "other nodes wrap the model call (another-node)" in report
+    assert "other nodes wrap the model call (another-node): Chipmunk's wrapper runs inside theirs" in report
+    assert int(report.split("CUDA graphs: ")[1].split(" ")[0]) > 0, report
+    assert len(seen) == 12  # every call, replayed ones included, went through the other node's Python
+    wrappers = wrapped.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL]
+    assert list(wrappers) == [graphs_on_cpu.HOOK_KEY, "another-node"]  # the user's model is not reordered
+
+
+def test_chipmunk_under_core_easycache_keeps_its_graphs(comfy_inprocess, flux, graphs_on_cpu, caplog):
+    """Model -> Chipmunk Accelerate -> EasyCache: EasyCache skips calls around Chipmunk, and the
+    calls it computes are Chipmunk's sparse steps, replayed as graphs, equal to eager ones."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    size = flux.sizes[0]
+
+    def with_easycache(**settings):
+        (model,) = comfy_inprocess.run_node(EasyCacheNode, model=graphs_on_cpu.accelerate(flux.model, **settings),
+                                            reuse_threshold=0.2, start_percent=0.15, end_percent=0.95,
+                                            verbose=False)
+        return model
+
+    with caplog.at_level(logging.INFO):
+        eager = flux.sample(with_easycache(cuda_graphs=False), size, steps=20, cfg=3.5)
+        eager_report = _report(caplog)
+        graphed = flux.sample(with_easycache(), size, steps=20, cfg=3.5)
+        report = _report(caplog)
+    assert "other nodes wrap the model call (easycache)" in report
+    assert int(report.split("CUDA graphs: ")[1].split(" ")[0]) > 0, report
+    assert cm.step_counts(report) == cm.step_counts(eager_report)
+    assert torch.isfinite(graphed).all() and _relative(graphed, eager) < 1e-5
+
+
+def test_graphs_stay_off_where_chipmunk_cannot_capture_the_call(flux, graphs_on_cpu, caplog):
+    size = flux.sizes[0]
+    patched = flux.accelerate()
     with caplog.at_level(logging.INFO):
         flux.sample(flux.accelerate(step_cache="adaptive"), size, steps=12)
     assert "off with the adaptive step cache" in _report(caplog)
@@ -126,8 +163,6 @@ def test_under_dynamic_vram_sparse_steps_replay_and_those_that_cannot_run_stock(
     steps as usual, skipped steps included. Where the graphs cannot be used, eager sparse FLUX
     steps lost to stock (GPU numbers in the README): the run's layers go stock from its first
     sparse step on and the report says why; step caching still skips its steps."""
-    import comfy.patcher_extension
-
     monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: True)
     size = flux.sizes[0]
     with caplog.at_level(logging.INFO):
@@ -137,15 +172,14 @@ def test_under_dynamic_vram_sparse_steps_replay_and_those_that_cannot_run_stock(
     assert "CUDA graphs:" in report and "layers run stock" not in report
     assert counts["sparse"] > 0 and counts["stock"] == 0 and (counts["skipped"] > 0) == (step_cache == "fixed")
 
-    wrapped = graphs_on_cpu.accelerate(flux.model, step_cache=step_cache).clone()
-    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "another-node",
-                                 lambda executor, *args, **kwargs: executor(*args, **kwargs))
+    compiled = graphs_on_cpu.accelerate(flux.model, step_cache=step_cache).clone()
+    compiled.model_options[graphs_on_cpu.COMPILE_OPTION] = {"backend": "inductor"}  # (only its presence is read)
     with caplog.at_level(logging.INFO):
-        flux.sample(wrapped, size, steps=20)
+        flux.sample(compiled, size, steps=20)
     report = _report(caplog)
     counts = cm.step_counts(report)
     assert "layers run stock from this step on: under ComfyUI's dynamic VRAM" in report
-    assert "other nodes wrap the model call (another-node)" in report
+    assert "torch.compile is applied" in report
     assert counts["dense"] == 2 and counts["sparse"] == 0
     assert (counts["skipped"] > 0) == (step_cache == "fixed")
     assert counts["stock"] + counts["skipped"] == 18
