@@ -78,6 +78,9 @@ VARIANTS = {
     "chipmunk+cache unfused": {"step_cache": "fixed", "_unfused": True},
     # The sparse MLP with the kernel configuration in CHIPMUNK_BENCH_MLP (JSON {"up": {...}, "down": {...}}
     # over the defaults, short and long rows alike).
+    # Core EasyCache at its defaults, alone (stock model) and after Chipmunk Accelerate.
+    "easycache": {"_stock": True, "_easycache": True},
+    "chipmunk+easycache": {"_easycache": True},
     "chipmunk mlp": {"_mlp": True},
     "chipmunk+cache mlp": {"step_cache": "fixed", "_mlp": True},
 }
@@ -241,6 +244,14 @@ def with_resident_conditioning(model, hooks):
     return clone
 
 
+def with_easycache(model):
+    """The model through core's EasyCache node at its defaults (as a workflow would put it after
+    Chipmunk Accelerate)."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+    return EasyCacheNode.execute(model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95,
+                                 verbose=False).result[0]
+
+
 def versions(torch) -> dict:
     import comfyui_version
     try:
@@ -345,6 +356,8 @@ def main():
                 importlib.import_module("chipmunk_pack.chipmunk_core.graphs").PROCESS_WARM.clear()
             if probes.get("_resident"):
                 model = with_resident_conditioning(model, hooks)
+            if probes.get("_easycache"):
+                model = with_easycache(model)
             step_events = []
 
             def callback(step, x0, x, total):
@@ -377,7 +390,8 @@ def main():
             graphed = outputs.get(label[:-len(" eager")]) if label.endswith(" eager") else None
             vs_graphed = None if graphed is None else float((out.float() - graphed.float()).norm()
                                                             / graphed.float().norm().clamp_min(1e-30))
-            config = None if settings is None else model.model_options["transformer_options"]["chipmunk"].config
+            accelerator = None if settings is None else model.model_options["transformer_options"]["chipmunk"]
+            config = None if accelerator is None else accelerator.config
             rows.append(dict(case=ns.case, size=size, batch=ns.batch, latent=list(shape), steps=ns.steps, cfg=ns.cfg,
                              sampler=ns.sampler,
                              variant=label, settings=None if config is None else config.describe(),
@@ -404,7 +418,7 @@ def main():
                 print("    step ms (GPU timeline / host): " + " ".join(f"{g:.0f}/{h:.0f}" for g, h in per_step),
                       flush=True)
             if settings is not None:
-                rows[-1]["report"] = model.model_options["transformer_options"]["chipmunk"].last_report
+                rows[-1]["report"] = accelerator.last_report
             del model
         del filler
         if ns.device == "cuda":

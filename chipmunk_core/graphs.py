@@ -164,7 +164,8 @@ class StepReplays:
     pattern of which MLPs re-rank their units this step), and the host bookkeeping a replay redoes.
 
     ``run(fn, inputs, persistent, settings, bookkeeping)``: ``bookkeeping`` is an object with
-    ``snapshot() -> state`` and ``delta(before, after) -> change`` and ``restore(before, change)``;
+    ``snapshot() -> state`` and ``delta(before, after) -> change`` and ``restore(before, change)``,
+    and ``rollback(before)`` (a failed capture: the host state as it was before the call);
     the change a call that ran ``fn``'s Python made is recorded per settings, and a replay (which
     runs no Python) gets exactly that change applied. Returns (outputs, how) with how one of
     "eager", "captured", "replayed".
@@ -182,7 +183,13 @@ class StepReplays:
             graph = self.graphs[settings] = StepGraph(self.backend_factory(), self.warm)
         captures, replays = graph.captures, graph.replays
         before = bookkeeping.snapshot()
-        outputs = graph.run(fn, inputs, persistent, settings)
+        try:
+            outputs = graph.run(fn, inputs, persistent, settings)
+        except CaptureFailed:
+            # The capture ran fn's Python (counters, lazily made buffers) but nothing on the GPU:
+            # undo all of it, so that the eager rerun is the step an eager run would have made.
+            bookkeeping.rollback(before)
+            raise
         if graph.replays > replays and graph.captures == captures:
             bookkeeping.restore(before, self.changes[settings])
             return outputs, "replayed"

@@ -312,14 +312,20 @@ class SamplingRun:
 class _Bookkeeping:
     """The host-side counters a sparse call advances: the run's statistics and each MLP's count of
     sparse steps (its ranking interval). A replayed graph runs no Python: it gets the change the
-    call that ran the Python made."""
+    call that ran the Python made. A failed capture ran the Python but nothing on the GPU:
+    ``rollback`` puts every state of the conditioning back as it was (counters, and buffers made
+    during the capture, which hold nothing)."""
 
     def __init__(self, run: SamplingRun, caches: CondCaches):
         self.run, self.caches = run, caches
 
     def snapshot(self):
+        caches = self.caches
+        states = [*caches.attention.values(), *caches.mlp.values(), caches.step_cache]
         return (Counter(self.run.stats), Counter(self.run.kept),
-                {key: state._sparse_steps for key, state in self.caches.mlp.items()})
+                {key: state._sparse_steps for key, state in caches.mlp.items()},
+                ([(state, dict(vars(state))) for state in states], dict(caches.attention), dict(caches.mlp),
+                 dict(self.run.fc2_copies.copies)))
 
     @staticmethod
     def delta(before, after):
@@ -332,6 +338,15 @@ class _Bookkeeping:
             counter.update(diff)  # (Counter.update adds)
         for key, state in self.caches.mlp.items():
             state._sparse_steps = before[2].get(key, 0) + change[2].get(key, 0)
+
+    def rollback(self, before):
+        states, attention, mlp, copies = before[3]
+        for state, attributes in states:
+            vars(state).clear()
+            vars(state).update(attributes)
+        self.caches.attention, self.caches.mlp = attention, mlp
+        self.run.fc2_copies.copies = copies
+        self.restore(before, ({}, {}, {}))
 
 
 def key_padding(mask: torch.Tensor | None, n_keys: int) -> tuple[str, object] | None:

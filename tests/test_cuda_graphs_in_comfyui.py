@@ -30,6 +30,21 @@ class StandInBackend:
         graph["outputs"].copy_(graph["fn"](*graph["inputs"]))
 
 
+class CaptureFailsInside(StandInBackend):
+    """A capture that fails inside the step, after its Python advanced host-side state, and before
+    any cache was written (a CUDA capture executes nothing, so a failed one writes nothing): the
+    pack's ``block_means``, the first kernel of an MLP's re-ranking, raises while capturing."""
+
+    capturing = False
+
+    def capture(self, fn, static_inputs):
+        CaptureFailsInside.capturing = True
+        try:
+            return super().capture(fn, static_inputs)
+        finally:
+            CaptureFailsInside.capturing = False
+
+
 @pytest.fixture
 def graphs_on_cpu(monkeypatch, chipmunk_pack_nodes):
     """The pack's hooks module as the node uses it (ComfyUI loaded the pack under its folder name),
@@ -206,3 +221,32 @@ def test_the_size_rule_is_stricter_where_the_weights_are_paged(flux, graphs_on_c
         flux.sample(graphs_on_cpu.accelerate(flux.model, min_sparse_tokens=10 ** 6), size, steps=12)
     report = _report(caplog)
     assert cm.step_counts(report)["stock"] == 12 and "where sparse steps pay off on the GPUs measured: layers" in report
+
+
+def test_a_capture_failing_inside_the_step_is_undone_and_the_step_runs_eager(flux, graphs_on_cpu, monkeypatch,
+                                                                            caplog):
+    """The failed capture's host-side changes (the MLPs' ranking counters, selection buffers made
+    during it) are rolled back: the run is bit for bit the run without graphs, and says why."""
+    import importlib
+
+    package = graphs_on_cpu.__name__.rsplit(".", 2)[0]
+    graphs = importlib.import_module(package + ".chipmunk_core.graphs")
+    kernels = importlib.import_module(package + ".kernels")
+    size = flux.sizes[0]
+    eager = flux.sample(graphs_on_cpu.accelerate(flux.model, cuda_graphs=False), size, steps=20, cfg=3.5)
+    block_means = kernels.block_means
+
+    def failing_while_capturing(*args, **kwargs):
+        if CaptureFailsInside.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return block_means(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "block_means", failing_while_capturing)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", CaptureFailsInside)
+    graphs.PROCESS_WARM.clear()
+    with caplog.at_level(logging.INFO):
+        failed = flux.sample(graphs_on_cpu.accelerate(flux.model), size, steps=20, cfg=3.5)
+    report = _report(caplog)
+    assert "capturing a step failed (RuntimeError: operation not permitted" in report, report
+    assert cm.step_counts(report)["sparse"] > 0 and cm.step_counts(report)["stock"] == 0
+    assert torch.equal(failed, eager)
