@@ -110,7 +110,9 @@ def complete_config(unet: dict) -> dict:
     return {**unet, **{k: v for k, v in neutral.items() if k in fields and k not in unet}}
 
 
-def build(name: str, device, dtype, smoke: bool):
+def build(name: str, device, dtype, smoke: bool, **overrides):
+    """``name``'s model at its real size with random weights (``overrides``: fields of its config,
+    e.g. fewer blocks)."""
     import torch
     import comfy.model_patcher
     import comfy.supported_models
@@ -120,6 +122,7 @@ def build(name: str, device, dtype, smoke: bool):
         small = dict(depth=1, depth_single_blocks=2, num_layers=3, hidden_size=256, num_heads=2, dim=256,
                      ffn_dim=1024, context_in_dim=64, text_dim=64)
         unet.update({k: v for k, v in small.items() if k in unet})
+    unet.update(overrides)
     config = getattr(comfy.supported_models, cls_name)(unet)
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)

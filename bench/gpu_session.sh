@@ -27,6 +27,7 @@
 #   bash bench/gpu_session.sh flux_1024_check # one GPU: FLUX 1024x1024 static (kernel times) and dynamic (best of 2)
 #   bash bench/gpu_session.sh budgets   # one GPU: FLUX 1024x1024 20 steps at memory budgets, bf16 and fp8 weights
 #   bash bench/gpu_session.sh budgets2  # one GPU: FLUX bf16 at 48/32/12 GiB, WAN2.1-1.3B's template at all and 8 GiB
+#   bash bench/gpu_session.sh check     # one GPU: tests/gpu, FLUX under EasyCache, WAN2.1-1.3B at 8 GiB
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -270,6 +271,15 @@ budgets2)
         --out "$R/e2e_flux_budgets_bf16_more.json"
     job 0 420 wan13b "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
         --dynamic-vram --free-gib all,8 --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_wan13b_budgets.json"
+    ;;
+check)
+    # The GPU test suite (tests/gpu), Chipmunk under core EasyCache (FLUX template settings), and
+    # WAN2.1-1.3B's template at 8 GiB free with the streamed caches prefetched.
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 300 gpu_tests python3 -m pytest tests/gpu -q -rA
+    job 0 150 flux_easycache "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,easycache,chipmunk+easycache" --out "$R/e2e_flux_easycache.json"
+    job 0 200 wan13b_8gib "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
+        --dynamic-vram --free-gib 8 --variants "stock,chipmunk" --out "$R/e2e_wan13b_8gib_prefetch.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.

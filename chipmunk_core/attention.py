@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
-from .memory import Rows, reuse_buffer, to_compute, to_storage, with_batch
+from .memory import HostPrefetch, Rows, reuse_buffer, to_compute, to_storage, with_batch
 
 
 def selects_keys(config: ChipmunkConfig, step: int) -> bool:
@@ -37,8 +37,11 @@ class SparseDeltaAttention(Rows):
 
     BATCHED = ("indices", "counts", "delta", "lse")
 
-    def __init__(self, storage: torch.device | None = None):
+    def __init__(self, storage: torch.device | None = None, prefetch: HostPrefetch | None = None):
         self.storage = storage  # where the delta cache lives (None: with the computation)
+        self.prefetch = prefetch  # brings a host-resident cache to the device ahead of its use
+        if prefetch is not None:
+            prefetch.register(self)
         self.reset()
 
     def reset(self):
@@ -71,6 +74,13 @@ class SparseDeltaAttention(Rows):
         """The long-lived tensors a sparse step reads (the dense steps' log-sum-exp is not one)."""
         return [t for t in (self.delta, self.indices, self.counts) if t is not None]
 
+    def host_tensors(self) -> tuple:
+        """What a sparse step reads, where it lives in host memory (else ())."""
+        tensors = (self.delta, self.indices, self.counts)
+        if any(t is None for t in tensors) or self.delta.device.type != "cpu":
+            return ()
+        return tensors
+
     def kept_keys(self) -> int:
         """Keys each query group recomputes on sparse steps (the selection size, random keys in)."""
         return self.kept
@@ -101,6 +111,8 @@ class SparseDeltaAttention(Rows):
         kernels.column_sparse_attention(q, k, v, indices, counts, layout.query_order, config.query_group,
                                         base=dense, out=delta.transpose(1, 2), sign=-1.0)
         storage = self.storage or delta.device
+        if self.prefetch is not None:
+            self.prefetch.drop(self)  # a copy in flight holds the old cache
         self.delta = to_storage(delta, storage)
         self.indices, self.counts = to_storage(indices, storage), to_storage(counts, storage)
         self.signature = self._signature(q, k)
@@ -133,8 +145,11 @@ class SparseDeltaAttention(Rows):
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
-        delta = to_compute(self.delta, q.device)
-        indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
+        if self.prefetch is not None and self.host_tensors():
+            delta, indices, counts = self.prefetch.take(self, self.host_tensors(), q.device)
+        else:
+            delta = to_compute(self.delta, q.device)
+            indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
         out = self._output(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,

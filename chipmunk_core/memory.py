@@ -107,3 +107,64 @@ class Rows:
 
     def batch(self) -> int:
         raise NotImplementedError
+
+
+class HostPrefetch:
+    """Copies of host-resident caches brought to the device ahead of use, on a side stream.
+
+    The layers whose caches live in host memory register in the order the model runs them. When a
+    layer takes its cache on a sparse step, the next registered layer's copy starts on the side
+    stream, so it travels while this layer computes; the compute stream waits for a copy only
+    when it uses it. A layer with no copy in flight (the first streamed layer of a step) copies
+    in the compute stream. A state whose host tensors are rewritten (a dense step) drops its copy.
+    Inside a CUDA graph capture, and on the CPU, copies stay in the compute stream."""
+
+    def __init__(self):
+        self.order: list = []       # states, in the order they registered
+        self.pending: dict = {}     # id(state) -> (device tensors, event)
+        self._stream = None
+
+    def register(self, state):
+        self.order.append(state)
+
+    def drop(self, state):
+        self.pending.pop(id(state), None)
+
+    def take(self, state, tensors: tuple, device: torch.device) -> tuple:
+        """``tensors`` (host tensors of ``state``) on ``device``; starts the next layer's copy."""
+        entry = self.pending.pop(id(state), None)
+        side = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+        if entry is not None and side:
+            copies, event = entry
+            torch.cuda.current_stream(device).wait_event(event)
+        else:
+            copies = tuple(to_compute(t, device) for t in tensors)
+        if side:
+            self._ahead(state, device)
+        return copies
+
+    def _ahead(self, state, device):
+        index = next((i for i, s in enumerate(self.order) if s is state), None)
+        if index is None or index + 1 >= len(self.order):
+            return
+        following = self.order[index + 1]
+        host = following.host_tensors()
+        if not host or id(following) in self.pending:
+            return
+        current = torch.cuda.current_stream(device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        # Allocated in the compute stream, which waits for the copy before any use: the memory
+        # is reused only after that.
+        copies = tuple(torch.empty_like(t, device=device) for t in host)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            for copy, t in zip(copies, host):
+                copy.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self.pending[id(following)] = (copies, event)
+
+    def reset(self):
+        self.order.clear()
+        self.pending.clear()

@@ -64,6 +64,9 @@ class CostModel:
     stream_share: float = 0.5           # stream only where the copies cost under this share of the saving
 
 
+DEFAULT_COST = CostModel()
+
+
 @dataclass(frozen=True)
 class CacheItem:
     """One cache of one layer for the whole run (every conditioning's rows together)."""
@@ -80,7 +83,7 @@ class CacheItem:
 
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
-                mlp_layers, cost: CostModel = CostModel(), fc2_copies: bool = True) -> list[CacheItem]:
+                mlp_layers, cost: CostModel = DEFAULT_COST, fc2_copies: bool = True) -> list[CacheItem]:
     """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens.
 
     ``fc2_copies``: whether a transposed copy of fc2 can be kept (the weights are stored in the
@@ -147,10 +150,21 @@ class MemoryPlan:
         return text
 
 
-def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = CostModel(),
+def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = DEFAULT_COST,
                 host_budget: int | None = None) -> MemoryPlan:
     """Place ``items`` most valuable per byte first: on the device while ``budget`` lasts, then in
-    host memory where streaming pays (see ``CostModel.stream_share``), else nowhere."""
+    host memory where streaming pays (see ``CostModel.stream_share``), else nowhere. Streamed
+    caches travel through device memory too (the one in use and the next one in flight): where
+    any is streamed, room for two of the largest is kept out of the budget."""
+    plan = _placed(items, budget, cost, host_budget)
+    if plan.host_bytes and budget is not None:
+        staging = 2 * max(item.nbytes for item in items if plan.where(item.layer, item.kind) == HOST)
+        plan = _placed(items, max(0, budget - staging), cost, host_budget)
+        plan = MemoryPlan(plan.placement, budget, plan.wanted, plan.device_bytes, plan.host_bytes)
+    return plan
+
+
+def _placed(items, budget, cost, host_budget) -> MemoryPlan:
     wanted = sum(item.nbytes for item in items)
     placement, device_bytes, host_bytes = {}, 0, 0
     # The copies last: they serve a device-side MLP cache only (and are worth the least per byte

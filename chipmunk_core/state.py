@@ -24,8 +24,9 @@ from .attention import SparseDeltaAttention, selects_keys
 from .config import ChipmunkConfig
 from .graphs import StepReplays
 from .layout import JointLayout, SequenceShape, joint_layout
-from .memory import ModelDims
+from .memory import HostPrefetch, ModelDims
 from .mlp import SparseDeltaMLP, TransposedWeights
+from . import plan as plan_module
 from .plan import DEVICE, HOST, OFF, CostModel, RunPlan, layer_items, plan_memory, quantised, stock_reason
 from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
@@ -46,6 +47,7 @@ class CondCaches:
         self.mlp: dict[tuple[int, str], SparseDeltaMLP] = {}
         self.step_cache = StepCache()
         self.graphs = StepReplays()
+        self.prefetch = HostPrefetch()  # for the layers whose attention caches live in host memory
 
     def graph_settings(self, config: ChipmunkConfig) -> tuple:
         """What a captured sparse step bakes in besides tensors: which MLPs re-rank their units."""
@@ -63,7 +65,7 @@ class CondCaches:
     def attention_state(self, layer: int) -> SparseDeltaAttention:
         if layer not in self.attention:
             where = self.plan.attention_on(layer) if self.plan else DEVICE
-            self.attention[layer] = SparseDeltaAttention(self._storage(where))
+            self.attention[layer] = SparseDeltaAttention(self._storage(where), self.prefetch if where == HOST else None)
         return self.attention[layer]
 
     def mlp_state(self, layer: int, stream: str) -> SparseDeltaMLP:
@@ -85,6 +87,7 @@ class CondCaches:
             piece.attention = {k: s.take_rows(start, stop) for k, s in self.attention.items()}
             piece.mlp = {k: s.take_rows(start, stop) for k, s in self.mlp.items()}
             piece.step_cache = self.step_cache.take_rows(start, stop)
+            piece._adopt_host_states()
             out[uuid] = piece
         self.reset()
         return out
@@ -99,9 +102,18 @@ class CondCaches:
             keys = set.intersection(*(set(getattr(p, name)) for p in pieces))
             setattr(whole, name, {k: state_cls.joined([getattr(p, name)[k] for p in pieces]) for k in sorted(keys)})
         whole.step_cache = StepCache.joined([p.step_cache for p in pieces])
+        whole._adopt_host_states()
         for piece in pieces:
             piece.graphs.reset()
         return whole
+
+    def _adopt_host_states(self):
+        """Host-resident attention states made by a cut or a join stream through this set's prefetch."""
+        for layer in sorted(self.attention):
+            state = self.attention[layer]
+            if state.storage is not None:
+                state.prefetch = self.prefetch
+                self.prefetch.register(state)
 
     def nbytes(self) -> int:
         return (sum(s.nbytes() for s in self.attention.values()) + sum(s.nbytes() for s in self.mlp.values())
@@ -114,6 +126,7 @@ class CondCaches:
         self.mlp.clear()
         self.step_cache.reset()
         self.graphs.reset()
+        self.prefetch.reset()
 
 
 class SamplingRun:
@@ -121,7 +134,7 @@ class SamplingRun:
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
                  memory_budget=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
-                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel = CostModel(),
+                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel | None = None,
                  weights_cast: bool = False):
         """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
         of the device the caches may take (asked once, when the run is planned; None: no limit).
@@ -139,7 +152,7 @@ class SamplingRun:
         self.dims = dims
         self.memory_budget = memory_budget
         self.conditionings = max(1, conditionings)
-        self.cost = cost
+        self.cost = cost or plan_module.DEFAULT_COST  # (read per run: tests and benchmarks change it)
         self.weights_cast = weights_cast
         self.plan: RunPlan | None = None  # made by the first model call (``make_plan``)
         self.wrapped_by: tuple[str, ...] = ()  # other nodes' model-call wrappers, around Chipmunk's

@@ -48,6 +48,15 @@ if "chipmunk_pack" not in sys.modules:
     sys.modules["chipmunk_pack"] = _package
 
 
+def pytest_ignore_collect(collection_path, config):
+    """tests/gpu needs CUDA: where there is none (CI, these machines) it is not collected at all
+    (run it on a GPU machine: tests/gpu/conftest.py)."""
+    if collection_path.name == "gpu" and collection_path.parent == Path(__file__).resolve().parent:
+        import torch
+        return not torch.cuda.is_available()
+    return None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: needs the real ComfyUI checkout")
     config.addinivalue_line(

@@ -96,3 +96,15 @@ def test_the_cpu_runs_stock_unless_asked(monkeypatch):
     assert "needs a CUDA GPU" in stock_reason(config, torch.device("cpu"), 4096, 0, False)
     monkeypatch.setenv(run_plan.SPARSE_ON_CPU, "1")
     assert stock_reason(config, torch.device("cpu"), 4096, 0, False) is None
+
+
+def test_streaming_keeps_room_for_the_copies_in_flight():
+    """Two of the largest streamed caches pass through device memory at once (in use, and the next
+    one in flight): a plan that streams keeps that much of its budget free."""
+    wan13 = ModelDims(30, 12, 128, 8960, 1536)
+    items = layer_items(resolve_config("wan"), wan13, 2, 32760, 2, ())
+    largest = max(i.nbytes for i in items)
+    budget = sum(i.nbytes for i in items) // 2
+    plan = plan_memory(items, budget)
+    assert plan.host_bytes > 0 and plan.budget == budget
+    assert plan.device_bytes + 2 * largest <= budget

@@ -1,0 +1,122 @@
+"""Real CUDA graphs, compiled kernels, host-streamed caches and a failure inside a real capture."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import paths
+
+STEPS = 12
+
+
+def _sample(comfy_gpu, model, seed=1, cfg=1.0, size=(1024, 1024)):
+    import comfy.sample
+    e2e, _ = comfy_gpu
+    latent = torch.zeros(1, 16, size[1] // 8, size[0] // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    positive, negative = e2e.conditioning("flux", 5, False), e2e.conditioning("flux", 6, False)
+    with torch.inference_mode():
+        out = comfy.sample.sample(model, noise, STEPS, cfg, "euler", "simple", positive, negative, latent, seed=seed,
+                                  disable_pbar=True)
+    torch.cuda.synchronize()
+    return out
+
+
+def _report(hooks, model) -> str:
+    return model.model_options["transformer_options"][hooks.ACCEL_KEY].last_report
+
+
+def _module(hooks, name):
+    return importlib.import_module(hooks.__name__.rsplit(".", 2)[0] + "." + name)
+
+
+def test_replayed_graphs_equal_eager_steps_bit_for_bit(comfy_gpu, flux_gpu):
+    _, hooks = comfy_gpu
+    eager_model = hooks.accelerate(flux_gpu, cuda_graphs=False)
+    eager = _sample(comfy_gpu, eager_model)
+    graphed_model = hooks.accelerate(flux_gpu)
+    _sample(comfy_gpu, graphed_model)  # compiles and warms the signatures
+    graphed = _sample(comfy_gpu, graphed_model)
+    report = _report(hooks, graphed_model)
+    assert int(report.split("CUDA graphs: ")[1].split(" ")[0]) > 0, report
+    assert "CUDA graphs" not in _report(hooks, eager_model)
+    assert torch.equal(graphed, eager)
+
+
+def test_caches_streamed_from_pinned_host_memory_equal_caches_on_the_gpu(comfy_gpu, flux_gpu, monkeypatch):
+    """No device memory for caches and a host link the cost model calls fast: every cache lives in
+    pinned host memory and is streamed; the picture is the one with the caches on the GPU."""
+    _, hooks = comfy_gpu
+    plan = _module(hooks, "chipmunk_core.plan")
+    on_gpu = _sample(comfy_gpu, hooks.accelerate(flux_gpu, cuda_graphs=False))
+    monkeypatch.setattr(hooks, "cache_budget", lambda patcher, x, rows, wanted: 0)
+    monkeypatch.setattr(plan, "DEFAULT_COST", plan.CostModel(host_bandwidth=1e15))
+    model = hooks.accelerate(flux_gpu, cuda_graphs=False)
+    streamed = _sample(comfy_gpu, model)
+    report = _report(hooks, model)
+    assert "streamed from host memory" in report and "caches 0.00 GiB on the device" in report, report
+    assert torch.equal(streamed, on_gpu)
+
+
+def test_a_capture_failing_inside_a_real_capture_is_undone(comfy_gpu, flux_gpu, monkeypatch):
+    """A real CUDA capture that fails in the middle of a sparse step (raised from the MLP's first
+    re-ranking kernel while capturing): the step and the rest of the run run eagerly, bit for bit
+    the run without graphs."""
+    _, hooks = comfy_gpu
+    kernels = _module(hooks, "kernels")
+    graphs = _module(hooks, "chipmunk_core.graphs")
+    eager = _sample(comfy_gpu, hooks.accelerate(flux_gpu, cuda_graphs=False))
+    block_means = kernels.block_means
+
+    def failing_while_capturing(t, *args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("injected: operation not permitted when stream is capturing")
+        return block_means(t, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "block_means", failing_while_capturing)
+    graphs.PROCESS_WARM.clear()
+    model = hooks.accelerate(flux_gpu)
+    failed = _sample(comfy_gpu, model)
+    report = _report(hooks, model)
+    assert "capturing a step failed (RuntimeError: injected" in report, report
+    assert torch.equal(failed, eager)
+
+
+def test_same_picture_whatever_the_memory_budget(comfy_gpu, flux_gpu, monkeypatch):
+    """Budgets that keep everything, drop the fc2 copies, or part of the MLP caches: the picture
+    changes only where caches are given up, never because of where they were placed."""
+    _, hooks = comfy_gpu
+    monkeypatch.setattr(_module(hooks, "chipmunk_core.plan"), "BUDGET_QUANTUM", 1)  # (this model's caches are small)
+    everything = _sample(comfy_gpu, hooks.accelerate(flux_gpu))
+    wanted = {}
+
+    def budget(share):
+        def answer(patcher, x, rows, want):
+            wanted["bytes"] = want
+            return int(share * want)
+        return answer
+
+    monkeypatch.setattr(hooks, "cache_budget", budget(0.75))  # the fc2 copies (a third of it) go first
+    model = hooks.accelerate(flux_gpu)
+    without_copies = _sample(comfy_gpu, model)
+    report = _report(hooks, model)
+    assert "fc2 copy of" in report and "MLP of" not in report, report
+    assert torch.equal(without_copies, everything)
+
+
+def test_compiled_kernels_match_the_references_at_real_shapes():
+    """bench/gpu_parity.py: every kernel configuration against its PyTorch reference."""
+    result = subprocess.run([sys.executable, str(paths.REPO_ROOT / "bench" / "gpu_parity.py")],
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+@pytest.fixture(autouse=True)
+def _logs(caplog):
+    caplog.set_level(logging.INFO)
