@@ -247,9 +247,24 @@ def with_resident_conditioning(model, hooks):
     return clone
 
 
+class _StandIn(types.ModuleType):
+    """A module whose every public attribute is an empty class."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+
 def with_easycache(model):
     """The model through core's EasyCache node at its defaults (as a workflow would put it after
-    Chipmunk Accelerate)."""
+    Chipmunk Accelerate). ComfyUI's node API imports PyAV for its video types, which the device
+    machines lack: stand-ins then take its place (EasyCache touches no video)."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream"):
+            sys.modules.setdefault(name, _StandIn(name))
     from comfy_extras.nodes_easycache import EasyCacheNode
     return EasyCacheNode.execute(model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95,
                                  verbose=False).result[0]
