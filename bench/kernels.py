@@ -90,19 +90,16 @@ def sparse_configs(sweep, group_size, explicit=None):
         return explicit
     if not sweep:
         return [{}]
-    entries = {  # rows per tile (+ a second sub-tile's rows), block_n, warps, stages, register cap
+    entries = {  # rows per tile, block_n, warps, stages, register cap (the tile's rows divide the group)
         128: [(128, 128, 8, 2, None), (128, 64, 8, 2, None), (128, 64, 8, 2, 128)],
-        192: [(64, 64, 4, 3, None), (64, 64, 4, 4, None), (64, 32, 4, 3, None),
-              ((128, 64), 64, 8, 2, None), ((128, 64), 64, 8, 3, None), ((128, 64), 32, 8, 3, None),
-              ((128, 64), 128, 8, 2, None)],
+        192: [(64, 64, 4, 3, None), (64, 64, 4, 4, None), (64, 32, 4, 3, None)],
         256: [(128, 128, 8, 2, None), (128, 64, 8, 2, 128), (256, 64, 16, 2, None), (256, 128, 16, 2, None),
-              (256, 32, 16, 3, None), ((128, 128), 64, 8, 2, None)],
+              (256, 32, 16, 3, None)],
     }.get(group_size, [])
     configs = []
     for rows, bn, w, st, reg in entries:
-        first, second = rows if isinstance(rows, tuple) else (rows, 0)
-        configs.append({"block_m": first, **({"block_m2": second} if second else {}), "block_n": bn, "num_warps": w,
-                        "num_stages": st, **({"maxnreg": reg} if reg else {})})
+        configs.append({"block_m": rows, "block_n": bn, "num_warps": w, "num_stages": st,
+                        **({"maxnreg": reg} if reg else {})})
     return configs or [{}]
 
 
