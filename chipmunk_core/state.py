@@ -408,6 +408,7 @@ class ModelCall:
         self.cond_or_uncond = (0,)
         self.layers: dict[int, LayerCall] = {}  # the layers entered so far in this call
         self.diffusion_model = None  # set by the hook that made the call
+        self.context = None          # the hooks' per-run object (ComfyUI's side of the run)
         self.has_control = False     # a ControlNet adds to the blocks' outputs in this call
         self.recording = False       # the step cache records this call's residual
         self.stock_layers = False    # layers run stock: sparse ones would not pay off (size, set-up)

@@ -4,8 +4,9 @@
   ``Accelerator`` (settings, the model plan), two wrappers, one block patch per block, and object
   patches for the MLPs the plan may replace (shallow copies of the stock modules with another
   ``forward``; same children, so LoRA, offload and weight casting see the same parameters).
-- OUTER_SAMPLE creates the run's state when sampling starts and always releases it (``finally``);
-  afterwards the run report goes to the console and onto the node.
+- OUTER_SAMPLE creates the run's state (a ``RunContext``, kept in the run's own cloned model
+  options, so a nested sampling gets its own) when sampling starts and always releases it
+  (``finally``); afterwards the run report goes to the console and onto the node.
 - SAMPLER_SAMPLE keeps the run's conditioning on the sampling device (``conditioning_on_device``).
 - DIFFUSION_MODEL turns each model call into a ``ModelCall`` (step, dense / sparse / skipped,
   caches of this conditioning) and installs Chipmunk's attention override for the call, chained
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import threading
 import time
 
 import torch
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 HOOK_KEY = "chipmunk"
 ACCEL_KEY = "chipmunk"
+RUN_KEY = "chipmunk_run"
 CALL_KEY = "chipmunk_call"
 LAYER_KEY = "chipmunk_layer"
 OVERRIDE = "optimized_attention_override"
@@ -41,8 +44,8 @@ FUSED_CHECK = "single_block_fused"  # the self-check of the single blocks' one-p
 
 
 class Accelerator:
-    """What one Chipmunk Accelerate node put on a model. Shared by the clones of that model
-    (copying it returns itself); per-run state hangs on it only while a run is in progress."""
+    """What one Chipmunk Accelerate node put on a model: settings and the model plan, nothing of a
+    run. Shared by the clones of that model (copying it returns itself)."""
 
     def __init__(self, adapter, plan, config: ChipmunkConfig, node_id=None, unused_inputs=()):
         self.adapter = adapter
@@ -50,13 +53,8 @@ class Accelerator:
         self.config = config
         self.node_id = node_id
         self.unused_inputs = tuple(unused_inputs)  # node inputs shown but not in effect
-        self.run: SamplingRun | None = None
-        self.call = None
-        self.checks: dict[str, str | None] = {}  # MLP kind -> self-check failure (None: passed)
-        self.patcher = None  # the sampling ModelPatcher, during a run
-        self.graphs = None   # during a run: ("off", reason) or ("on", (weights, PagedWeights or None)), once known
-        self.stock_from_now = False  # during a run: later calls run their layers stock (_stock_where_eager_loses)
         self.last_report = None  # the report of the last run, as logged
+        self._local = threading.local()  # the model calls in progress on this thread (MLP proxies read them)
 
     def __copy__(self):
         return self
@@ -64,12 +62,30 @@ class Accelerator:
     def __deepcopy__(self, memo):
         return self
 
-    def layer(self, index: int):
-        """The LayerCall of ``index`` in the model call in progress, or None."""
-        return None if self.call is None else self.call.layers.get(index)
+    def calls(self) -> list:
+        if not hasattr(self._local, "calls"):
+            self._local.calls = []
+        return self._local.calls
 
-    def mlp_usable(self, kind: str) -> bool:
-        return self.checks.get(kind, None) is None
+    def layer(self, index: int):
+        """The LayerCall of ``index`` in the innermost model call in progress on this thread, or None."""
+        calls = self.calls()
+        return calls[-1].layers.get(index) if calls else None
+
+
+class RunContext:
+    """One sampling run of a Chipmunk-patched model, kept in that run's cloned model options
+    (``RUN_KEY``): the core's ``SamplingRun`` and what the hooks learn of ComfyUI's set-up during
+    the run. Everything here ends with the run: a failed self-check or capture is retried by the
+    next one."""
+
+    def __init__(self, accelerator: Accelerator, run: SamplingRun, patcher):
+        self.accelerator = accelerator
+        self.run = run
+        self.patcher = patcher
+        self.graphs = None  # ("off", reason) or ("on", (weights, PagedWeights or None)), once known
+        self.stock_from_now = False  # later calls run their layers stock (_stock_where_eager_loses)
+        self.checks: dict[str, str | None] = {}  # self-check kind -> failure (None: passed)
 
 
 def accelerate(model, node_id=None, unused_inputs=(), **settings):
@@ -125,7 +141,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
     guider = executor.class_obj
     accelerator = guider.model_options["transformer_options"].get(ACCEL_KEY)
-    if accelerator is None or accelerator.run is not None:  # not ours, or a nested sampling
+    if accelerator is None:
         return executor(*args, **kwargs)
     sigmas = args[3]
     seed = kwargs.get("seed", args[7] if len(args) > 7 else None)
@@ -138,21 +154,20 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       starts_mid_schedule=_starts_mid_schedule(patcher, sigmas), paged_weights=_dynamic_vram(patcher),
                       conditionings=_conditionings(guider),
                       weights_cast=getattr(patcher.model, "manual_cast_dtype", None) is not None)
-    _note_plan(run, accelerator)
+    context = RunContext(accelerator, run, patcher)
+    _note_plan(context)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options["transformer_options"][RUN_KEY] = context
     run.wrapped_by = innermost_model_wrapper(guider.model_options)
     if run.wrapped_by:
         run.note("wrapped", f"other nodes wrap the model call ({', '.join(run.wrapped_by)}): Chipmunk's wrapper runs "
                             "inside theirs, so what they decide (a skipped step) happens before it", logging.INFO)
-    accelerator.run, accelerator.patcher, accelerator.graphs = run, patcher, None
     started = time.perf_counter()
     try:
         return executor(*args, **kwargs)
     finally:
         seconds = time.perf_counter() - started
-        accelerator.run = accelerator.call = accelerator.patcher = accelerator.graphs = None
-        accelerator.stock_from_now = False
         guider.model_options = original_options
         report.publish(accelerator, run, seconds)
         run.release()
@@ -221,8 +236,8 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     call's step. Other runs pass through untouched."""
     guider = args[0] if args else kwargs.get("model_wrap")
     noise = args[4] if len(args) > 4 else kwargs.get("noise")
-    accelerator = getattr(guider, "model_options", {}).get("transformer_options", {}).get(ACCEL_KEY)
-    run = None if accelerator is None else accelerator.run
+    context = getattr(guider, "model_options", {}).get("transformer_options", {}).get(RUN_KEY)
+    run = None if context is None else context.run
     if run is not None and isinstance(noise, torch.Tensor):
         conditioning_on_device(getattr(guider, "conds", None), noise.device)
         function = getattr(executor.class_obj, "sampler_function", None)
@@ -274,7 +289,8 @@ def _starts_mid_schedule(patcher, sigmas) -> bool:
         return False
 
 
-def _note_plan(run: SamplingRun, accelerator: Accelerator):
+def _note_plan(context: RunContext):
+    accelerator, run = context.accelerator, context.run
     plan, config = accelerator.plan, accelerator.config
     for text in accelerator.unused_inputs:
         run.note(f"unused {text}", text, logging.INFO)
@@ -287,7 +303,7 @@ def _note_plan(run: SamplingRun, accelerator: Accelerator):
                            + "; ".join(plan.block_refusals), logging.INFO)
     if run.step_cache_schedule.disabled_reason:
         run.note("step cache", run.step_cache_schedule.disabled_reason)
-    for kind, problem in accelerator.checks.items():
+    for kind, problem in context.checks.items():
         if problem and kind == "double_block":
             run.note(f"check {kind}", "double blocks run ComfyUI's own code (their MLP is still Chipmunk's): the "
                                       f"self-check of their one-pass per-token kernels failed ({problem})", logging.INFO)
@@ -320,32 +336,33 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     begun = _begin_call(executor, args, kwargs)
     if begun is None:  # the model is being used outside a Chipmunk sampling run
         return executor(*args, **kwargs)
-    accelerator, call, args, kwargs = begun
+    context, call, args, kwargs = begun
     try:
-        verdict = _graph_verdict(accelerator, call, args, kwargs)
+        verdict = _graph_verdict(context, call, args, kwargs)
         if verdict is True:
-            return _graphed_call(executor, accelerator, call, args, kwargs)
+            return _graphed_call(executor, context, call, args, kwargs)
         if verdict is not None:
-            _stock_where_eager_loses(accelerator, call, verdict)
+            _stock_where_eager_loses(context, call, verdict)
         return executor(*args, **kwargs)
     finally:
-        _end_call(accelerator, call)
+        _end_call(context, call)
 
 
 @torch.compiler.disable
 def _begin_call(executor, args, kwargs):
     """The ModelCall for this call and the arguments with Chipmunk's transformer_options, or None."""
     options = _transformer_options(args, kwargs)
-    accelerator = (options or {}).get(ACCEL_KEY)
-    run = None if accelerator is None else accelerator.run
-    if run is None:
+    context = (options or {}).get(RUN_KEY)
+    if context is None:
         return None
+    accelerator, run = context.accelerator, context.run
     diffusion_model = executor.class_obj
     adapter = accelerator.adapter
     arguments = adapter.call_arguments(diffusion_model, args, kwargs)
     shape = adapter.geometry(diffusion_model, arguments)
     call = run.begin_call(arguments["x"], options, shape)
-    call.stock_layers = call.stock_layers or accelerator.stock_from_now
+    call.stock_layers = call.stock_layers or context.stock_from_now
+    call.context = context
     call.diffusion_model = diffusion_model
     call.has_control = arguments.get("control") is not None
     previous = options.get(OVERRIDE)
@@ -354,13 +371,15 @@ def _begin_call(executor, args, kwargs):
                              "self-attention of its sparse layers first, every other attention call goes to it")
     call_options = {**options, CALL_KEY: call, OVERRIDE: attention_override(getattr(previous, "previous", previous))}
     args, kwargs = _with_transformer_options(args, kwargs, options, call_options)
-    accelerator.call = call
-    return accelerator, call, args, kwargs
+    accelerator.calls().append(call)
+    return context, call, args, kwargs
 
 
 @torch.compiler.disable
-def _end_call(accelerator, call):
-    accelerator.call = None
+def _end_call(context: RunContext, call):
+    calls = context.accelerator.calls()
+    if calls and calls[-1] is call:
+        calls.pop()
     call.run.end_call(call)
 
 
@@ -370,7 +389,7 @@ GRAPH_DEVICES = ("cuda",)  # device types whose sparse calls are graphed (tests 
 
 
 @torch.compiler.disable
-def _graph_verdict(accelerator: Accelerator, call, args, kwargs):
+def _graph_verdict(context: RunContext, call, args, kwargs):
     """For a sparse call on a graph device of a family that replays its sparse steps, whose step
     runs its blocks: True when it goes through the conditioning's CUDA graphs (every step-dependent
     decision is known before the model runs, and nothing but ComfyUI's model code and Chipmunk's
@@ -386,12 +405,12 @@ def _graph_verdict(accelerator: Accelerator, call, args, kwargs):
     if call.has_control:
         return "a ControlNet adds to the blocks' outputs"
     options = _transformer_options(args, kwargs) or {}
-    if accelerator.graphs is None:
-        accelerator.graphs = _graph_setup(accelerator, call, options)
-        if accelerator.graphs[0] == "off":
-            run.note("graphs", f"CUDA graphs of the sparse steps are off: {accelerator.graphs[1]}", logging.INFO)
-    if accelerator.graphs[0] == "off":
-        return accelerator.graphs[1]
+    if context.graphs is None:
+        context.graphs = _graph_setup(context, call, options)
+        if context.graphs[0] == "off":
+            run.note("graphs", f"CUDA graphs of the sparse steps are off: {context.graphs[1]}", logging.INFO)
+    if context.graphs[0] == "off":
+        return context.graphs[1]
     if any(_holds_tensors(a) for a in list(args) + list(kwargs.values()) if a is not options):
         run.note("graphs nested", "CUDA graphs of the sparse steps are off for calls that pass tensors inside "
                                   "lists (reference latents and the like)", logging.INFO)
@@ -409,16 +428,16 @@ def _dynamic_vram(patcher) -> bool:
 
 
 @torch.compiler.disable
-def _stock_where_eager_loses(accelerator: Accelerator, call, why: str):
+def _stock_where_eager_loses(context: RunContext, call, why: str):
     """Under dynamic VRAM, ComfyUI's per-layer weight handling adds host work to every layer call;
     for a family whose sparse steps are little GPU work (``cuda_graphs`` in its defaults: FLUX),
     eager sparse steps were then slower than stock (H200, FLUX.1-dev width, 50 steps: 0.73x at
     1024x1024, 0.84x at 1280x768; replayed as graphs 1.12x and 1.09x). A sparse call that cannot be
     replayed (``why``) therefore runs its layers stock, and so does every later call of the run;
     step caching, if on, still skips steps."""
-    if not _dynamic_vram(accelerator.patcher):
+    if not _dynamic_vram(context.patcher):
         return
-    call.stock_layers = accelerator.stock_from_now = True
+    call.stock_layers = context.stock_from_now = True
     call.run.note("eager loses", f"layers run stock from this step on: under ComfyUI's dynamic VRAM the sparse "
                                  f"steps of this model are slower than stock unless replayed as CUDA graphs, and "
                                  f"these cannot be ({why})")
@@ -432,12 +451,12 @@ def _holds_tensors(value) -> bool:
     return False
 
 
-def _graph_setup(accelerator: Accelerator, call, options: dict):
+def _graph_setup(context: RunContext, call, options: dict):
     """("on", (the weights a graph reads, PagedWeights or None)) or ("off", why), worked out at the
     run's first sparse call."""
     import comfy.patcher_extension
 
-    patcher = accelerator.patcher
+    patcher = context.patcher
     if patcher is None:
         return "off", "the model is sampled outside ComfyUI's sampler"
     if COMPILE_OPTION in patcher.model_options:
@@ -473,7 +492,7 @@ def _graph_setup(accelerator: Accelerator, call, options: dict):
     return "on", (tuple(weights), paged)
 
 
-def _graphed_call(executor, accelerator: Accelerator, call, args, kwargs):
+def _graphed_call(executor, context: RunContext, call, args, kwargs):
     """The model call through ``SamplingRun.replay_or_run``: every tensor argument (and the call's
     random-pick seeds) is an input of the graph; the output is copied out of the graph's memory."""
     options = _transformer_options(args, kwargs)
@@ -493,7 +512,7 @@ def _graphed_call(executor, accelerator: Accelerator, call, args, kwargs):
         new_args, new_kwargs = _with_transformer_options(tuple(new_args), new_kwargs, options, new_options)
         return executor(*new_args, **new_kwargs)
 
-    weights, paged = accelerator.graphs[1]
+    weights, paged = context.graphs[1]
     if paged is not None and not paged.resident():
         # Dynamic VRAM paged some weights out (another model, memory pressure): ComfyUI's ops
         # bring them back on an eager call, after which the graphs hold again (same addresses).
@@ -508,7 +527,7 @@ def _graphed_call(executor, accelerator: Accelerator, call, args, kwargs):
         # memory): eager for the rest of the run, said once.
         call.caches.graphs.reset()
         call.seeds = inputs[-1]
-        accelerator.graphs = ("off", f"capturing a step failed ({error})")
+        context.graphs = ("off", f"capturing a step failed ({error})")
         call.run.note("graphs", f"CUDA graphs of the sparse steps are off: capturing a step failed ({error})")
         return executor(*args, **kwargs)
     return out.clone()
@@ -648,21 +667,23 @@ def mlp_proxy(stock, accelerator: Accelerator, site):
     return proxy
 
 
-def _checked(accelerator: Accelerator, kind: str, module, x, vec=None, pe=None, txt=None) -> bool:
-    """Run the parity self-check once per kind of block for this model; True when it passed."""
-    if kind not in accelerator.checks:
+def _checked(layer, kind: str, module, x, vec=None, pe=None, txt=None) -> bool:
+    """Run the parity self-check once per kind of block in this run; True when it passed. A check
+    that fails (an error inside it, out of memory included) keeps ComfyUI's code for this run only."""
+    context = layer.call.context
+    if kind not in context.checks:
         problem = replacements.self_check(kind, module, x, vec, pe, txt)
-        accelerator.checks[kind] = problem
-        if problem and accelerator.run is not None:
-            _note_plan(accelerator.run, accelerator)
-    return accelerator.checks[kind] is None
+        context.checks[kind] = problem
+        if problem:
+            _note_plan(context)
+    return context.checks[kind] is None
 
 
 @torch.compiler.disable
 def sequential_forward(stock, accelerator: Accelerator, site, x):
     layer = accelerator.layer(site.layer)
     if (layer is None or not layer.serves_mlp() or x.shape[1] != layer.image_len
-            or not _checked(accelerator, site.kind, stock, x)):
+            or not _checked(layer, site.kind, stock, x)):
         return torch.nn.Sequential.forward(stock, x)
     return replacements.sequential_mlp(stock, layer, site.stream, x)
 
@@ -672,13 +693,13 @@ def single_block_forward(stock, accelerator: Accelerator, site, x, vec, pe, attn
                          transformer_options={}):
     layer = (transformer_options or {}).get(LAYER_KEY)
     if (layer is None or not layer.serves_mlp() or replacements.has_attention_patches(transformer_options)
-            or not _checked(accelerator, site.kind, stock, x, vec)):
+            or not _checked(layer, site.kind, stock, x, vec)):
         if layer is not None and layer.serves_mlp() and replacements.has_attention_patches(transformer_options):
             layer.call.run.note("patches", "attention patches (NAG, KV caches) are present: single blocks run "
                                            "ComfyUI's own code with Chipmunk attention, their MLP dense")
         return type(stock).forward(stock, x, vec=vec, pe=pe, attn_mask=attn_mask, modulation_dims=modulation_dims,
                                    transformer_options=transformer_options)
-    fused = _checked(accelerator, FUSED_CHECK, stock, x, vec, pe)
+    fused = _checked(layer, FUSED_CHECK, stock, x, vec, pe)
     return replacements.single_block(stock, layer, x, vec, pe, attn_mask, modulation_dims, transformer_options,
                                      fused=fused)
 
@@ -692,10 +713,10 @@ def double_block_forward(stock, accelerator: Accelerator, site, img, txt, vec, p
     if (layer is None or not layer.serves_mlp() or modulation_dims_img is not None or modulation_dims_txt is not None
             or (pe is not None and pe.shape[2] < txt.shape[1] + img.shape[1])
             or replacements.has_attention_patches(transformer_options)
-            or not _checked(accelerator, site.kind, stock, img, vec, pe, txt=txt)):
+            or not _checked(layer, site.kind, stock, img, vec, pe, txt=txt)):
         return type(stock).forward(stock, img, txt, vec, pe, attn_mask, modulation_dims_img, modulation_dims_txt,
                                    transformer_options)
     return replacements.double_block(stock, img, txt, vec, pe, attn_mask, transformer_options)
 
 
-__all__ = ["accelerate", "install", "Accelerator", "SLIDER_FIELDS"]
+__all__ = ["accelerate", "install", "Accelerator", "RunContext", "SLIDER_FIELDS"]

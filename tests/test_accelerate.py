@@ -337,7 +337,7 @@ def test_wan22_high_and_low_noise_models_in_one_workflow(comfy_inprocess, chipmu
     first, second = cm.reports(caplog)[-2:]
     assert cm.step_counts(first)["dense"] == 2 and cm.step_counts(second)["dense"] == 1, (first, second)
     for model in (fast_high, fast_low):
-        assert model.model_options["transformer_options"]["chipmunk"].run is None
+        _assert_no_run_state(model)
 
 
 # --- interrupts ----------------------------------------------------------------------------------
@@ -363,8 +363,48 @@ def test_an_interrupted_run_releases_its_state(flux, caplog):
     with caplog.at_level(logging.INFO), pytest.raises(comfy.model_management.InterruptProcessingException):
         flux.sample(interrupted, size, steps=12)
     assert cm.reports(caplog), "the run report is written in a finally"
-    assert patched.model_options["transformer_options"]["chipmunk"].run is None
+    _assert_no_run_state(patched)
     assert torch.equal(flux.sample(patched, size, steps=12), expected)
+
+
+def _assert_no_run_state(model):
+    """Nothing of a sampling run stays on the patched model (runs keep their state in their own
+    cloned options)."""
+    options = model.model_options["transformer_options"]
+    assert "chipmunk_run" not in options and options["chipmunk"].calls() == []
+
+
+def test_a_nested_sampling_gets_its_own_run(flux, caplog):
+    """Sampling the same patched model inside a sampling run (here from the outer run's step
+    callback) is a run of its own: its picture is that of a sampling on its own, and the outer
+    run's picture is unchanged by it."""
+    import comfy.sample
+
+    size = flux.sizes[0]
+    patched = flux.accelerate()
+    positive, negative, latent = flux.inputs(size)
+    noise = comfy.sample.prepare_noise(latent["samples"], 3)
+
+    def sample(callback=None):
+        return comfy.sample.sample(patched, noise, 12, 1.0, "euler", "simple", positive, negative,
+                                   latent["samples"], seed=3, disable_pbar=True, callback=callback)
+
+    alone, outer_alone = flux.sample(patched, size, seed=1), sample()
+    nested = []
+
+    def callback(step, x0, x, total):
+        if step == 4:
+            nested.append(flux.sample(patched, size, seed=1))
+            # (stock ComfyUI's cleanup of the inner sampling unsets the shared model's patcher:
+            # a sampler that nests must put it back, as here)
+            patched.model.current_patcher = patched
+
+    with caplog.at_level(logging.INFO):
+        outer = sample(callback)
+    assert len(nested) == 1 and torch.equal(nested[0], alone)
+    assert torch.equal(outer, outer_alone)
+    assert len(cm.reports(caplog)) == 2
+    _assert_no_run_state(patched)
 
 
 # --- stacking with other nodes -------------------------------------------------------------------
