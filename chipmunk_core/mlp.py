@@ -174,10 +174,19 @@ class SparseDeltaMLP(Rows):
 class TransposedWeights:
     """fc2 weights transposed to [M, Dout] for the sparse MLP kernel: one copy per weight for the
     whole run, shared by every conditioning. Keyed by ``weights.weight_identity`` (the weight is
-    the module's own parameter: the same tensor for the whole run)."""
+    the module's own parameter), and valid for one state of the weights' values: ComfyUI patches
+    weights in place (hook keyframes, LoRA hooks per conditioning), so the caller names the state
+    (``weights_state``) and a new state drops every copy."""
 
     def __init__(self):
         self.copies: dict = {}
+        self.state = None
+
+    def weights_state(self, state):
+        """The weights' values are those of ``state`` (any comparable value) from now on."""
+        if state != self.state:
+            self.copies.clear()
+            self.state = state
 
     def get(self, w2, key) -> torch.Tensor:
         found = self.copies.get(key)
@@ -193,3 +202,4 @@ class TransposedWeights:
 
     def reset(self):
         self.copies.clear()
+        self.state = None

@@ -363,6 +363,7 @@ def _begin_call(executor, args, kwargs):
     call = run.begin_call(arguments["x"], options, shape)
     call.stock_layers = call.stock_layers or context.stock_from_now
     call.context = context
+    run.fc2_copies.weights_state(_weights_state(diffusion_model, context.patcher))
     call.diffusion_model = diffusion_model
     call.has_control = arguments.get("control") is not None
     previous = options.get(OVERRIDE)
@@ -373,6 +374,18 @@ def _begin_call(executor, args, kwargs):
     args, kwargs = _with_transformer_options(args, kwargs, options, call_options)
     accelerator.calls().append(call)
     return context, call, args, kwargs
+
+
+def _weights_state(diffusion_model, patcher) -> tuple:
+    """What says which values the model's weights hold now: ComfyUI patches them in place for hook
+    keyframes and per-conditioning LoRA hooks (``current_hooks``), and for its weight patches
+    (``current_weight_patches_uuid``). Copies made from the weights hold for one such state."""
+    base = getattr(patcher, "model", None)
+    current = getattr(base, "current_patcher", None) or patcher
+    group = getattr(current, "current_hooks", None)
+    # a hook group's keyframes change its strengths (and the patched values) under the same group
+    hooks = tuple((id(hook), getattr(hook, "strength", None)) for hook in getattr(group, "hooks", ()) or ())
+    return id(group) if group is not None else None, hooks, getattr(base, "current_weight_patches_uuid", None)
 
 
 @torch.compiler.disable

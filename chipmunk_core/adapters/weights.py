@@ -46,8 +46,8 @@ def weight_identity(module, weight):
 
     Caching something derived from a weight (a transposed copy) is only safe when the weight is
     the parameter itself: casts, offload copies and on-the-fly LoRA give a new tensor per call.
-    Such caches live for one sampling run, during which ComfyUI does not patch weights in place
-    (and inference tensors have no version counter to check).
+    The parameter's values can still change in place (hook keyframes): such caches also hold for
+    one state of the weights only (``mlp.TransposedWeights.weights_state``).
     """
     param = getattr(module, "weight", None)
     paged = getattr(module, "_v_weight", None)

@@ -416,3 +416,20 @@ def test_triton_launchers_do_not_synchronise(no_host_sync, monkeypatch):
                                              out=(torch.empty(b, 3, 32, dtype=torch.int32),
                                                   torch.empty(b, 3, dtype=torch.int32)))
     assert all(stub.launches for stub in stubs.values()), {name: s.launches for name, s in stubs.items()}
+
+
+def test_transposed_fc2_copies_hold_for_one_state_of_the_weights():
+    """ComfyUI patches weights in place (hook keyframes): a copy made before is stale once the
+    weights' state changes, and is made again from the weight as it is then."""
+    from chipmunk_pack.chipmunk_core.mlp import TransposedWeights
+
+    copies = TransposedWeights()
+    w2 = torch.randn(6, 10)
+    copies.weights_state(("hooks", 0.0))
+    first = copies.get(w2, "fc2")
+    assert torch.equal(first, w2.t()) and copies.get(w2, "fc2") is first
+    w2.mul_(2)  # patched in place: same tensor, same key
+    copies.weights_state(("hooks", 0.0))
+    assert copies.get(w2, "fc2") is first  # same state: the copy stands
+    copies.weights_state(("hooks", 1.0))
+    assert torch.equal(copies.get(w2, "fc2"), w2.t())
