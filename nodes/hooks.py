@@ -40,6 +40,7 @@ RUN_KEY = "chipmunk_run"
 CALL_KEY = "chipmunk_call"
 LAYER_KEY = "chipmunk_layer"
 OVERRIDE = "optimized_attention_override"
+MULTIGPU_THREAD = "multigpu_thread_device"  # set on calls made by a MultiGPU worker thread (newer ComfyUI)
 FUSED_CHECK = "single_block_fused"  # the self-check of the single blocks' one-pass per-token kernels
 
 
@@ -356,6 +357,12 @@ def _begin_call(executor, args, kwargs):
     if context is None:
         return None
     accelerator, run = context.accelerator, context.run
+    if options.get(MULTIGPU_THREAD) is not None:
+        # ComfyUI's MultiGPU CFG split (autumn 2026) runs conditionings in threads on clones on
+        # other GPUs; one run's caches cannot serve those: such calls run stock.
+        run.note("multigpu", "a MultiGPU split runs this model's conditionings in threads on several GPUs, "
+                             "which Chipmunk does not support yet: those model calls run stock")
+        return None
     diffusion_model = executor.class_obj
     adapter = accelerator.adapter
     arguments = adapter.call_arguments(diffusion_model, args, kwargs)

@@ -467,3 +467,24 @@ def test_torch_compile_model_after_the_node(comfy_inprocess, chipmunk_pack_nodes
         got = kind.sample(compiled, size, seed=seed, steps=4)
         assert torch.isfinite(got).all()
         assert _relative(got, expected) < 1e-4, (seed, size)
+
+
+def test_calls_from_multigpu_worker_threads_run_stock_and_say_so(flux, caplog):
+    """Newer ComfyUI (autumn 2026) can split conditionings over GPUs in threads, marking their calls
+    with ``multigpu_thread_device``: those calls run stock (bit for bit), and the report says why."""
+    import comfy.patcher_extension
+
+    size = flux.sizes[0]
+    stock = flux.sample(flux.model, size)
+    patched = flux.accelerate().clone()
+
+    def as_a_multigpu_worker(executor, *args, **kwargs):
+        options = args[-1] if args and isinstance(args[-1], dict) else kwargs["transformer_options"]
+        options["multigpu_thread_device"] = torch.device("cpu")
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "multigpu", as_a_multigpu_worker)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(patched, size)
+    assert torch.equal(out, stock)
+    assert "MultiGPU split" in cm.reports(caplog)[-1]
