@@ -704,7 +704,7 @@ def sequential_forward(stock, accelerator: Accelerator, site, x):
     layer = accelerator.layer(site.layer)
     if (layer is None or not layer.serves_mlp() or x.shape[1] != layer.image_len
             or not _checked(layer, site.kind, stock, x)):
-        return torch.nn.Sequential.forward(stock, x)
+        return type(stock).forward(stock, x)  # the module's own forward (a subclass may fuse)
     return replacements.sequential_mlp(stock, layer, site.stream, x)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 
 import pytest
 import torch
@@ -234,6 +235,38 @@ def test_mlp_of_a_changed_block_falls_back_with_one_message(flux, caplog, monkey
     assert cm.step_counts(report)["sparse"] > 0
     messages = [r.getMessage() for r in caplog.records if "self-check failed" in r.getMessage()]
     assert len(messages) == 2, messages  # one warning, one report line
+
+
+def test_a_feed_forward_with_its_own_fused_forward_is_recognised_by_behaviour(wan, caplog):
+    """Newer ComfyUI (autumn 2026) builds WAN's FFN as ``WanFeedForward``: a Sequential subclass
+    whose forward folds the GELU into fc2's kernel. Reproduced here on this ComfyUI: the MLP is
+    accepted by what it holds and by the self-check against its own forward (within bf16-level
+    rounding), runs sparse, and the model without the node keeps its own forward."""
+    import torch.nn.functional as F
+
+    class FusedFeedForward(torch.nn.Sequential):
+        def forward(self, x):  # the GELU applied inside the down-projection's input, as a fused kernel would
+            return F.linear(F.gelu(self[0](x), approximate="tanh"), self[2].weight, self[2].bias)
+
+    model = wan.model.clone()
+    blocks = model.get_model_object("diffusion_model").blocks
+    originals = [block.ffn.__class__ for block in blocks]
+    try:
+        for block in blocks:
+            block.ffn.__class__ = FusedFeedForward
+        size = wan.sizes[0]
+        stock = wan.sample(model, size)
+        with caplog.at_level(logging.INFO):
+            fast = wan.sample(wan.accelerate(model, preset=cm.CUSTOM, mlp_sparsity=0.5), size)
+        report = cm.reports(caplog)[-1]
+        achieved = re.search(r"achieved sparsity on sparse steps: attention [^,]*, MLP (\d+)%", report)
+        assert achieved and int(achieved.group(1)) > 0, report
+        assert "kept dense" not in report and "not Sequential" not in report, report
+        assert torch.isfinite(fast).all() and 0 < _relative(fast, stock) < 0.2
+        assert type(blocks[0].ffn) is FusedFeedForward
+    finally:
+        for block, cls in zip(blocks, originals):
+            block.ffn.__class__ = cls
 
 
 def test_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, caplog, monkeypatch):
