@@ -1,6 +1,6 @@
 """The run plan: decided once when a sampling run's first model call arrives, before any cache exists.
 
-The plan says, for the whole run, whether Chipmunk's layers run at all (``stock_reason``: the CPU's
+The plan says, for the whole run, whether Chipmunk's layers run at all (``stock``: the CPU's
 reference kernels, a latent below the measured size bound) and, per layer, which delta caches exist
 and where they live (``placement``): on the compute device, in host memory (streamed each sparse
 step), or not at all (that part of the layer runs stock). Hooks and states only read it.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -138,6 +139,13 @@ class MemoryPlan:
                 out[kind] = out.get(kind, 0) + 1
         return out
 
+    def headline(self) -> str:
+        """The placement in a few words (for the node)."""
+        text = f"caches {self.device_bytes / 2**30:.1f} GiB"
+        if self.host_bytes:
+            text += f" + {self.host_bytes / 2**30:.1f} GiB from host"
+        return text + (", some given up" if self.given_up() else "")
+
     def describe(self) -> str:
         text = f"caches {self.device_bytes / 2**30:.2f} GiB on the device"
         if self.host_bytes:
@@ -204,34 +212,43 @@ def quantised(budget: int | None) -> int | None:
 class RunPlan:
     """What a run does with Chipmunk's layers, fixed at its first model call."""
 
-    stock_reason: str | None  # set: every layer runs stock in this run (step caching still works)
+    stock: StockReason | None  # set: every layer runs stock in this run (step caching still works)
     memory: MemoryPlan
     rows: int        # batch rows the caches were planned for (every conditioning together)
     n_tokens: int
 
     def attention_on(self, layer: int) -> str:
-        return OFF if self.stock_reason else self.memory.where(layer, ATTENTION)
+        return OFF if self.stock else self.memory.where(layer, ATTENTION)
 
     def mlp_on(self, layer: int) -> str:
-        return OFF if self.stock_reason else self.memory.where(layer, MLP)
+        return OFF if self.stock else self.memory.where(layer, MLP)
 
     def keeps_fc2_copy(self, layer: int) -> bool:
         return self.memory.where(layer, FC2_COPY) == DEVICE
 
     def describe(self) -> str:
-        return self.stock_reason or self.memory.describe()
+        return self.stock.detail if self.stock else self.memory.describe()
+
+
+class StockReason(NamedTuple):
+    """Why a run's layers run stock: a headline short enough for the node, and the whole reason."""
+
+    headline: str
+    detail: str
 
 
 def stock_reason(config: ChipmunkConfig, device: torch.device, grid_tokens: int, min_sparse_tokens: int,
-                 paged: bool) -> str | None:
+                 paged: bool) -> StockReason | None:
     """Why this run's layers run stock whatever the memory, or None."""
     if not config.sparse:
-        return "both sparsities are 0"
+        return StockReason("both sparsities are 0", "both sparsities are 0")
     if device.type not in sparse_devices():
-        return (f"on the {device.type.upper()} Chipmunk would run its PyTorch reference kernels, slower than "
-                "stock: layers run stock (the speed-up needs a CUDA GPU)")
+        return StockReason("needs a CUDA GPU",
+                           f"on the {device.type.upper()} Chipmunk would run its PyTorch reference kernels, slower "
+                           "than stock: layers run stock (the speed-up needs a CUDA GPU)")
     if device.type in SIZE_RULE_DEVICES and grid_tokens < min_sparse_tokens:
-        return (f"{grid_tokens} image tokens is below the {min_sparse_tokens} where sparse steps pay off on the "
-                "GPUs measured" + (" with the weights paged in per layer (dynamic VRAM)" if paged else "")
-                + ": layers run stock at this size")
+        return StockReason(f"too few tokens ({grid_tokens})",
+                           f"{grid_tokens} image tokens is below the {min_sparse_tokens} where sparse steps pay off "
+                           "on the GPUs measured" + (" with the weights paged in per layer (dynamic VRAM)" if paged
+                                                     else "") + ": layers run stock at this size")
     return None

@@ -27,7 +27,8 @@ from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import HostPrefetch, ModelDims
 from .mlp import SparseDeltaMLP, TransposedWeights
 from . import plan as plan_module
-from .plan import DEVICE, HOST, OFF, CostModel, RunPlan, layer_items, plan_memory, quantised, stock_reason
+from .plan import (DEVICE, HOST, OFF, CostModel, RunPlan, StockReason, layer_items, plan_memory, quantised,
+                   stock_reason)
 from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
 from .step_cache import StepCache, StepCacheSchedule
@@ -197,8 +198,9 @@ class SamplingRun:
             budget = quantised(self.memory_budget(x, rows, wanted))
         memory = plan_memory(items, budget, self.cost)
         if items and not any(where != OFF for where in memory.placement.values()):
-            reason = (f"no device memory was free for caches ({memory.wanted / 2**30:.2f} GiB wanted): layers run "
-                      "stock")
+            reason = StockReason("no GPU memory for caches",
+                                 f"no device memory was free for caches ({memory.wanted / 2**30:.2f} GiB wanted): "
+                                 "layers run stock")
         plan = RunPlan(reason, memory, rows, n_tokens)
         logger.info("Chipmunk plan for %d row(s) x %d tokens: %s", rows, n_tokens, plan.describe())
         return plan
@@ -254,7 +256,7 @@ class SamplingRun:
         seeds = row_seeds(self.seed, x.shape[0], cond_or_uncond, step, x.device)
         call = ModelCall(self, step, dense, caches, shape, seeds)
         call.cond_or_uncond = cond_or_uncond
-        call.stock_layers = self.plan.stock_reason is not None
+        call.stock_layers = self.plan.stock is not None
         return call
 
     def end_call(self, call: "ModelCall"):
@@ -283,7 +285,7 @@ class SamplingRun:
             "graphs": {how: self.stats[f"graph {how} calls"] for how in ("eager", "captured", "replayed")},
             "cache_gib": self.peak_cache_bytes / 2**30,
             "plan": None if self.plan is None else self.plan.describe(),
-            "stock_reason": None if self.plan is None else self.plan.stock_reason,
+            "stock_reason": None if self.plan is None else self.plan.stock,
             "notes": list(self.notes.values()),
         }
 

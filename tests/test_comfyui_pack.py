@@ -128,10 +128,12 @@ def test_run_report_arrives_on_the_node(comfy_server, tiny_checkpoints):
     _, texts = comfy_server.run_prompt_with_texts(prompt)
     assert "chipmunk" in texts, f"no text for the Chipmunk node: {texts}"
     report = texts["chipmunk"][-1]
-    assert report.startswith("Chipmunk: FLUX.1, 12 steps in "), report
+    # Short enough for the node (the front end shows about two lines; the console has the rest).
+    assert report.startswith("Chipmunk, ") and len(report.splitlines()) <= 2, report
+    assert all(len(line) <= 45 for line in report.splitlines()), report
     counts = cm.step_counts(report)
     assert counts["dense"] == 3 and counts["skipped"] == 4 and counts["sparse"] == 5, report
-    assert "achieved sparsity" in report and "memory: caches" in report, report
+    assert "skipped attn" in report or "in the log" in report, report
 
 
 def test_rejected_prompt_error_names_node_and_input(comfy_server):

@@ -77,7 +77,14 @@ def browser_server(comfyui_v19, comfyui_dir, run_template_models, tmp_path_facto
     if RUN_TEMPLATE.section == TEST_TEMPLATES:
         write_test_templates(workdir / "custom_nodes")
     server = ComfyServer(comfyui_dir, workdir, model_folders=run_template_models)
-    server.start()
+    # As a user's server: on this CPU Chipmunk runs stock and says why (the rest of the suite
+    # sets CHIPMUNK_SPARSE_ON_CPU to study the method on the CPU).
+    sparse_on_cpu = os.environ.pop("CHIPMUNK_SPARSE_ON_CPU", None)
+    try:
+        server.start()
+    finally:
+        if sparse_on_cpu is not None:
+            os.environ["CHIPMUNK_SPARSE_ON_CPU"] = sparse_on_cpu
     try:
         yield server
     finally:

@@ -141,3 +141,22 @@ def test_run_report_appears_on_the_chipmunk_node(frontend, finished_run):
     assert text and text.startswith("Chipmunk"), (
         f"no run report on the {ACCELERATE_TITLE} node (progress text: {text!r}); the pack must "
         "send one with PromptServer.send_progress_text after each sampling run")
+    if RUN_TEMPLATE.section == PACK_NAME:  # a toy template, run on this CPU as a user runs it
+        first_line = text.splitlines()[0]
+        assert "ran stock" in first_line and "needs a CUDA GPU" in first_line, text
+
+
+def test_on_the_cpu_the_chipmunk_picture_is_the_dense_picture(browser_server, finished_run):
+    """The toy template saves Chipmunk's picture and the dense one: on a CPU the node runs stock,
+    so they are the same picture."""
+    if RUN_TEMPLATE.section != PACK_NAME:
+        pytest.skip("the tiny stand-in workflow has one picture")
+    from PIL import Image
+
+    history = browser_server.get_json("/history")
+    entry = list(history.values())[-1]
+    pictures = [browser_server.output_dir / image["subfolder"] / image["filename"]
+                for output in entry["outputs"].values() for image in output.get("images", [])]
+    assert len(pictures) == 2, pictures
+    chipmunk, dense = (Image.open(path).convert("RGB").tobytes() for path in pictures)
+    assert chipmunk == dense, pictures

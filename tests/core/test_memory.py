@@ -85,15 +85,16 @@ def test_stock_reasons():
     config = resolve_config("flux")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert stock_reason(config, cuda, 4096, 2304, False) is None
-    assert "below the 2304" in stock_reason(config, cuda, 1024, 2304, False)
-    assert "dynamic VRAM" in stock_reason(config, cuda, 1024, 3840, True)
+    assert "below the 2304" in stock_reason(config, cuda, 1024, 2304, False).detail
+    assert "dynamic VRAM" in stock_reason(config, cuda, 1024, 3840, True).detail
     assert stock_reason(config.replace(attention_sparsity=0.0, mlp_sparsity=0.0), cuda, 4096, 0, False)
 
 
 def test_the_cpu_runs_stock_unless_asked(monkeypatch):
     config = resolve_config("flux")
     monkeypatch.delenv(run_plan.SPARSE_ON_CPU, raising=False)
-    assert "needs a CUDA GPU" in stock_reason(config, torch.device("cpu"), 4096, 0, False)
+    reason = stock_reason(config, torch.device("cpu"), 4096, 0, False)
+    assert "needs a CUDA GPU" in reason.headline and "needs a CUDA GPU" in reason.detail
     monkeypatch.setenv(run_plan.SPARSE_ON_CPU, "1")
     assert stock_reason(config, torch.device("cpu"), 4096, 0, False) is None
 
