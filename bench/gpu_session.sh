@@ -28,6 +28,7 @@
 #   bash bench/gpu_session.sh budgets   # one GPU: FLUX 1024x1024 20 steps at memory budgets, bf16 and fp8 weights
 #   bash bench/gpu_session.sh budgets2  # one GPU: FLUX bf16 at 48/32/12 GiB, WAN2.1-1.3B's template at all and 8 GiB
 #   bash bench/gpu_session.sh check     # one GPU: tests/gpu, FLUX under EasyCache, WAN2.1-1.3B at 8 GiB
+#   bash bench/gpu_session.sh final_check # one GPU: tests/gpu and the corners of the budget table again
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -280,6 +281,18 @@ check)
         --variants "stock,chipmunk,easycache,chipmunk+easycache" --out "$R/e2e_flux_easycache.json"
     job 0 200 wan13b_8gib "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
         --dynamic-vram --free-gib 8 --variants "stock,chipmunk" --out "$R/e2e_wan13b_8gib_prefetch.json"
+    ;;
+final_check)
+    # After the last changes: the GPU suite, FLUX at the budget table's corners (bf16 all and
+    # 12 GiB, fp8 24 GiB), WAN2.1-1.3B at 8 GiB with the step cache.
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 240 gpu_tests python3 -m pytest tests/gpu -q -rA
+    job 0 110 flux_bf16_check "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram --free-gib all,12 \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_budgets_bf16_check.json"
+    job 0 100 flux_fp8_check "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --weight-dtype fp8_e4m3fn_fast --free-gib 24 --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_budgets_fp8_check.json"
+    job 0 150 wan13b_8gib_cache "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
+        --dynamic-vram --free-gib 8 --variants "stock,chipmunk+cache" --out "$R/e2e_wan13b_8gib_cache.json"
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.
