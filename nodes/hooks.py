@@ -55,6 +55,7 @@ class Accelerator:
         self.node_id = node_id
         self.unused_inputs = tuple(unused_inputs)  # node inputs shown but not in effect
         self.last_report = None  # the report of the last run, as logged
+        self.passed_checks: set[str] = set()  # self-checks this model's code passed (failures are per run)
         self._local = threading.local()  # the model calls in progress on this thread (MLP proxies read them)
 
     def __copy__(self):
@@ -688,14 +689,17 @@ def mlp_proxy(stock, accelerator: Accelerator, site):
 
 
 def _checked(layer, kind: str, module, x, vec=None, pe=None, txt=None) -> bool:
-    """Run the parity self-check once per kind of block in this run; True when it passed. A check
-    that fails (an error inside it, out of memory included) keeps ComfyUI's code for this run only."""
+    """Run the parity self-check of a kind of block once; True when it passed. A check that fails
+    (an error inside it, out of memory included) keeps ComfyUI's code for this run only."""
     context = layer.call.context
     if kind not in context.checks:
-        problem = replacements.self_check(kind, module, x, vec, pe, txt)
+        passed = context.accelerator.passed_checks
+        problem = None if kind in passed else replacements.self_check(kind, module, x, vec, pe, txt)
         context.checks[kind] = problem
         if problem:
             _note_plan(context)
+        else:  # this model's code passed: later runs need not check it again (a failure is retried)
+            passed.add(kind)
     return context.checks[kind] is None
 
 
