@@ -252,3 +252,53 @@ def stock_reason(config: ChipmunkConfig, device: torch.device, grid_tokens: int,
                            "on the GPUs measured" + (" with the weights paged in per layer (dynamic VRAM)" if paged
                                                      else "") + ": layers run stock at this size")
     return None
+
+
+# --- how a model call executes: replayed as a CUDA graph, or eagerly ---------------------------------
+NESTED_TENSORS = "the call passes tensors inside lists"
+ADAPTIVE_CACHE = "the adaptive step cache decides inside the model call"
+CONTROL = "a ControlNet adds to the blocks' outputs"
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """What the hooks read off one model call, for ``graph_verdict``."""
+
+    dense: bool
+    stock_layers: bool
+    graph_device: bool      # the call's tensors live where graphs are captured
+    has_control: bool
+    nested_tensors: bool    # tensors inside lists among the arguments (reference latents and the like)
+
+
+def graph_verdict(config: ChipmunkConfig, schedule, step: int, facts: CallFacts, setup_blocker):
+    """How a model call runs: True to replay it through its conditioning's CUDA graphs; a reason
+    (str) for a sparse call that must run eagerly; None for a call graphs are not for (dense or
+    stock layers, a skipped step, another device, a family that does not replay its steps).
+
+    ``setup_blocker()`` says why ComfyUI's set-up of this run allows no graph at all, or None; it
+    is asked only for calls that would otherwise be replayed (its answer is the run's)."""
+    if not config.cuda_graphs or not config.sparse or facts.dense or facts.stock_layers or not facts.graph_device:
+        return None
+    if schedule.mode == "fixed" and schedule.decide(step, lambda: False):
+        return None  # a skipped step runs no block: nothing to replay
+    if facts.has_control:
+        return CONTROL
+    blocker = setup_blocker()
+    if blocker:
+        return blocker
+    if facts.nested_tensors:
+        return NESTED_TENSORS
+    if schedule.mode == "adaptive":
+        return ADAPTIVE_CACHE
+    return True
+
+
+def eager_runs_stock(dynamic_vram: bool) -> bool:
+    """Whether a sparse call that cannot be replayed runs its layers stock for the rest of the run.
+
+    Under ComfyUI's dynamic VRAM, its per-layer weight handling adds host work to every layer call;
+    for a family whose sparse steps are little GPU work (``cuda_graphs`` in its defaults: FLUX),
+    eager sparse steps were then slower than stock (H200, FLUX.1-dev width, 50 steps: 0.73x at
+    1024x1024, 0.84x at 1280x768; replayed as graphs 1.12x and 1.09x)."""
+    return dynamic_vram

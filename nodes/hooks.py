@@ -27,6 +27,7 @@ import time
 import torch
 
 from ..chipmunk_core import SLIDER_FIELDS, ChipmunkConfig, SamplingRun, plan_for, resolve_config
+from ..chipmunk_core import plan as run_plan
 from ..chipmunk_core.adapters import replacements
 from ..chipmunk_core.adapters.weights import PagedWeights
 from ..chipmunk_core.graphs import CaptureFailed
@@ -411,36 +412,30 @@ GRAPH_DEVICES = ("cuda",)  # device types whose sparse calls are graphed (tests 
 
 @torch.compiler.disable
 def _graph_verdict(context: RunContext, call, args, kwargs):
-    """For a sparse call on a graph device of a family that replays its sparse steps, whose step
-    runs its blocks: True when it goes through the conditioning's CUDA graphs (every step-dependent
-    decision is known before the model runs, and nothing but ComfyUI's model code and Chipmunk's
-    hooks runs inside the call, on weights that stay put), else why not. None for any other call."""
-    config, run = call.config, call.run
-    if not config.cuda_graphs or call.dense or call.stock_layers or not config.sparse:
-        return None
-    if call.seeds.device.type not in GRAPH_DEVICES:  # (the seeds live on the latent's device)
-        return None
-    schedule = run.step_cache_schedule
-    if schedule.mode == "fixed" and schedule.decide(call.step, lambda: False):
-        return None  # a skipped step runs no block: nothing to replay
-    if call.has_control:
-        return "a ControlNet adds to the blocks' outputs"
+    """The plan's verdict on this call (``plan.graph_verdict``) from what the call shows; the run's
+    set-up is read at its first candidate call (``_graph_setup``)."""
+    run = call.run
     options = _transformer_options(args, kwargs) or {}
-    if context.graphs is None:
-        context.graphs = _graph_setup(context, call, options)
-        if context.graphs[0] == "off":
-            run.note("graphs", f"CUDA graphs of the sparse steps are off: {context.graphs[1]}", logging.INFO)
-    if context.graphs[0] == "off":
-        return context.graphs[1]
-    if any(_holds_tensors(a) for a in list(args) + list(kwargs.values()) if a is not options):
+    facts = run_plan.CallFacts(
+        dense=call.dense, stock_layers=call.stock_layers, has_control=call.has_control,
+        graph_device=call.seeds.device.type in GRAPH_DEVICES,  # (the seeds live on the latent's device)
+        nested_tensors=any(_holds_tensors(a) for a in list(args) + list(kwargs.values()) if a is not options))
+
+    def setup_blocker():
+        if context.graphs is None:
+            context.graphs = _graph_setup(context, call, options)
+            if context.graphs[0] == "off":
+                run.note("graphs", f"CUDA graphs of the sparse steps are off: {context.graphs[1]}", logging.INFO)
+        return context.graphs[1] if context.graphs[0] == "off" else None
+
+    verdict = run_plan.graph_verdict(call.config, run.step_cache_schedule, call.step, facts, setup_blocker)
+    if verdict == run_plan.NESTED_TENSORS:
         run.note("graphs nested", "CUDA graphs of the sparse steps are off for calls that pass tensors inside "
                                   "lists (reference latents and the like)", logging.INFO)
-        return "the call passes tensors inside lists"
-    if schedule.mode == "adaptive":  # decided from the first block's input, inside the call
+    elif verdict == run_plan.ADAPTIVE_CACHE:
         run.note("graphs adaptive", "CUDA graphs of the sparse steps are off with the adaptive step cache (it "
                                     "decides inside the model call); the fixed schedule keeps them", logging.INFO)
-        return "the adaptive step cache decides inside the model call"
-    return True
+    return verdict
 
 
 def _dynamic_vram(patcher) -> bool:
@@ -450,13 +445,10 @@ def _dynamic_vram(patcher) -> bool:
 
 @torch.compiler.disable
 def _stock_where_eager_loses(context: RunContext, call, why: str):
-    """Under dynamic VRAM, ComfyUI's per-layer weight handling adds host work to every layer call;
-    for a family whose sparse steps are little GPU work (``cuda_graphs`` in its defaults: FLUX),
-    eager sparse steps were then slower than stock (H200, FLUX.1-dev width, 50 steps: 0.73x at
-    1024x1024, 0.84x at 1280x768; replayed as graphs 1.12x and 1.09x). A sparse call that cannot be
-    replayed (``why``) therefore runs its layers stock, and so does every later call of the run;
-    step caching, if on, still skips steps."""
-    if not _dynamic_vram(context.patcher):
+    """A sparse call that cannot be replayed (``why``): where the plan says eager sparse steps lose
+    to stock (``plan.eager_runs_stock``), its layers and every later call's run stock; step
+    caching, if on, still skips steps."""
+    if not run_plan.eager_runs_stock(_dynamic_vram(context.patcher)):
         return
     call.stock_layers = context.stock_from_now = True
     call.run.note("eager loses", f"layers run stock from this step on: under ComfyUI's dynamic VRAM the sparse "

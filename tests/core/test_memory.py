@@ -109,3 +109,38 @@ def test_streaming_keeps_room_for_the_copies_in_flight():
     plan = plan_memory(items, budget)
     assert plan.host_bytes > 0 and plan.budget == budget
     assert plan.device_bytes + 2 * largest <= budget
+
+
+def test_graph_verdict_of_a_call():
+    """Which calls replay as CUDA graphs, which run eagerly and why, and which graphs are not for;
+    the set-up is asked only where it decides."""
+    from chipmunk_pack.chipmunk_core.plan import ADAPTIVE_CACHE, CONTROL, NESTED_TENSORS, CallFacts, graph_verdict
+    from chipmunk_pack.chipmunk_core.schedule import DenseSchedule
+    from chipmunk_pack.chipmunk_core.step_cache import StepCacheSchedule
+
+    config = resolve_config("flux")
+    schedule = StepCacheSchedule(config, 20, DenseSchedule(config, 20))
+    sparse = CallFacts(dense=False, stock_layers=False, graph_device=True, has_control=False, nested_tensors=False)
+    asked = []
+
+    def setup(answer=None):
+        def blocker():
+            asked.append(1)
+            return answer
+        return blocker
+
+    assert graph_verdict(config, schedule, 5, sparse, setup()) is True and asked
+    asked.clear()
+    for facts in (sparse.__class__(**{**sparse.__dict__, "dense": True}),
+                  sparse.__class__(**{**sparse.__dict__, "graph_device": False})):
+        assert graph_verdict(config, schedule, 5, facts, setup()) is None
+    assert graph_verdict(config.replace(cuda_graphs=False), schedule, 5, sparse, setup()) is None
+    assert not asked  # not a candidate: the set-up is not read
+    assert graph_verdict(config, schedule, 5, sparse, setup("torch.compile is applied")) == "torch.compile is applied"
+    control = sparse.__class__(**{**sparse.__dict__, "has_control": True})
+    assert graph_verdict(config, schedule, 5, control, setup()) == CONTROL
+    nested = sparse.__class__(**{**sparse.__dict__, "nested_tensors": True})
+    assert graph_verdict(config, schedule, 5, nested, setup()) == NESTED_TENSORS
+    adaptive = config.replace(step_cache="adaptive")
+    assert graph_verdict(adaptive, StepCacheSchedule(adaptive, 20, DenseSchedule(adaptive, 20)), 5, sparse,
+                         setup()) == ADAPTIVE_CACHE
