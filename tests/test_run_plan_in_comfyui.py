@@ -18,14 +18,9 @@ import pytest
 import torch
 
 from harness import chipmunk as cm
-from test_accelerate import _relative, narrow_flux
+from test_accelerate import _relative, flux  # noqa: F401 (the narrow FLUX fixture)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
-
-
-@pytest.fixture(scope="module")
-def flux(comfy_inprocess, chipmunk_pack_nodes):
-    return narrow_flux(comfy_inprocess, chipmunk_pack_nodes)
 
 
 @pytest.fixture
