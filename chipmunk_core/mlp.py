@@ -24,7 +24,7 @@ from .. import kernels
 from ..kernels.mlp_reference import ACTIVATIONS
 from .config import ChipmunkConfig
 from .layout import inverse_permutation
-from .memory import Rows, reuse_buffer, to_compute, to_storage, with_batch
+from .memory import Rows, reuse_buffer, to_compute, with_batch
 
 ACTIVATION = "gelu_tanh"
 

@@ -83,7 +83,7 @@ def test_small_differences_in_free_memory_give_the_same_plan():
 
 def test_stock_reasons():
     config = resolve_config("flux")
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cuda = torch.device("cuda", 0)
     assert stock_reason(config, cuda, 4096, 2304, False) is None
     assert "below the 2304" in stock_reason(config, cuda, 1024, 2304, False).detail
     assert "dynamic VRAM" in stock_reason(config, cuda, 1024, 3840, True).detail
