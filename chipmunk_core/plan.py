@@ -127,9 +127,10 @@ class MemoryPlan:
     wanted: int = 0             # device bytes of every cache
     device_bytes: int = 0
     host_bytes: int = 0
+    sized: bool = True  # False: the model's dimensions were not known; every cache with the computation
 
     def where(self, layer: int, kind: str) -> str:
-        return self.placement.get((layer, kind), OFF)
+        return self.placement.get((layer, kind), OFF if self.sized else DEVICE)
 
     def given_up(self) -> dict[str, int]:
         """Per kind, how many layers' caches of that kind had no room."""

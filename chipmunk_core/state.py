@@ -27,8 +27,8 @@ from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import HostPrefetch, ModelDims
 from .mlp import SparseDeltaMLP, TransposedWeights
 from . import plan as plan_module
-from .plan import (DEVICE, HOST, OFF, CostModel, RunPlan, StockReason, layer_items, plan_memory, quantised,
-                   stock_reason)
+from .plan import (DEVICE, HOST, OFF, CostModel, MemoryPlan, RunPlan, StockReason, layer_items, plan_memory,
+                   quantised, stock_reason)
 from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
 from .step_cache import StepCache, StepCacheSchedule
@@ -49,6 +49,9 @@ class CondCaches:
         self.step_cache = StepCache()
         self.graphs = StepReplays()
         self.prefetch = HostPrefetch()  # for the layers whose attention caches live in host memory
+        # Token layouts the steps read (index tables from an LRU cache): held here, so that a
+        # captured graph's tables are never freed, and part of the graph key (persistent()).
+        self.layouts: dict[int, JointLayout] = {}
 
     def graph_settings(self, config: ChipmunkConfig) -> tuple:
         """What a captured sparse step bakes in besides tensors: which MLPs re-rank their units."""
@@ -58,7 +61,9 @@ class CondCaches:
         """Every long-lived tensor a sparse step reads or updates in place (a graph's addresses)."""
         states = [*self.attention.values(), *self.mlp.values(), self.step_cache]
         copies = self.fc2_copies.buffers() if self.fc2_copies is not None else []
-        return [t for state in states for t in state.buffers()] + copies
+        tables = [t for layout in self.layouts.values() for t in (layout.query_order, layout.image_order,
+                                                                  layout.forced_keys)]
+        return [t for state in states for t in state.buffers()] + copies + tables
 
     def _storage(self, where: str) -> torch.device | None:
         return torch.device("cpu") if where == HOST else None
@@ -128,6 +133,7 @@ class CondCaches:
         self.step_cache.reset()
         self.graphs.reset()
         self.prefetch.reset()
+        self.layouts.clear()
 
 
 class SamplingRun:
@@ -196,7 +202,7 @@ class SamplingRun:
         budget = None
         if items and self.memory_budget is not None:
             budget = quantised(self.memory_budget(x, rows, wanted))
-        memory = plan_memory(items, budget, self.cost)
+        memory = plan_memory(items, budget, self.cost) if self.dims is not None else MemoryPlan(sized=False)
         if items and not any(where != OFF for where in memory.placement.values()):
             reason = StockReason("no GPU memory for caches",
                                  f"no device memory was free for caches ({memory.wanted / 2**30:.2f} GiB wanted): "
@@ -464,6 +470,7 @@ class LayerCall:
             self._layout = joint_layout(self.text_len, grid, self.image_len, self.call.text_first,
                                         self.config.query_group, self.call.seeds.device, grid_first=shape.grid_first,
                                         window=self.config.local_window)
+            self.call.caches.layouts.setdefault(id(self._layout), self._layout)
         return self._layout
 
     def _dense_now(self, state, kind: str, *tensors) -> bool:

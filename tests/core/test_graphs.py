@@ -120,3 +120,22 @@ def test_a_signature_that_ran_before_is_captured_at_once_and_buffers_made_in_the
     assert second.captures == 1  # same signature (shapes, settings): captured on its first call
     second.run(lazy_step, (x, x), persistent=persistent)
     assert second.captures == 1 and second.replays == 2  # the key stored after the call holds
+
+
+def test_the_token_layouts_a_step_reads_are_held_and_keyed():
+    """The layouts' index tables come from an LRU cache: a conditioning's caches hold the ones its
+    steps read (a graph's tables are never freed) and list them among a graph's fixed addresses."""
+    from chipmunk_pack.chipmunk_core.config import resolve_config
+    from chipmunk_pack.chipmunk_core.layout import SequenceShape, _layout
+    from chipmunk_pack.chipmunk_core.state import SamplingRun
+
+    config = resolve_config("flux")
+    run = SamplingRun(config, sample_sigmas=torch.linspace(1, 0, 5), seed=0)
+    x = torch.randn(1, 16, 8, 8)
+    call = run.begin_call(x, {"sigmas": torch.tensor([1.0])}, SequenceShape(grid=(4, 4), text_len=8, text_first=True))
+    layer = call.layer(3, 8, 16)
+    layout = layer.layout
+    persistent = call.caches.persistent()
+    assert any(t is layout.query_order for t in persistent) and any(t is layout.forced_keys for t in persistent)
+    _layout.cache_clear()  # evicted from the LRU cache: the caches still hold it
+    assert list(call.caches.layouts.values()) == [layout]
