@@ -355,7 +355,8 @@ def main():
         noise = comfy.sample.prepare_noise(latent, 1)
         reference = stock_seconds = None
         outputs = {}
-        fused_problem, double_check = hooks.replacements.fused_problem, hooks.replacements.double_block_check
+        replacements = importlib.import_module("chipmunk_pack.chipmunk_core.adapters.replacements")
+        fused_problem, double_check = replacements.fused_problem, replacements.double_block_check
         for label in ns.variants.split(","):
             settings = VARIANTS[label]
             probes = {k: v for k, v in (settings or {}).items() if k.startswith("_")}
@@ -363,8 +364,8 @@ def main():
                 {k: v for k, v in settings.items() if not k.startswith("_")}
             model = stock if settings is None else hooks.accelerate(stock, **settings)
             unfused = probes.get("_unfused")
-            hooks.replacements.fused_problem = (lambda block: "off in this variant") if unfused else fused_problem
-            hooks.replacements.double_block_check = (lambda *a: "off in this variant") if unfused else double_check
+            replacements.fused_problem = (lambda block: "off in this variant") if unfused else fused_problem
+            replacements.double_block_check = (lambda *a: "off in this variant") if unfused else double_check
             for table, defaults in zip(mlp_tables, mlp_defaults):
                 for part in ("up", "down"):
                     table[part] = dict(defaults[part])

@@ -14,11 +14,14 @@
   Chipmunk does not serve).
 - The block patches tell each layer which tokens it holds (text and image streams, as the stock
   block receives them) and implement step caching; the stock block always runs, or none at all.
+
+Sparse calls replayed as CUDA graphs are carried out in ``graph_calls``, the MLP replacements'
+forwards live in ``mlp_forwards``, the keys of what the hooks keep in ComfyUI's options in
+``options``; what runs is decided by the core's run plan.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import threading
@@ -27,23 +30,11 @@ import time
 import torch
 
 from ..chipmunk_core import SLIDER_FIELDS, ChipmunkConfig, SamplingRun, plan_for, resolve_config
-from ..chipmunk_core import plan as run_plan
-from ..chipmunk_core.adapters import replacements
-from ..chipmunk_core.adapters.weights import PagedWeights
-from ..chipmunk_core.graphs import CaptureFailed
-from . import report
+from . import graph_calls, mlp_forwards, report
+from .options import (ACCEL_KEY, CALL_KEY, HOOK_KEY, LAYER_KEY, MULTIGPU_THREAD, OVERRIDE, RUN_KEY, name,
+                      transformer_options, with_transformer_options)
 
 logger = logging.getLogger(__name__)
-
-HOOK_KEY = "chipmunk"
-ACCEL_KEY = "chipmunk"
-RUN_KEY = "chipmunk_run"
-CALL_KEY = "chipmunk_call"
-LAYER_KEY = "chipmunk_layer"
-OVERRIDE = "optimized_attention_override"
-MULTIGPU_THREAD = "multigpu_thread_device"  # set on calls made by a MultiGPU worker thread (newer ComfyUI)
-FUSED_CHECK = "single_block_fused"  # the self-check of the single blocks' one-pass per-token kernels
-
 
 class Accelerator:
     """What one Chipmunk Accelerate node put on a model: settings and the model plan, nothing of a
@@ -135,7 +126,7 @@ def install(model, accelerator: Accelerator):
     if accelerator.config.sparse_mlp:
         for site in plan.mlp_sites:
             stock = model.get_model_object(site.path)
-            model.add_object_patch(site.path, mlp_proxy(stock, accelerator, site))
+            model.add_object_patch(site.path, mlp_forwards.mlp_proxy(stock, accelerator, site))
 
 
 # --- sampling run ----------------------------------------------------------------------------------
@@ -154,11 +145,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       dims=accelerator.adapter.dims(diffusion_model),
                       memory_budget=functools.partial(cache_budget, patcher),
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
-                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas), paged_weights=_dynamic_vram(patcher),
+                      starts_mid_schedule=_starts_mid_schedule(patcher, sigmas),
+                      paged_weights=graph_calls.dynamic_vram(patcher),
                       conditionings=_conditionings(guider),
                       weights_cast=getattr(patcher.model, "manual_cast_dtype", None) is not None)
     context = RunContext(accelerator, run, patcher)
-    _note_plan(context)
+    report.note_setup(context)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = context
@@ -274,10 +266,10 @@ def conditioning_on_device(conds, device) -> int:
             if not isinstance(model_conds, dict):
                 continue
             model_conds = dict(model_conds)
-            for name, cond in model_conds.items():
+            for key, cond in model_conds.items():
                 tensor = getattr(cond, "cond", None)
                 if isinstance(tensor, torch.Tensor) and tensor.device != device and hasattr(cond, "_copy_with"):
-                    model_conds[name] = cond._copy_with(tensor.to(device))
+                    model_conds[key] = cond._copy_with(tensor.to(device))
                     moved += 1
             entry["model_conds"] = model_conds
     return moved
@@ -292,47 +284,7 @@ def _starts_mid_schedule(patcher, sigmas) -> bool:
         return False
 
 
-def _note_plan(context: RunContext):
-    accelerator, run = context.accelerator, context.run
-    plan, config = accelerator.plan, accelerator.config
-    for text in accelerator.unused_inputs:
-        run.note(f"unused {text}", text, logging.INFO)
-    if plan.attention_only_reason:
-        run.note("plan", plan.attention_only_reason)
-    elif config.sparse_mlp and plan.mlp_refusals:
-        run.note("mlp", "MLP kept dense where the block is not one Chipmunk knows: " + "; ".join(plan.mlp_refusals))
-    if not plan.attention_only_reason and config.sparse_mlp and plan.block_refusals:
-        run.note("blocks", "double blocks run ComfyUI's own per-token code (their MLP is still Chipmunk's): "
-                           + "; ".join(plan.block_refusals), logging.INFO)
-    if run.step_cache_schedule.disabled_reason:
-        run.note("step cache", run.step_cache_schedule.disabled_reason)
-    for kind, problem in context.checks.items():
-        if problem and kind == "double_block":
-            run.note(f"check {kind}", "double blocks run ComfyUI's own code (their MLP is still Chipmunk's): the "
-                                      f"self-check of their one-pass per-token kernels failed ({problem})", logging.INFO)
-        elif problem and kind == FUSED_CHECK:
-            run.note(f"check {kind}", "single blocks use ComfyUI's own per-token operations (norms, modulation, "
-                                      f"rotary embedding) instead of one-pass kernels: their self-check failed ({problem})",
-                     logging.INFO)
-        elif problem:
-            run.note(f"check {kind}", f"MLP of {kind.replace('_', ' ')}s kept dense: the self-check failed ({problem})")
-
-
 # --- model calls -----------------------------------------------------------------------------------
-def _transformer_options(args, kwargs):
-    if args and isinstance(args[-1], dict):
-        return args[-1]
-    return kwargs.get("transformer_options")
-
-
-def _with_transformer_options(args, kwargs, options, new_options):
-    """The call's arguments with ``new_options`` where ``options`` was passed (last positional or
-    the ``transformer_options`` keyword)."""
-    if args and args[-1] is options:
-        return args[:-1] + (new_options,), kwargs
-    return args, {**kwargs, "transformer_options": new_options}
-
-
 def diffusion_model_wrapper(executor, *args, **kwargs):
     # Under torch.compile this frame is traced: the bookkeeping lives in eager-only helpers, so
     # that only ComfyUI's own model code (the executor) is compiled.
@@ -341,11 +293,11 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     context, call, args, kwargs = begun
     try:
-        verdict = _graph_verdict(context, call, args, kwargs)
+        verdict = graph_calls.verdict(context, call, args, kwargs)
         if verdict is True:
-            return _graphed_call(executor, context, call, args, kwargs)
+            return graph_calls.graphed_call(executor, context, call, args, kwargs)
         if verdict is not None:
-            _stock_where_eager_loses(context, call, verdict)
+            graph_calls.stock_where_eager_loses(context, call, verdict)
         return executor(*args, **kwargs)
     finally:
         _end_call(context, call)
@@ -354,7 +306,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
 @torch.compiler.disable
 def _begin_call(executor, args, kwargs):
     """The ModelCall for this call and the arguments with Chipmunk's transformer_options, or None."""
-    options = _transformer_options(args, kwargs)
+    options = transformer_options(args, kwargs)
     context = (options or {}).get(RUN_KEY)
     if context is None:
         return None
@@ -377,10 +329,10 @@ def _begin_call(executor, args, kwargs):
     call.has_control = arguments.get("control") is not None
     previous = options.get(OVERRIDE)
     if previous is not None and not getattr(previous, "chipmunk", False):
-        run.note("override", f"another attention override is installed ({_name(previous)}): Chipmunk serves the "
+        run.note("override", f"another attention override is installed ({name(previous)}): Chipmunk serves the "
                              "self-attention of its sparse layers first, every other attention call goes to it")
     call_options = {**options, CALL_KEY: call, OVERRIDE: attention_override(getattr(previous, "previous", previous))}
-    args, kwargs = _with_transformer_options(args, kwargs, options, call_options)
+    args, kwargs = with_transformer_options(args, kwargs, options, call_options)
     accelerator.calls().append(call)
     return context, call, args, kwargs
 
@@ -403,152 +355,6 @@ def _end_call(context: RunContext, call):
     if calls and calls[-1] is call:
         calls.pop()
     call.run.end_call(call)
-
-
-# --- CUDA graphs of sparse steps -------------------------------------------------------------------
-COMPILE_OPTION = "torch_compile_kwargs"  # model_options key of ComfyUI's TorchCompileModel
-GRAPH_DEVICES = ("cuda",)  # device types whose sparse calls are graphed (tests add "cpu" with a stand-in backend)
-
-
-@torch.compiler.disable
-def _graph_verdict(context: RunContext, call, args, kwargs):
-    """The plan's verdict on this call (``plan.graph_verdict``) from what the call shows; the run's
-    set-up is read at its first candidate call (``_graph_setup``)."""
-    run = call.run
-    options = _transformer_options(args, kwargs) or {}
-    facts = run_plan.CallFacts(
-        dense=call.dense, stock_layers=call.stock_layers, has_control=call.has_control,
-        graph_device=call.seeds.device.type in GRAPH_DEVICES,  # (the seeds live on the latent's device)
-        nested_tensors=any(_holds_tensors(a) for a in list(args) + list(kwargs.values()) if a is not options))
-
-    def setup_blocker():
-        if context.graphs is None:
-            context.graphs = _graph_setup(context, call, options)
-            if context.graphs[0] == "off":
-                run.note("graphs", f"CUDA graphs of the sparse steps are off: {context.graphs[1]}", logging.INFO)
-        return context.graphs[1] if context.graphs[0] == "off" else None
-
-    verdict = run_plan.graph_verdict(call.config, run.step_cache_schedule, call.step, facts, setup_blocker)
-    if verdict == run_plan.NESTED_TENSORS:
-        run.note("graphs nested", "CUDA graphs of the sparse steps are off for calls that pass tensors inside "
-                                  "lists (reference latents and the like)", logging.INFO)
-    elif verdict == run_plan.ADAPTIVE_CACHE:
-        run.note("graphs adaptive", "CUDA graphs of the sparse steps are off with the adaptive step cache (it "
-                                    "decides inside the model call); the fixed schedule keeps them", logging.INFO)
-    return verdict
-
-
-def _dynamic_vram(patcher) -> bool:
-    """Whether ComfyUI's dynamic VRAM (comfy-aimdo) manages the model's weights."""
-    return bool(getattr(patcher, "is_dynamic", lambda: False)())
-
-
-@torch.compiler.disable
-def _stock_where_eager_loses(context: RunContext, call, why: str):
-    """A sparse call that cannot be replayed (``why``): where the plan says eager sparse steps lose
-    to stock (``plan.eager_runs_stock``), its layers and every later call's run stock; step
-    caching, if on, still skips steps."""
-    if not run_plan.eager_runs_stock(_dynamic_vram(context.patcher)):
-        return
-    call.stock_layers = context.stock_from_now = True
-    call.run.note("eager loses", f"layers run stock from this step on: under ComfyUI's dynamic VRAM the sparse "
-                                 f"steps of this model are slower than stock unless replayed as CUDA graphs, and "
-                                 f"these cannot be ({why})")
-
-
-def _holds_tensors(value) -> bool:
-    if isinstance(value, (list, tuple)):
-        return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value)
-    if isinstance(value, dict):
-        return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value.values())
-    return False
-
-
-def _graph_setup(context: RunContext, call, options: dict):
-    """("on", (the weights a graph reads, PagedWeights or None)) or ("off", why), worked out at the
-    run's first sparse call."""
-    import comfy.patcher_extension
-
-    patcher = context.patcher
-    if patcher is None:
-        return "off", "the model is sampled outside ComfyUI's sampler"
-    if COMPILE_OPTION in patcher.model_options:
-        return "off", "torch.compile is applied to this model (its own graphs and Chipmunk's would nest)"
-    if getattr(patcher.model, "model_lowvram", False):
-        return "off", "the model is partly offloaded (low VRAM): its weights move during a step"
-    wrappers = list((options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}))
-    inside = [str(key) for key in wrappers[wrappers.index(HOOK_KEY) + 1:]] if HOOK_KEY in wrappers else []
-    if inside:  # their Python would be captured into the graph (innermost_model_wrapper prevents it)
-        return "off", f"other nodes wrap the model call inside Chipmunk ({', '.join(inside)})"
-    patches = {name: p for name, p in (options.get("patches") or {}).items() if p}
-    if patches:
-        return "off", f"other nodes patch the model ({', '.join(sorted(patches))})"
-    replaced = (options.get("patches_replace") or {}).get("dit", {})
-    if any(getattr(patch, "chipmunk_wraps", None) is not None for patch in replaced.values()):
-        return "off", "another node replaces blocks of the model"
-    previous = getattr(options.get(OVERRIDE), "previous", None)
-    if previous is not None:
-        return "off", f"another attention override is installed ({_name(previous)})"
-    weights = list(call.diffusion_model.parameters()) + list(call.diffusion_model.buffers())
-    paged = None
-    if _dynamic_vram(patcher):
-        # Dynamic VRAM: the GPU reads each paged layer's weight in its reserved range; a replay
-        # first checks that every range still holds it (PagedWeights).
-        paged = PagedWeights.of(call.diffusion_model)
-        gpu_weights = None if paged is None else paged.gpu_weights()
-        if gpu_weights is None:
-            return "off", ("ComfyUI's dynamic VRAM pages the weights in a way this pack does not know "
-                           "(start ComfyUI with --disable-dynamic-vram to replay sparse steps as CUDA graphs)")
-        weights = [t for t in weights if not paged.owns(t)] + gpu_weights
-    if any(t.device.type not in GRAPH_DEVICES for t in weights):
-        return "off", "some of the model's weights are not on the GPU"
-    return "on", (tuple(weights), paged)
-
-
-def _graphed_call(executor, context: RunContext, call, args, kwargs):
-    """The model call through ``SamplingRun.replay_or_run``: every tensor argument (and the call's
-    random-pick seeds) is an input of the graph; the output is copied out of the graph's memory."""
-    options = _transformer_options(args, kwargs)
-    positional = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    named = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    in_options = [k for k, v in options.items() if isinstance(v, torch.Tensor)]
-    inputs = (tuple(args[i] for i in positional) + tuple(kwargs[k] for k in named)
-              + tuple(options[k] for k in in_options) + (call.seeds,))
-
-    def model_call(*tensors):
-        *tensors, call.seeds = tensors
-        new_args = list(args)
-        for i, t in zip(positional, tensors):
-            new_args[i] = t
-        new_kwargs = {**kwargs, **dict(zip(named, tensors[len(positional):]))}
-        new_options = {**options, **dict(zip(in_options, tensors[len(positional) + len(named):]))}
-        new_args, new_kwargs = _with_transformer_options(tuple(new_args), new_kwargs, options, new_options)
-        return executor(*new_args, **new_kwargs)
-
-    weights, paged = context.graphs[1]
-    if paged is not None and not paged.resident():
-        # Dynamic VRAM paged some weights out (another model, memory pressure): ComfyUI's ops
-        # bring them back on an eager call, after which the graphs hold again (same addresses).
-        call.run.stats["graph eager calls"] += 1
-        call.run.note("graphs paged", "dynamic VRAM had paged weights out: those sparse steps ran eagerly",
-                      logging.INFO)
-        return executor(*args, **kwargs)
-    try:
-        out, _ = call.run.replay_or_run(call, model_call, inputs, weights)
-    except CaptureFailed as error:
-        # Something inside the call cannot be captured (a host synchronisation in a model's code,
-        # memory): eager for the rest of the run, said once.
-        call.caches.graphs.reset()
-        call.seeds = inputs[-1]
-        context.graphs = ("off", f"capturing a step failed ({error})")
-        call.run.note("graphs", f"CUDA graphs of the sparse steps are off: capturing a step failed ({error})")
-        return executor(*args, **kwargs)
-    return out.clone()
-
-
-def _name(function) -> str:
-    inner = getattr(function, "func", function)
-    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
 
 
 def attention_override(previous):
@@ -668,71 +474,6 @@ def wrapped_by_user_patch(user_patch, chipmunk_patch, args, extra):
 
 def _chipmunk_inner(chipmunk_patch, extra, args):
     return chipmunk_patch(args, extra)
-
-
-# --- MLP replacements ------------------------------------------------------------------------------
-def mlp_proxy(stock, accelerator: Accelerator, site):
-    """A shallow copy of ``stock`` (same children and parameters) whose forward is Chipmunk's."""
-    proxy = copy.copy(stock)
-    forward = {"sequential": sequential_forward, "single_block": single_block_forward,
-               "double_block": double_block_forward}[site.kind]
-    proxy.forward = functools.partial(forward, stock, accelerator, site)
-    return proxy
-
-
-def _checked(layer, kind: str, module, x, vec=None, pe=None, txt=None) -> bool:
-    """Run the parity self-check of a kind of block once; True when it passed. A check that fails
-    (an error inside it, out of memory included) keeps ComfyUI's code for this run only."""
-    context = layer.call.context
-    if kind not in context.checks:
-        passed = context.accelerator.passed_checks
-        problem = None if kind in passed else replacements.self_check(kind, module, x, vec, pe, txt)
-        context.checks[kind] = problem
-        if problem:
-            _note_plan(context)
-        else:  # this model's code passed: later runs need not check it again (a failure is retried)
-            passed.add(kind)
-    return context.checks[kind] is None
-
-
-@torch.compiler.disable
-def sequential_forward(stock, accelerator: Accelerator, site, x):
-    layer = accelerator.layer(site.layer)
-    if (layer is None or not layer.serves_mlp() or x.shape[1] != layer.image_len
-            or not _checked(layer, site.kind, stock, x)):
-        return type(stock).forward(stock, x)  # the module's own forward (a subclass may fuse)
-    return replacements.sequential_mlp(stock, layer, site.stream, x)
-
-
-@torch.compiler.disable
-def single_block_forward(stock, accelerator: Accelerator, site, x, vec, pe, attn_mask=None, modulation_dims=None,
-                         transformer_options={}):
-    layer = (transformer_options or {}).get(LAYER_KEY)
-    if (layer is None or not layer.serves_mlp() or replacements.has_attention_patches(transformer_options)
-            or not _checked(layer, site.kind, stock, x, vec)):
-        if layer is not None and layer.serves_mlp() and replacements.has_attention_patches(transformer_options):
-            layer.call.run.note("patches", "attention patches (NAG, KV caches) are present: single blocks run "
-                                           "ComfyUI's own code with Chipmunk attention, their MLP dense")
-        return type(stock).forward(stock, x, vec=vec, pe=pe, attn_mask=attn_mask, modulation_dims=modulation_dims,
-                                   transformer_options=transformer_options)
-    fused = _checked(layer, FUSED_CHECK, stock, x, vec, pe)
-    return replacements.single_block(stock, layer, x, vec, pe, attn_mask, modulation_dims, transformer_options,
-                                     fused=fused)
-
-
-@torch.compiler.disable
-def double_block_forward(stock, accelerator: Accelerator, site, img, txt, vec, pe, attn_mask=None,
-                         modulation_dims_img=None, modulation_dims_txt=None, transformer_options={}):
-    """FLUX's double block with its per-token work in one-pass kernels where the block serves a
-    sparse MLP (the same rule as the single blocks), else ComfyUI's own forward."""
-    layer = (transformer_options or {}).get(LAYER_KEY)
-    if (layer is None or not layer.serves_mlp() or modulation_dims_img is not None or modulation_dims_txt is not None
-            or (pe is not None and pe.shape[2] < txt.shape[1] + img.shape[1])
-            or replacements.has_attention_patches(transformer_options)
-            or not _checked(layer, site.kind, stock, img, vec, pe, txt=txt)):
-        return type(stock).forward(stock, img, txt, vec, pe, attn_mask, modulation_dims_img, modulation_dims_txt,
-                                   transformer_options)
-    return replacements.double_block(stock, img, txt, vec, pe, attn_mask, transformer_options)
 
 
 __all__ = ["accelerate", "install", "Accelerator", "RunContext", "SLIDER_FIELDS"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from .options import FUSED_CHECK
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,3 +94,31 @@ def publish(accelerator, run, seconds: float):
         server.send_progress_text("\n".join(node_lines(accelerator, run, seconds)), accelerator.node_id)
     except Exception as exc:  # the report must never fail a finished run
         logger.debug("Chipmunk: could not send the run report to the node: %s", exc)
+
+
+def note_setup(context):
+    """Say once in the run what of the node's set-up is not in effect, and why (unused inputs, refusals,
+    failed self-checks)."""
+    accelerator, run = context.accelerator, context.run
+    plan, config = accelerator.plan, accelerator.config
+    for text in accelerator.unused_inputs:
+        run.note(f"unused {text}", text, logging.INFO)
+    if plan.attention_only_reason:
+        run.note("plan", plan.attention_only_reason)
+    elif config.sparse_mlp and plan.mlp_refusals:
+        run.note("mlp", "MLP kept dense where the block is not one Chipmunk knows: " + "; ".join(plan.mlp_refusals))
+    if not plan.attention_only_reason and config.sparse_mlp and plan.block_refusals:
+        run.note("blocks", "double blocks run ComfyUI's own per-token code (their MLP is still Chipmunk's): "
+                           + "; ".join(plan.block_refusals), logging.INFO)
+    if run.step_cache_schedule.disabled_reason:
+        run.note("step cache", run.step_cache_schedule.disabled_reason)
+    for kind, problem in context.checks.items():
+        if problem and kind == "double_block":
+            run.note(f"check {kind}", "double blocks run ComfyUI's own code (their MLP is still Chipmunk's): the "
+                                      f"self-check of their one-pass per-token kernels failed ({problem})", logging.INFO)
+        elif problem and kind == FUSED_CHECK:
+            run.note(f"check {kind}", "single blocks use ComfyUI's own per-token operations (norms, modulation, "
+                                      f"rotary embedding) instead of one-pass kernels: their self-check failed ({problem})",
+                     logging.INFO)
+        elif problem:
+            run.note(f"check {kind}", f"MLP of {kind.replace('_', ' ')}s kept dense: the self-check failed ({problem})")

@@ -54,9 +54,16 @@ def graphs_on_cpu(monkeypatch, chipmunk_pack_nodes):
     package = chipmunk_pack_nodes["ChipmunkAccelerate"].__module__.split(".")[0]
     hooks = importlib.import_module(f"{package}.nodes.hooks")
     graphs = importlib.import_module(f"{package}.chipmunk_core.graphs")
-    monkeypatch.setattr(hooks, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(importlib.import_module(f"{package}.nodes.graph_calls"), "GRAPH_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(graphs, "CudaGraphBackend", StandInBackend)
     return hooks
+
+
+def graph_calls(hooks):
+    """The pack's graph_calls module beside ``hooks`` (as ComfyUI loaded the pack)."""
+    import importlib
+
+    return importlib.import_module(hooks.__name__.rsplit(".", 1)[0] + ".graph_calls")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +153,7 @@ def test_graphs_stay_off_where_chipmunk_cannot_capture_the_call(flux, graphs_on_
         flux.sample(flux.accelerate(step_cache="adaptive"), size, steps=12)
     assert "off with the adaptive step cache" in _report(caplog)
     compiled = patched.clone()
-    compiled.model_options[graphs_on_cpu.COMPILE_OPTION] = {"backend": "inductor"}
+    compiled.model_options[graph_calls(graphs_on_cpu).COMPILE_OPTION] = {"backend": "inductor"}
     with caplog.at_level(logging.INFO):
         flux.sample(compiled, size, steps=12)
     assert "torch.compile is applied" in _report(caplog)
@@ -178,7 +185,7 @@ def test_under_dynamic_vram_sparse_steps_replay_and_those_that_cannot_run_stock(
     steps as usual, skipped steps included. Where the graphs cannot be used, eager sparse FLUX
     steps lost to stock (GPU numbers in the README): the run's layers go stock from its first
     sparse step on and the report says why; step caching still skips its steps."""
-    monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: True)
+    monkeypatch.setattr(graph_calls(graphs_on_cpu), "dynamic_vram", lambda patcher: True)
     size = flux.sizes[0]
     with caplog.at_level(logging.INFO):
         flux.sample(graphs_on_cpu.accelerate(flux.model, step_cache=step_cache), size, steps=20)
@@ -188,7 +195,7 @@ def test_under_dynamic_vram_sparse_steps_replay_and_those_that_cannot_run_stock(
     assert counts["sparse"] > 0 and counts["stock"] == 0 and (counts["skipped"] > 0) == (step_cache == "fixed")
 
     compiled = graphs_on_cpu.accelerate(flux.model, step_cache=step_cache).clone()
-    compiled.model_options[graphs_on_cpu.COMPILE_OPTION] = {"backend": "inductor"}  # (only its presence is read)
+    compiled.model_options[graph_calls(graphs_on_cpu).COMPILE_OPTION] = {"backend": "inductor"}  # (only its presence is read)
     with caplog.at_level(logging.INFO):
         flux.sample(compiled, size, steps=20)
     report = _report(caplog)
@@ -210,13 +217,13 @@ def test_the_size_rule_is_stricter_where_the_weights_are_paged(flux, graphs_on_c
     size = flux.sizes[0]
     rule = dict(min_sparse_tokens=0, min_sparse_tokens_paged=10 ** 6)
     for dynamic, stock in ((False, False), (True, True)):
-        monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: dynamic)
+        monkeypatch.setattr(graph_calls(graphs_on_cpu), "dynamic_vram", lambda patcher: dynamic)
         with caplog.at_level(logging.INFO):
             flux.sample(graphs_on_cpu.accelerate(flux.model, **rule), size, steps=12)
         report = _report(caplog)
         assert (cm.step_counts(report)["stock"] == 12) == stock, report
         assert ("with the weights paged in per layer (dynamic VRAM): layers run stock" in report) == stock
-    monkeypatch.setattr(graphs_on_cpu, "_dynamic_vram", lambda patcher: False)
+    monkeypatch.setattr(graph_calls(graphs_on_cpu), "dynamic_vram", lambda patcher: False)
     with caplog.at_level(logging.INFO):
         flux.sample(graphs_on_cpu.accelerate(flux.model, min_sparse_tokens=10 ** 6), size, steps=12)
     report = _report(caplog)
