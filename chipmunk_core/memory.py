@@ -128,19 +128,28 @@ class HostPrefetch:
         self.order.append(state)
 
     def drop(self, state):
-        self.pending.pop(id(state), None)
+        """Forget ``state``'s copy in flight (its host tensors are being rewritten)."""
+        self._retire(self.pending.pop(id(state), None))
+
+    @staticmethod
+    def _retire(entry):
+        # The copy's memory came from the compute stream's pool: that stream waits for the copy
+        # before the memory can be handed out again.
+        if entry is not None:
+            torch.cuda.current_stream(entry[0][0].device).wait_event(entry[1])
 
     def take(self, state, tensors: tuple, device: torch.device) -> tuple:
         """``tensors`` (host tensors of ``state``) on ``device``; starts the next layer's copy."""
-        entry = self.pending.pop(id(state), None)
         side = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-        if entry is not None and side:
+        if not side:  # (a copy in flight stays pending: a capture may not wait on it)
+            return tuple(to_compute(t, device) for t in tensors)
+        entry = self.pending.pop(id(state), None)
+        if entry is not None:
             copies, event = entry
             torch.cuda.current_stream(device).wait_event(event)
         else:
             copies = tuple(to_compute(t, device) for t in tensors)
-        if side:
-            self._ahead(state, device)
+        self._ahead(state, device)
         return copies
 
     def _ahead(self, state, device):
@@ -166,5 +175,7 @@ class HostPrefetch:
         self.pending[id(following)] = (copies, event)
 
     def reset(self):
+        for entry in self.pending.values():
+            self._retire(entry)
         self.order.clear()
         self.pending.clear()
