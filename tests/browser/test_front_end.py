@@ -160,3 +160,48 @@ def test_on_the_cpu_the_chipmunk_picture_is_the_dense_picture(browser_server, fi
     assert len(pictures) == 2, pictures
     chipmunk, dense = (Image.open(path).convert("RGB").tobytes() for path in pictures)
     assert chipmunk == dense, pictures
+
+
+OTHER_TOY_TEMPLATES = [path.stem for path in BUNDLED
+                       if not declared_models(load(path)) and path.stem != RUN_TEMPLATE.name]
+
+
+@pytest.mark.parametrize("name", OTHER_TOY_TEMPLATES)
+def test_every_other_template_without_downloads_runs_and_tells_the_truth(frontend, browser_server, finished_run,
+                                                                         name):
+    """Each of the other templates that need no download (the toy video) runs from the template
+    browser on this CPU: the node's first report line says it ran stock and why, and Chipmunk's
+    clip is the dense clip, frame for frame, and not blank."""
+    from PIL import Image, ImageSequence
+
+    frontend.load_template(PACK_NAME, name)
+    before = set(browser_server.get_json("/history"))
+    frontend.press_run()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        new = [entry for key, entry in browser_server.get_json("/history").items() if key not in before]
+        failed = [entry for entry in new if entry.get("status", {}).get("status_str") == "error"]
+        if failed:
+            raise ComfyServerError(f"{name} failed:\n{format_execution_error(failed[0]['status'])}\n"
+                                   f"{browser_server.log_tail()}")
+        done = [entry for entry in new if entry.get("status", {}).get("completed")]
+        if done:
+            break
+        if time.monotonic() > deadline:
+            raise ComfyServerError(f"{name}: not finished {RUN_TIMEOUT:.0f} s after Run\n{browser_server.log_tail()}")
+        time.sleep(1.0)
+    text = frontend.progress_text(ACCELERATE_TYPE)
+    while not text and time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = frontend.progress_text(ACCELERATE_TYPE)
+    frontend.screenshot(f"template-{name}-after-run")
+    assert text, f"no run report on the {ACCELERATE_TITLE} node"
+    first_line = text.splitlines()[0]
+    assert "ran stock" in first_line and "needs a CUDA GPU" in first_line, text
+    pictures = [browser_server.output_dir / image["subfolder"] / image["filename"]
+                for output in done[0]["outputs"].values() for image in output.get("images", [])]
+    assert len(pictures) == 2, pictures
+    clips = [[frame.convert("RGB").tobytes() for frame in ImageSequence.Iterator(Image.open(path))]
+             for path in pictures]
+    assert clips[0] == clips[1], pictures
+    assert len(set(clips[0][0])) > 16, "the first frame is blank"
