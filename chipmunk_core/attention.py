@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .config import ChipmunkConfig
 from .layout import JointLayout
-from .memory import HostPrefetch, Rows, reuse_buffer, to_compute, to_storage, with_batch
+from .memory import HostPrefetch, Rows, reuse_buffer, to_compute, to_storage
 
 
 def selects_keys(config: ChipmunkConfig, step: int) -> bool:
@@ -54,10 +54,6 @@ class SparseDeltaAttention(Rows):
 
     def batch(self) -> int:
         return 0 if self.delta is None else self.delta.shape[0]
-
-    def rebatched(self, batch: int):
-        if self.signature is not None:
-            self.signature = (with_batch(self.signature[0], batch),) + self.signature[1:]
 
     @staticmethod
     def _signature(q, k):
@@ -145,8 +141,9 @@ class SparseDeltaAttention(Rows):
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
         batch, heads, n_tokens, head_dim = q.shape
-        if self.prefetch is not None and self.host_tensors():
-            delta, indices, counts = self.prefetch.take(self, self.host_tensors(), q.device)
+        host = self.host_tensors() if self.prefetch is not None else ()
+        if host:
+            delta, indices, counts = self.prefetch.take(self, host, q.device)
         else:
             delta = to_compute(self.delta, q.device)
             indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)

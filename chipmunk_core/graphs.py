@@ -130,7 +130,8 @@ class StepGraph:
         shapes = tuple((tuple(t.shape), t.dtype, str(t.device), t.stride()) for t in inputs)
         return shapes, tuple(t.data_ptr() for t in persistent), settings
 
-    def run(self, fn, inputs: tuple, persistent=(), settings=()):
+    def run(self, fn, inputs: tuple, persistent=(), settings=(), before_capture=None):
+        """``before_capture()``, where given, is called right before a capture (and only then)."""
         tensors = persistent if callable(persistent) else (lambda: persistent)
         key = self.make_key(inputs, tensors(), settings)
         if key != self.key:
@@ -142,6 +143,8 @@ class StepGraph:
                 self.key = self.make_key(inputs, tensors(), settings)
                 return outputs
         if self._graph is None:
+            if before_capture is not None:
+                before_capture()
             self._static_inputs = _static_copies(inputs)
             try:
                 self._graph, self._outputs = self.backend.capture(fn, self._static_inputs)
@@ -165,7 +168,8 @@ class StepReplays:
 
     ``run(fn, inputs, persistent, settings, bookkeeping)``: ``bookkeeping`` is an object with
     ``snapshot() -> state`` and ``delta(before, after) -> change`` and ``restore(before, change)``,
-    and ``rollback(before)`` (a failed capture: the host state as it was before the call);
+    and ``checkpoint()`` / ``rollback(before, checkpoint)`` (taken right before a capture only: a
+    failed capture puts the host state back as it was before the call);
     the change a call that ran ``fn``'s Python made is recorded per settings, and a replay (which
     runs no Python) gets exactly that change applied. Returns (outputs, how) with how one of
     "eager", "captured", "replayed".
@@ -183,12 +187,14 @@ class StepReplays:
             graph = self.graphs[settings] = StepGraph(self.backend_factory(), self.warm)
         captures, replays = graph.captures, graph.replays
         before = bookkeeping.snapshot()
+        saved = []
         try:
-            outputs = graph.run(fn, inputs, persistent, settings)
+            outputs = graph.run(fn, inputs, persistent, settings,
+                                before_capture=lambda: saved.append(bookkeeping.checkpoint()))
         except CaptureFailed:
             # The capture ran fn's Python (counters, lazily made buffers) but nothing on the GPU:
             # undo all of it, so that the eager rerun is the step an eager run would have made.
-            bookkeeping.rollback(before)
+            bookkeeping.rollback(before, saved[0])
             raise
         if graph.replays > replays and graph.captures == captures:
             bookkeeping.restore(before, self.changes[settings])

@@ -4,6 +4,7 @@ in place, and the moves between host memory and the compute device for caches th
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +86,15 @@ class Rows:
 
     BATCHED: tuple[str, ...] = ()
 
+    signature = None
+
     def rebatched(self, batch: int):
-        """Update what records the batch size (signatures) after a cut or a join."""
+        """Update what records the batch size after a cut or a join: by default a ``signature``
+        whose first entry is the batched input's shape."""
+        if self.signature is not None:
+            self.signature = (with_batch(self.signature[0], batch),) + tuple(self.signature[1:])
 
     def take_rows(self, start: int, stop: int):
-        import copy
         piece = copy.copy(self)
         for name in self.BATCHED:
             setattr(piece, name, take_rows(getattr(self, name), start, stop))
@@ -98,7 +103,6 @@ class Rows:
 
     @classmethod
     def joined(cls, states: list):
-        import copy
         whole = copy.copy(states[0])
         for name in cls.BATCHED:
             setattr(whole, name, join_rows([getattr(s, name) for s in states]))
@@ -168,8 +172,8 @@ class HostPrefetch:
         copies = tuple(torch.empty_like(t, device=device) for t in host)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            for copy, t in zip(copies, host):
-                copy.copy_(t, non_blocking=True)
+            for device_copy, t in zip(copies, host):
+                device_copy.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
         self.pending[id(following)] = (copies, event)

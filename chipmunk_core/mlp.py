@@ -24,7 +24,7 @@ from .. import kernels
 from ..kernels.mlp_reference import ACTIVATIONS
 from .config import ChipmunkConfig
 from .layout import inverse_permutation
-from .memory import Rows, reuse_buffer, to_compute, with_batch
+from .memory import Rows, reuse_buffer, to_compute
 
 ACTIVATION = "gelu_tanh"
 
@@ -60,10 +60,6 @@ class SparseDeltaMLP(Rows):
 
     def batch(self) -> int:
         return 0 if self.hidden is None else self.hidden.shape[0]
-
-    def rebatched(self, batch: int):
-        if self.signature is not None:
-            self.signature = (with_batch(self.signature[0], batch),) + self.signature[1:]
 
     def ready_for(self, x) -> bool:
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)

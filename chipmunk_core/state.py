@@ -341,12 +341,15 @@ class _Bookkeeping:
         self.run, self.caches = run, caches
 
     def snapshot(self):
+        return (Counter(self.run.stats), Counter(self.run.kept),
+                {key: state._sparse_steps for key, state in self.caches.mlp.items()})
+
+    def checkpoint(self):
+        """Every state of the conditioning as it stands (right before a capture)."""
         caches = self.caches
         states = [*caches.attention.values(), *caches.mlp.values(), caches.step_cache]
-        return (Counter(self.run.stats), Counter(self.run.kept),
-                {key: state._sparse_steps for key, state in caches.mlp.items()},
-                ([(state, dict(vars(state))) for state in states], dict(caches.attention), dict(caches.mlp),
-                 dict(self.run.fc2_copies.copies)))
+        return ([(state, dict(vars(state))) for state in states], dict(caches.attention), dict(caches.mlp),
+                dict(self.run.fc2_copies.copies))
 
     @staticmethod
     def delta(before, after):
@@ -360,8 +363,8 @@ class _Bookkeeping:
         for key, state in self.caches.mlp.items():
             state._sparse_steps = before[2].get(key, 0) + change[2].get(key, 0)
 
-    def rollback(self, before):
-        states, attention, mlp, copies = before[3]
+    def rollback(self, before, checkpoint):
+        states, attention, mlp, copies = checkpoint
         for state, attributes in states:
             vars(state).clear()
             vars(state).update(attributes)
