@@ -78,7 +78,7 @@ class RunContext:
         self.run = run
         self.patcher = patcher
         self.graphs = None  # ("off", reason) or ("on", (weights, PagedWeights or None)), once known
-        self.stock_from_now = False  # later calls run their layers stock (_stock_where_eager_loses)
+        self.stock_from_now = False  # later calls run their layers stock (graph_calls.stock_where_eager_loses)
         self.checks: dict[str, str | None] = {}  # self-check kind -> failure (None: passed)
 
 
@@ -324,7 +324,7 @@ def _begin_call(executor, args, kwargs):
     call = run.begin_call(arguments["x"], options, shape)
     call.stock_layers = call.stock_layers or context.stock_from_now
     call.context = context
-    run.fc2_copies.weights_state(_weights_state(diffusion_model, context.patcher))
+    run.fc2_copies.weights_state(_weights_state(context.patcher))
     call.diffusion_model = diffusion_model
     call.has_control = arguments.get("control") is not None
     previous = options.get(OVERRIDE)
@@ -337,7 +337,7 @@ def _begin_call(executor, args, kwargs):
     return context, call, args, kwargs
 
 
-def _weights_state(diffusion_model, patcher) -> tuple:
+def _weights_state(patcher) -> tuple:
     """What says which values the model's weights hold now: ComfyUI patches them in place for hook
     keyframes and per-conditioning LoRA hooks (``current_hooks``), and for its weight patches
     (``current_weight_patches_uuid``). Copies made from the weights hold for one such state."""
