@@ -312,6 +312,8 @@ def main():
                         help="comma list of device memory budgets: after the model is loaded, the card is occupied "
                              "so that only this many GiB stay free (all: nothing occupied)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--blocks", default=None,
+                        help="fewer blocks than the real model: FLUX/HunyuanVideo 'DOUBLE,SINGLE', WAN 'LAYERS'")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()
@@ -335,11 +337,16 @@ def main():
     dynamic = ns.dynamic_vram and enable_dynamic_vram(ns.device)
     if ns.dynamic_vram and not dynamic:
         sys.exit("--dynamic-vram: comfy-aimdo is not installed or found no device")
+    blocks = {}
+    if ns.blocks:
+        counts = [int(n) for n in ns.blocks.split(",")]
+        blocks = dict(num_layers=counts[0]) if ns.case.startswith("wan") else \
+            dict(depth=counts[0], depth_single_blocks=counts[1] if len(counts) > 1 else 0)
     if dynamic:
-        stock = load_like_unet_loader(build(ns.case, ns.device, dtype, ns.smoke), ns.weight_dtype)
+        stock = load_like_unet_loader(build(ns.case, ns.device, dtype, ns.smoke, **blocks), ns.weight_dtype)
         print(f"model patcher: {type(stock).__name__}", flush=True)
     else:
-        stock = build(ns.case, ns.device, dtype, ns.smoke)
+        stock = build(ns.case, ns.device, dtype, ns.smoke, **blocks)
     pos, neg = conditioning(ns.case, 5, ns.smoke), conditioning(ns.case, 6, ns.smoke)
     rows = []
     mlp_triton = importlib.import_module("chipmunk_pack.kernels.mlp_triton")

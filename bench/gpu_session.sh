@@ -29,6 +29,7 @@
 #   bash bench/gpu_session.sh budgets2  # one GPU: FLUX bf16 at 48/32/12 GiB, WAN2.1-1.3B's template at all and 8 GiB
 #   bash bench/gpu_session.sh check     # one GPU: tests/gpu, FLUX under EasyCache, WAN2.1-1.3B at 8 GiB
 #   bash bench/gpu_session.sh final_check # one GPU: tests/gpu and the corners of the budget table again
+#   bash bench/gpu_session.sh gpu_suite # one GPU: tests/gpu alone
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -293,6 +294,10 @@ final_check)
         --out "$R/e2e_flux_budgets_fp8_check.json"
     job 0 150 wan13b_8gib_cache "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
         --dynamic-vram --free-gib 8 --variants "stock,chipmunk+cache" --out "$R/e2e_wan13b_8gib_cache.json"
+    ;;
+gpu_suite)
+    # The GPU test suite alone (tests/gpu; its dynamic-VRAM test runs bench/e2e_comfy.py in a process of its own).
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 540 gpu_tests python3 -m pytest tests/gpu -q -rA
     ;;
 hunyuan)
     # HunyuanVideo 720p at the longest clip whose stock and Chipmunk + step cache runs fit one call.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -108,6 +109,31 @@ def test_same_picture_whatever_the_memory_budget(comfy_gpu, flux_gpu, monkeypatc
     report = _report(hooks, model)
     assert "fc2 copy of" in report and "MLP of" not in report, report
     assert torch.equal(without_copies, everything)
+
+
+def test_dynamic_vram_as_main_py_runs_it(tmp_path):
+    """ComfyUI's dynamic VRAM (comfy-aimdo, the default of ``python main.py`` on NVIDIA) in its own
+    process, the model loaded as Load Diffusion Model loads it (bench/e2e_comfy.py): Chipmunk's
+    sparse steps replay CUDA graphs, the pictures are finite, and each variant's picture is the same
+    with all memory free and with the card occupied down to 12 GiB."""
+    import json
+    if importlib.util.find_spec("comfy_aimdo") is None:
+        pytest.fail("comfy-aimdo is missing: it is part of ComfyUI v0.19.3's requirements (pip install comfy-aimdo)")
+    out = tmp_path / "dynamic.json"
+    command = [sys.executable, str(paths.REPO_ROOT / "bench" / "e2e_comfy.py"), "--comfyui", str(paths.comfyui_dir()),
+               "--case", "flux", "--blocks", "2,4", "--sizes", "1024x1024", "--steps", str(STEPS),
+               "--warmup-steps", str(STEPS), "--dynamic-vram", "--free-gib", "all,12",
+               "--variants", "stock,chipmunk,chipmunk+cache", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0 and out.exists(), result.stdout[-4000:] + result.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["variant"] for row in rows} == {"stock", "chipmunk", "chipmunk+cache"} and len(rows) == 6
+    for row in rows:
+        assert row["dynamic_vram"] and row["finite"], row
+        assert row["same_as_first_budget"], row
+    for row in (r for r in rows if r["variant"] != "stock"):
+        report = row["report"]
+        assert int(report.split("CUDA graphs: ")[1].split(" ")[0]) > 0, report
 
 
 def test_compiled_kernels_match_the_references_at_real_shapes():
