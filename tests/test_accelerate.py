@@ -237,6 +237,53 @@ def test_mlp_of_a_changed_block_falls_back_with_one_message(flux, caplog, monkey
     assert len(messages) == 2, messages  # one warning, one report line
 
 
+def _single_block_fused_adaln(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
+    """FLUX's single block as newer ComfyUI (autumn 2026) writes it: the norm and the modulation in
+    one fused operation (here: the normalisation done by hand, so it rounds elsewhere) and the
+    residual added out of place. The same function as this ComfyUI's block."""
+    import torch.nn.functional as F
+    from comfy.ldm.flux.math import attention
+
+    mod = self.modulation(vec)[0] if self.modulation else vec
+    mean = x.mean(-1, keepdim=True)
+    centred = x - mean
+    normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.pre_norm.eps)
+    x_mod = normed * (1 + mod.scale) + mod.shift
+    qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = self.norm(q, k, v)
+    attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
+    out = self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), 2))
+    return x + mod.gate * out
+
+
+def test_single_blocks_with_a_fused_modulation_are_recognised_by_behaviour(flux, caplog, monkeypatch):
+    """Newer ComfyUI fuses the single block's norm and modulation and adds its residual out of
+    place, so Chipmunk's block no longer equals it bit for bit. Reproduced on this ComfyUI: the block
+    is accepted by its update (float32 roundings), its MLP runs sparse, and the picture is the one
+    this ComfyUI's own block gives up to that rounding."""
+    import comfy.ldm.flux.layers as layers
+
+    size = flux.sizes[0]
+    settings = dict(preset=cm.CUSTOM, first_dense_layers=0)
+    with caplog.at_level(logging.INFO):
+        today = flux.sample(flux.accelerate(**settings), size)
+    assert "kept dense" not in cm.reports(caplog)[-1]
+    stock_today = flux.sample(flux.model, size)
+    monkeypatch.setattr(layers.SingleStreamBlock, "forward", _single_block_fused_adaln)
+    stock_newer = flux.sample(flux.model, size)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        newer = flux.sample(flux.accelerate(**settings), size)
+    report = cm.reports(caplog)[-1]
+    assert "kept dense" not in report and "self-check failed" not in report, report
+    assert "MLP 70%" in report, report
+    rounding = _relative(stock_newer, stock_today)
+    print(f"stock blocks: newer vs today {rounding:.1e}; Chipmunk: {_relative(newer, today):.1e}")
+    assert 0 < rounding < 1e-5
+    assert _relative(newer, today) < 1e-4
+
+
 def test_a_feed_forward_with_its_own_fused_forward_is_recognised_by_behaviour(wan, caplog):
     """Newer ComfyUI (autumn 2026) builds WAN's FFN as ``WanFeedForward``: a Sequential subclass
     whose forward folds the GELU into fc2's kernel. Reproduced here on this ComfyUI: the MLP is
