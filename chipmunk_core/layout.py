@@ -84,6 +84,9 @@ class SequenceShape:
     text_len: int
     text_first: bool  # [text, image] (FLUX) or [image, text] (HunyuanVideo)
     grid_first: bool = True  # generated tokens open the image stream; extra (reference) tokens follow
+    # Where known, how many extra tokens precede the generated ones (the rest follow them): WAN
+    # prepends a reference latent's tokens and newer ComfyUI appends context latents' tokens.
+    extra_before: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,14 @@ class JointLayout:
 
 @functools.lru_cache(maxsize=32)
 def _layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bool, grid_first: bool,
-            group: int, window: tuple[int, ...], device: str) -> JointLayout:
+            group: int, window: tuple[int, ...], device: str, extra_before: int = -1) -> JointLayout:
     grid_tokens = math.prod(grid) if grid else 0
     if grid_tokens > image_len:
         raise ValueError(f"token grid {grid} holds {grid_tokens} tokens but the image stream has {image_len}")
-    grid_start = 0 if grid_first else image_len - grid_tokens
+    if extra_before > image_len - grid_tokens:
+        raise ValueError(f"{extra_before} extra tokens before a grid of {grid_tokens} do not fit an image stream "
+                         f"of {image_len}")
+    grid_start = extra_before if extra_before >= 0 else 0 if grid_first else image_len - grid_tokens
     tile = choose_tile(grid, group) if grid_tokens else ()
     grid_part = tile_order(grid, tile) if grid_tokens else torch.empty(0, dtype=torch.int64)
     others = torch.cat([torch.arange(0, grid_start), torch.arange(grid_start + grid_tokens, image_len)])
@@ -153,14 +159,17 @@ def _layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bo
 
 
 def joint_layout(text_len: int, grid: tuple[int, ...], image_len: int, text_first: bool, group: int,
-                 device, grid_first: bool = True, window: tuple[int, ...] = ()) -> JointLayout:
+                 device, grid_first: bool = True, window: tuple[int, ...] = (),
+                 extra_before: int | None = None) -> JointLayout:
     """Layout of a [text, image] (``text_first``) or [image, text] sequence; cached per shape.
 
     ``grid_first``: the generated image's tokens open the image stream (extra tokens such as
-    reference latents follow); otherwise they close it.
+    reference latents follow); otherwise they close it. ``extra_before``, where given, says
+    instead how many extra tokens precede the generated ones (the others follow them).
     """
     return _layout(int(text_len), tuple(int(g) for g in grid), int(image_len), bool(text_first), bool(grid_first),
-                   int(group), tuple(int(w) for w in window), str(torch.device(device)))
+                   int(group), tuple(int(w) for w in window), str(torch.device(device)),
+                   -1 if extra_before is None else int(extra_before))
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:

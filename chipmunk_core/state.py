@@ -470,9 +470,15 @@ class LayerCall:
             if not grid and shape.grid:
                 self.call.run.note("grid", f"the image stream ({self.image_len} tokens) is shorter than the latent "
                                            f"grid {shape.grid}: tokens are grouped in raster order")
+            before = shape.extra_before
+            if grid and before is not None and before + math.prod(grid) > self.image_len:
+                self.call.run.note("extra", f"the image stream ({self.image_len} tokens) does not hold the "
+                                            f"{before} tokens expected before the latent grid {shape.grid}: the "
+                                            "extra tokens are assumed to be placed as in ComfyUI v0.19.3")
+                before = None
             self._layout = joint_layout(self.text_len, grid, self.image_len, self.call.text_first,
                                         self.config.query_group, self.call.seeds.device, grid_first=shape.grid_first,
-                                        window=self.config.local_window)
+                                        window=self.config.local_window, extra_before=before)
             self.call.caches.layouts.setdefault(id(self._layout), self._layout)
         return self._layout
 

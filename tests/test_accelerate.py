@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import re
 
 import pytest
@@ -39,6 +40,12 @@ def _since_their_comfyui(names):
     skipped) against older versions."""
     return [pytest.param(name, marks=pytest.mark.comfyui_versions(since=_KINDS[name].min_version))
             for name in names]
+
+
+def _loaded(kind, name: str):
+    """The pack's module ``name`` as the node uses it (ComfyUI loaded the pack under its folder name:
+    ``chipmunk_pack`` is another copy of the same files)."""
+    return importlib.import_module(f"{kind.node.__module__.split('.')[0]}.{name}")
 
 
 def _relative(a, b):
@@ -316,6 +323,43 @@ def test_a_feed_forward_with_its_own_fused_forward_is_recognised_by_behaviour(wa
             block.ffn.__class__ = cls
 
 
+def test_tokens_appended_after_the_video_keep_the_video_grouped(wan, caplog, monkeypatch):
+    """Newer ComfyUI's WAN can append context latents' tokens after the video tokens. Reproduced on
+    this ComfyUI with a block patch that appends 12 tokens (and rotary rows) around every block: the
+    video grid is laid out from the first token and the extra tokens follow it (they were taken as
+    preceding the grid before); the run stays sparse."""
+    state = _loaded(wan, "chipmunk_core.state")
+    extra = 12
+
+    def appending(args, extras):
+        img, pe = args["img"], args["pe"]
+        wider = {**args, "img": torch.cat([img, img[:, :extra] * 0.5], dim=1),
+                 "pe": torch.cat([pe, pe[:, :extra]], dim=1)}
+        out = extras["original_block"](wider)
+        return {**out, "img": out["img"][:, :-extra]}
+
+    model = wan.model.clone()
+    for index in range(len(model.get_model_object("diffusion_model").blocks)):
+        model.set_model_patch_replace(appending, "dit", "double_block", index)
+    layouts = []
+    joint_layout = state.joint_layout
+
+    def recording(text_len, grid, image_len, *args, **kwargs):
+        layouts.append((tuple(grid), image_len, kwargs.get("extra_before")))
+        return joint_layout(text_len, grid, image_len, *args, **kwargs)
+
+    monkeypatch.setattr(state, "joint_layout", recording)
+    size = wan.sizes[0]
+    stock = wan.sample(model, size)
+    with caplog.at_level(logging.INFO):
+        fast = wan.sample(wan.accelerate(model, preset=cm.CUSTOM, first_dense_layers=0), size)
+    report = cm.reports(caplog)[-1]
+    assert layouts and all(before == 0 and image_len == math.prod(grid) + extra
+                           for grid, image_len, before in layouts), layouts
+    assert cm.step_counts(report)["sparse"] > 0 and "tokens are grouped in raster order" not in report, report
+    assert torch.isfinite(fast).all() and not torch.equal(fast, stock)
+
+
 def test_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, caplog, monkeypatch):
     """The single and double blocks' norms, modulation, rotary embedding and gated residuals go
     through one-pass kernels once self-checks find the blocks' updates equal to ComfyUI's; a ComfyUI
@@ -323,7 +367,7 @@ def test_per_token_kernels_match_comfyui_and_step_aside_when_it_changes(flux, ca
     ComfyUI's own code (the MLPs stay sparse), said once each. (No always-dense layers here:
     the narrow FLUX's two double blocks would be them.)"""
     import comfy.ldm.flux.layers as flux_layers
-    from chipmunk_pack.chipmunk_core.adapters import replacements
+    replacements = _loaded(flux, "chipmunk_core.adapters.replacements")
 
     size = flux.sizes[0]
     with caplog.at_level(logging.INFO):

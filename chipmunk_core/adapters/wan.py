@@ -7,6 +7,8 @@ between blocks or extra tokens: they run attention-only.
 
 from __future__ import annotations
 
+import math
+
 from ..layout import SequenceShape
 from ..memory import ModelDims
 from . import FamilyAdapter
@@ -44,8 +46,14 @@ class WanAdapter(FamilyAdapter):
         x, time_dim_concat = arguments["x"], arguments.get("time_dim_concat")
         frames = x.shape[2] + (0 if time_dim_concat is None else time_dim_concat.shape[2])
         grid = self.patch_grid((frames, *x.shape[3:]), diffusion_model.patch_size)
-        # A reference latent (models with ref_conv) is prepended to the video tokens.
-        return SequenceShape(grid, 0, text_first=False, grid_first=False)
+        # A reference latent (models with ref_conv) is prepended to the video tokens; anything else
+        # beside them (newer ComfyUI's context latents) is appended after them.
+        reference = (arguments.get("kwargs") or {}).get("reference_latent")
+        before = 0
+        if getattr(diffusion_model, "ref_conv", None) is not None and reference is not None:
+            # (its convolution has stride = kernel and no padding: whole patches only)
+            before = math.prod(s // p for s, p in zip(reference.shape[-2:], diffusion_model.patch_size[1:]))
+        return SequenceShape(grid, 0, text_first=False, grid_first=False, extra_before=before)
 
     def streams(self, block, kind, args, call):
         return 0, args["img"].shape[1], False

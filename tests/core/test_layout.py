@@ -52,6 +52,21 @@ def test_joint_layout_orders_image_then_text_and_forces_text(text_first, grid_fi
     assert first_tile.min() >= 0 and first_tile.max() < math.prod(grid)
 
 
+@pytest.mark.parametrize("before", [0, 3, 5])
+def test_extra_tokens_on_both_sides_of_the_grid(before):
+    """WAN: a reference latent's tokens before the video's, newer ComfyUI's context latents after."""
+    grid, extra = (4, 6, 8), 5
+    image_len = math.prod(grid) + extra
+    layout = joint_layout(0, grid, image_len, False, 48, "cpu", grid_first=False, extra_before=before)
+    assert _is_permutation(layout.image_order, image_len)
+    grid_part = layout.image_order[:math.prod(grid)].long()
+    assert grid_part.min() == before and grid_part.max() == before + math.prod(grid) - 1
+    rest = sorted(layout.image_order[math.prod(grid):].tolist())
+    assert rest == list(range(before)) + list(range(before + math.prod(grid), image_len))
+    with pytest.raises(ValueError, match="do not fit"):
+        joint_layout(0, grid, image_len, False, 48, "cpu", extra_before=extra + 1)
+
+
 def test_local_window_covers_the_tile_and_its_neighbourhood():
     grid, tile, window = (8, 12, 16), (4, 6, 8), (2, 2, 2)
     keys = local_window_keys(grid, tile, window)
