@@ -11,7 +11,12 @@
 #   2. a Python venv, ${CHIPMUNK_VENV:-<repo>/.venv}, with torch + torchvision (pinned per CPU
 #      architecture, only when torch is missing), the torchaudio that goes with them, the pack's
 #      requirements.txt, tests/requirements.txt and the primary ComfyUI's requirements (without
-#      torch*: the installed builds are kept, as a pip constraint);
+#      torch*: the installed builds are kept, as a pip constraint). A torch that is there (the
+#      venv's, or one you installed into it first) is never replaced. Which build a fresh venv gets:
+#      with an NVIDIA driver (nvidia-smi or /proc/driver/nvidia), or on macOS, the registry's default
+#      build; without one (Linux), the CPU build from the PyTorch CPU wheel index, so that no CUDA
+#      libraries are installed for nothing. Where that index cannot be reached, the default build is
+#      installed after all, with a warning that says how to avoid it;
 #   3. for another ComfyUI version, a small venv layered on that one (<venv>/.chipmunk/comfyui-v<version>):
 #      it sees every package of the main venv (torch included) and holds only what that version pins
 #      differently (for v0.3.64: its front end, workflow templates and embedded docs).
@@ -33,6 +38,8 @@
 #   CHIPMUNK_COMFYUI_URL       where to clone ComfyUI from
 #   CHIPMUNK_REQUIRE_COMFYUI   1: fail when no ComfyUI can be had
 #   CHIPMUNK_VENV              venv location
+#   CHIPMUNK_TORCH_BUILD       auto (default), cpu or default: which torch build a fresh venv gets
+#   CHIPMUNK_TORCH_CPU_INDEX   the CPU wheel index (default https://download.pytorch.org/whl/cpu)
 #   CHIPMUNK_PYTHON            interpreter that creates the venv (default: python3)
 set -euo pipefail
 exec 3>&1 1>&2  # everything but the final KEY=value lines goes to standard error
@@ -163,9 +170,53 @@ comfyui_requirements() {
 
 has_module() { "$1" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$2') is None)"; }
 
-if ! has_module "$PY" torch; then
+# Which torch build a fresh venv gets (see the header): a CUDA build is some 3 GiB of libraries
+# that a machine without an NVIDIA GPU never uses.
+TORCH_BUILD="${CHIPMUNK_TORCH_BUILD:-auto}"
+CPU_INDEX="${CHIPMUNK_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+nvidia_present() {
+    [[ -e /proc/driver/nvidia/version ]] && return 0
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}
+index_reachable() {  # url: answers within 15 s (proxy settings of the environment apply)
+    "$PY" - "$1" <<'EOF' 2>/dev/null
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=15).close()
+except Exception:
+    sys.exit(1)
+EOF
+}
+install_torch() {
+    local build="$TORCH_BUILD"
+    case "$build" in
+        auto)
+            if [[ "$(uname -s)" != Linux ]] || nvidia_present; then build=default; else build=cpu; fi ;;
+        cpu | default) ;;
+        *) die "CHIPMUNK_TORCH_BUILD is '$build': use auto, cpu or default" ;;
+    esac
+    if [[ "$build" == cpu ]]; then
+        if index_reachable "$CPU_INDEX"; then
+            # Both indexes offer each pinned version; the CPU index's (2.14.1+cpu) ranks above the
+            # registry's plain 2.14.1, so pip takes it; the rest (sympy, ...) comes from the registry.
+            log "no NVIDIA GPU: installing the CPU build of ${TORCH_PINS[*]} from $CPU_INDEX"
+            pip_install "$PY" --extra-index-url "$CPU_INDEX" "${TORCH_PINS[@]}"
+            return
+        fi
+        cat >&2 <<EOF
+[setup_env] WARNING: no NVIDIA GPU here, but the PyTorch CPU wheel index cannot be reached
+[setup_env]   ($CPU_INDEX). Installing the registry's default torch build instead: it brings
+[setup_env]   CUDA libraries (about 3 GiB) that this machine will not use. To avoid that, stop now
+[setup_env]   (Ctrl+C) and set CHIPMUNK_TORCH_CPU_INDEX to a CPU wheel index that answers here, or
+[setup_env]   install a CPU build of torch and torchvision into $VENV yourself (it is kept).
+EOF
+    fi
     log "installing ${TORCH_PINS[*]}"
     pip_install "$PY" "${TORCH_PINS[@]}"
+}
+
+if ! has_module "$PY" torch; then
+    install_torch
 fi
 
 # Keep whatever torch/torchvision/torchaudio the venv has (the pins above on a fresh venv, or a

@@ -13,7 +13,9 @@
 #   --models DIR (or CHIPMUNK_MODELS_DIR)       a ComfyUI-style models folder (diffusion_models/,
 #                                               text_encoders/, vae/, ...) is added.
 # Environment: CHIPMUNK_PORT (8188), CHIPMUNK_LISTEN (127.0.0.1), and those of setup_env.sh
-# (CHIPMUNK_VENV, CHIPMUNK_COMFYUI_DIR). Without CUDA, ComfyUI runs with --cpu.
+# (CHIPMUNK_COMFYUI_ARCHIVE where GitHub cannot be reached, CHIPMUNK_COMFYUI_DIR, CHIPMUNK_VENV,
+# CHIPMUNK_TORCH_BUILD). Without CUDA, ComfyUI runs with --cpu. Outputs go to <ComfyUI>/output
+# (by default ~/.cache/comfyui-chipmunk/ComfyUI-v0.19.3/output).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,14 +37,20 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-setup="$(bash "$REPO/tools/setup_env.sh")"  # KEY=value lines: where ComfyUI is, which Python
+# KEY=value lines: where ComfyUI is, which Python. Without a ComfyUI there is nothing to start, so
+# the set-up stops before it installs anything.
+if ! setup="$(CHIPMUNK_REQUIRE_COMFYUI=1 bash "$REPO/tools/setup_env.sh")"; then
+    cat >&2 <<EOF
+[start] could not set up ComfyUI (the lines above say why). Where this machine cannot reach GitHub,
+[start] give it a ComfyUI v0.19.3 source archive (a .tar.gz whose top folder is ComfyUI/):
+[start]   CHIPMUNK_COMFYUI_ARCHIVE=/path/to/comfyui-v0.19.3.tar.gz bash tools/start.sh
+[start] or an existing ComfyUI tree: CHIPMUNK_COMFYUI_DIR=/path/to/ComfyUI bash tools/start.sh
+EOF
+    exit 1
+fi
 eval "$setup"
 PY="$CHIPMUNK_VENV_PYTHON"
 COMFYUI_DIR="$CHIPMUNK_COMFYUI_DIR"
-if [[ ! -f "$COMFYUI_DIR/main.py" ]]; then
-    echo "[start] no ComfyUI checkout at $COMFYUI_DIR (see the setup_env.sh warning above)" >&2
-    exit 1
-fi
 
 run_dir="$REPO/.run"
 custom_nodes="$run_dir/custom_nodes"
@@ -87,6 +95,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 echo "[start] ComfyUI $COMFYUI_DIR on http://$LISTEN:$PORT with $PACK_NAME from $REPO" >&2
+echo "[start] pictures and videos are saved in $COMFYUI_DIR/output" >&2
 cd "$COMFYUI_DIR"
 exec "$PY" main.py --listen "$LISTEN" --port "$PORT" --disable-api-nodes \
     --extra-model-paths-config "$config" "${comfy_args[@]}"
