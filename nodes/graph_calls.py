@@ -94,8 +94,11 @@ def setup(context, call, options: dict):
     if any(getattr(patch, "chipmunk_wraps", None) is not None for patch in replaced.values()):
         return "off", "another node replaces blocks of the model"
     previous = getattr(options.get(OVERRIDE), "previous", None)
-    if previous is not None:
-        return "off", f"another attention override is installed ({name(previous)})"
+    if previous is not None and not comfyui_own(previous):
+        # another node's override may decide on the host per call (a step counter, a schedule),
+        # which a replay would not repeat; ComfyUI's own ("Model Attention Backend", "Model
+        # Sparse Attention") are captured with the call (a capture that fails is undone)
+        return "off", f"another node's attention override is installed ({name(previous)})"
     weights = list(call.diffusion_model.parameters()) + list(call.diffusion_model.buffers())
     paged = None
     if dynamic_vram(patcher):
@@ -110,6 +113,12 @@ def setup(context, call, options: dict):
     if any(t.device.type not in GRAPH_DEVICES for t in weights):
         return "off", "some of the model's weights are not on the GPU"
     return "on", (tuple(weights), paged)
+
+
+def comfyui_own(function) -> bool:
+    """Whether a callable comes from ComfyUI itself (its core nodes' attention overrides)."""
+    module = getattr(getattr(function, "func", function), "__module__", None) or ""
+    return module.split(".")[0] in ("comfy", "comfy_extras", "comfy_api")
 
 
 def graphed_call(executor, context, call, args, kwargs):

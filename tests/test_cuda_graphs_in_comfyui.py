@@ -159,6 +159,40 @@ def test_graphs_stay_off_where_chipmunk_cannot_capture_the_call(flux, graphs_on_
     assert "torch.compile is applied" in _report(caplog)
 
 
+def test_comfyuis_own_attention_override_keeps_the_graphs(flux, graphs_on_cpu, caplog):
+    """An attention override of ComfyUI's core nodes ("Model Attention Backend", "Model Sparse
+    Attention" of autumn 2026; here a stand-in marked as core's) is chained and captured with the
+    call: the sparse steps replay and the picture is the eager one with that override. Another
+    node's override keeps the graphs off and says whose it is."""
+    size = flux.sizes[0]
+    served = []
+
+    def backend(func, *args, **kwargs):
+        served.append(1)
+        return func(*args, **kwargs)
+
+    def with_override(model, module):
+        backend.__module__ = module
+        other = model.clone()
+        other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = backend
+        return other
+
+    hooks = graphs_on_cpu
+    core = with_override(flux.model, "comfy_extras.nodes_attention_backend")
+    with caplog.at_level(logging.INFO):
+        eager = flux.sample(hooks.accelerate(core, cuda_graphs=False), size, steps=20)
+        graphed = flux.sample(hooks.accelerate(core), size, steps=20)
+    report = _report(caplog)
+    assert int(report.split("CUDA graphs: ")[1].split(" ")[0]) > 0, report
+    assert served and _relative(graphed, eager) < 1e-5
+    custom = with_override(flux.model, "custom_nodes.some_pack")
+    with caplog.at_level(logging.INFO):
+        flux.sample(hooks.accelerate(custom), size, steps=20)
+    report = _report(caplog)
+    assert "another node's attention override is installed (custom_nodes.some_pack" in report, report
+    assert "CUDA graphs:" not in report
+
+
 def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_so(flux, graphs_on_cpu, monkeypatch, caplog):
     import importlib
 
