@@ -131,3 +131,54 @@ def test_the_cpu_runs_stock_and_says_so_first(flux, monkeypatch, caplog):
     assert torch.equal(out, stock)
     first_line = report.split(" | ")[0]
     assert "ran stock: on the CPU" in first_line and "needs a CUDA GPU" in first_line, report
+
+
+def test_hook_keyframes_change_the_weights_and_the_copies_follow(flux, pack, monkeypatch, caplog):
+    """A LoRA hook on the conditioning whose keyframe turns it off halfway: ComfyUI patches the
+    single blocks' fc2 weights in place mid-run. The run keeping transposed fc2 copies gives the
+    picture of the run that keeps none (each sparse step transposes the weight it is given); with the
+    copies' invalidation switched off (the control) the stale copies change the picture."""
+    import comfy.hooks
+
+    hooks = importlib.import_module(f"{pack}.nodes.hooks")
+    plan = importlib.import_module(f"{pack}.chipmunk_core.plan")
+    monkeypatch.setattr(plan, "BUDGET_QUANTUM", 1)
+    size, steps = flux.sizes[0], 12
+    diffusion_model = flux.model.get_model_object("diffusion_model")
+    generator = torch.Generator().manual_seed(3)
+    lora = {f"diffusion_model.single_blocks.{i}.linear2.diff":
+            0.5 * torch.randn(block.linear2.weight.shape, generator=generator)
+            for i, block in enumerate(diffusion_model.single_blocks)}
+    group = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=1.0)
+    keyframes = comfy.hooks.HookKeyframeGroup()
+    keyframes.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.0))
+    keyframes.add(comfy.hooks.HookKeyframe(strength=0.0, start_percent=0.5))
+    group.set_keyframes_on_hooks(keyframes)
+    positive, negative, latent = flux.inputs(size)
+    positive = comfy.hooks.set_hooks_for_conditioning(positive, group)
+
+    def sample(model):
+        return flux.comfy.ksampler(model, positive, negative, latent, seed=1, steps=steps, cfg=1.0,
+                                   sampler_name="euler")
+
+    def keeping(share):
+        def budget(patcher, x, rows, want):
+            return int(share * want)
+        return budget
+
+    with caplog.at_level(logging.INFO):
+        with_copies = sample(flux.accelerate(preset=cm.CUSTOM, first_dense_layers=0))
+    report = cm.reports(caplog)[-1]
+    assert cm.step_counts(report)["sparse"] > 0 and "fc2 copy" not in report, report
+    monkeypatch.setattr(hooks, "cache_budget", keeping(0.75))  # the fc2 copies are worth least: they go
+    with caplog.at_level(logging.INFO):
+        without_copies = sample(flux.accelerate(preset=cm.CUSTOM, first_dense_layers=0))
+    assert "without caches fc2 copy" in cm.reports(caplog)[-1], cm.reports(caplog)[-1]
+    assert torch.equal(with_copies, without_copies)
+    assert not torch.equal(with_copies, sample(flux.model))  # (the hook did change the picture)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(plan, "BUDGET_QUANTUM", 1)
+    monkeypatch.setattr(hooks, "_weights_state", lambda patcher: None)
+    stale = sample(flux.accelerate(preset=cm.CUSTOM, first_dense_layers=0))
+    assert not torch.equal(stale, with_copies)
