@@ -201,7 +201,8 @@ def cache_budget(patcher, x: torch.Tensor, rows: int, wanted: int) -> int | None
     them next to this model's working memory (as it does for its own inference), so the answer
     does not depend on what else happened to be loaded; then free memory less that working memory.
     Memory that dynamic VRAM could take back from the weights is not counted (caches there would
-    push the model's weights out every step)."""
+    push the model's weights out every step): that is why this asks ``model_management`` and not
+    ``patcher.get_free_memory``, which adds that memory (what ComfyUI's cond batching wants)."""
     import comfy.model_management as mm
 
     if x.device.type == "cpu":
