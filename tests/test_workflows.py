@@ -136,6 +136,110 @@ def test_bundled_workflow_uses_auto_preset_and_explains_it(path):
     assert not re.search(r"(/tmp/|/work/|/home/|/root/|[A-Z]:\\)", json.dumps(workflow)), "machine path"
 
 
+# --- the template index (workflows/README.md) and the pictures ------------------------------------
+INDEX = BUNDLED_DIR / "README.md"
+# The model family each bundled template's Chipmunk node sees (its dense schedule).
+FAMILY = {"Chipmunk toy text to image": "flux", "Chipmunk toy text to video": "wan",
+          "FLUX.1 dev text to image": "flux", "WAN2.1 text to video": "wan", "WAN2.1 image to video": "wan",
+          "HunyuanVideo text to video": "hunyuan_video"}
+
+
+def template_index() -> list[dict]:
+    """The index table's rows in order: name, shows, needs, badge (the words on the picture)."""
+    rows = []
+    for line in INDEX.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 5 and cells[0].isdigit():
+            rows.append(dict(zip(("name", "shows", "needs", "badge"), cells[1:])))
+    return rows
+
+
+def needs_downloads(name: str) -> bool:
+    return bool(declared_models(load(BUNDLED_DIR / f"{name}.json")))
+
+
+def declared_models(workflow: dict) -> list[dict]:
+    return [m for node in workflow["nodes"] for m in node.get("properties", {}).get("models", [])]
+
+
+def test_template_index_lists_the_templates_that_run_without_downloads_first():
+    names = [row["name"] for row in template_index()]
+    assert sorted(names) == sorted(ids(BUNDLED)), "the index and workflows/ disagree"
+    downloads = [needs_downloads(name) for name in names]
+    assert downloads == [False, False, True, True, True, True], list(zip(names, downloads))
+    # The one order the pack can steer in ComfyUI v0.19.3's template browser is its A-Z sort.
+    assert sorted(names, key=str.casefold)[:2] == sorted(names[:2], key=str.casefold)
+
+
+@pytest.mark.parametrize("row", template_index(), ids=lambda row: row["name"])
+def test_template_index_says_what_each_template_shows_and_needs(row):
+    name, shows, needs = row["name"], row["shows"], row["needs"]
+    title_words = set(re.findall(r"[\w.]+", name.casefold()))
+    for text in (shows, needs):
+        new_words = set(re.findall(r"[\w.]+", text.casefold())) - title_words
+        assert len(new_words) >= 8, f"{name}: {text!r} says little beyond the title"
+    assert "Chipmunk Accelerate" in shows
+    count = len(declared_models(load(BUNDLED_DIR / f"{name}.json")))
+    if count:
+        assert f"{count} model files" in needs and "NVIDIA GPU" in needs, needs
+        assert row["badge"] == f"{count} model downloads, NVIDIA GPU"
+    else:
+        assert needs.startswith("Nothing to download") and "CPU" in needs, needs
+        assert row["badge"] == "no downloads, runs on a CPU"
+
+
+def thumbnail(name: str):
+    from PIL import Image
+
+    return Image.open(BUNDLED_DIR / f"{name}.jpg").convert("RGB")
+
+
+def test_toy_video_thumbnail_shows_several_frames_with_motion():
+    """A 3x3 grid of frames over the clip (tools/render_template_thumbnails.py): dark gaps between
+    the tiles, and tiles that differ from first to last."""
+    import numpy as np
+
+    picture = np.asarray(thumbnail("Chipmunk toy text to video"), dtype=np.float32)
+    assert picture.shape == (512, 512, 3)
+    cell, gap = (512 - 2 * 4) // 3, 4
+    for k in (1, 2):  # the gaps between columns and rows, above the band at the bottom
+        start = k * cell + (k - 1) * gap
+        assert picture[:400, start + 1:start + gap - 1].mean() < 40
+        assert picture[start + 1:start + gap - 1, :].mean() < 40
+    tiles = [picture[r * (cell + gap):r * (cell + gap) + cell, c * (cell + gap):c * (cell + gap) + cell]
+             for r in range(3) for c in range(3)]
+    assert all(tile.std() > 10 for tile in tiles[:6]), "a blank frame"
+    assert np.abs(tiles[0] - tiles[7]).mean() > 5, "first and last frames look alike: no motion"
+
+
+@pytest.mark.parametrize("name", ["Chipmunk toy text to image", "Chipmunk toy text to video"])
+def test_toy_thumbnails_are_pictures_with_their_band(name):
+    import numpy as np
+
+    picture = np.asarray(thumbnail(name), dtype=np.float32)
+    assert picture[:400].std() > 20, "the picture above the band is flat"
+    assert picture[-40:].mean() < picture[:400].mean(), "no dark band along the bottom"
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=ids(BUNDLED))
+def test_note_counts_steps_as_the_run_report_does(path):
+    """The run report numbers steps from 0 (its settings line: "dense steps [0, 1, 10, 20]"); the
+    note says the same numbers for the template's own step count."""
+    from chipmunk_pack.chipmunk_core.config import resolve_config
+    from chipmunk_pack.chipmunk_core.schedule import DenseSchedule
+
+    workflow = load(path)
+    (note,) = nodes_of(workflow, "Note")
+    text = note["widgets_values"][0]
+    steps = nodes_of(workflow, "KSampler")[0]["widgets_values"][2]
+    config = resolve_config(FAMILY[path.stem])
+    dense = sorted(DenseSchedule(config, steps).dense_steps)
+    warmup = " and ".join(str(step) for step in range(config.dense_warmup_steps))
+    assert f"steps {warmup} dense (steps counted from 0, as the run report counts them)" in text
+    assert f"for this template's {steps} steps the run report lists dense steps {dense}" in text
+    assert not re.search(r"\bsteps? 1 (and|to) 2\b", text), "a step numbered from 1"
+
+
 @pytest.mark.parametrize("path", TINY, ids=ids(TINY))
 def test_tiny_workflow_loads_a_tiny_checkpoint(path):
     workflow = load(path)

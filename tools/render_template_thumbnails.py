@@ -5,11 +5,14 @@ template with the picture of the same name; without one it shows a blank placeho
 
 Two ways to make them:
 
-* ``render``: run the workflow on a running ComfyUI and use its result (the first image, or the
-  middle frame of a video), cropped to a square. For workflows whose models are at hand, e.g. the
-  toy workflows on the server ``tools/start.sh`` starts::
+* ``render``: run the workflow on a running ComfyUI and use its result: the first image cropped
+  to a square, or for a video (an animated WEBP or a video file) a 3x3 grid of nine frames spread
+  over the clip, first to last, so that the picture shows the motion. A band at the bottom says
+  what the template needs (workflows/README.md, the pack's template index). For workflows whose
+  models are at hand, e.g. the toy workflows on the server ``tools/start.sh`` starts::
 
-      python tools/render_template_thumbnails.py render --url http://127.0.0.1:8188 workflows/toy_*.json
+      python tools/render_template_thumbnails.py render --url http://127.0.0.1:8188 \
+          "workflows/Chipmunk toy text to image.json" "workflows/Chipmunk toy text to video.json"
 
 * ``illustrate``: a drawn card that says plainly that it is an illustration, not an output, for
   workflows whose model weights are not available to whoever builds the pack (by default every
@@ -64,6 +67,27 @@ def declared_models(workflow: dict) -> list[dict]:
     return [m for node in workflow["nodes"] for m in node.get("properties", {}).get("models", [])]
 
 
+INDEX = WORKFLOWS_DIR / "README.md"
+
+
+def template_index(path: Path = INDEX) -> list[dict]:
+    """The rows of the template index's table (workflows/README.md), in its order: ``name``,
+    ``shows``, ``needs`` and ``badge`` (the few words the thumbnail's band shows)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 5 or not cells[0].isdigit():
+            continue
+        rows.append({"name": cells[1], "shows": cells[2], "needs": cells[3], "badge": cells[4]})
+    return rows
+
+
+def badge_of(workflow_path: Path) -> str | None:
+    rows = {row["name"]: row for row in template_index()} if INDEX.exists() else {}
+    row = rows.get(workflow_path.stem)
+    return row["badge"] if row else None
+
+
 # --- illustrate --------------------------------------------------------------------------------
 def font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     path = FONT_DIR / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
@@ -97,7 +121,7 @@ def mix(a, b, t: float) -> tuple:
     return tuple(round(x + (y - x) * t) for x, y in zip(a, b))
 
 
-def illustration(title: str, model_count: int) -> Image.Image:
+def illustration(title: str, model_count: int, footer: str | None = None) -> Image.Image:
     """A card: the workflow's title, a picture of the method (each block of query rows keeps a
     few key columns, drawn bright; the rest is reused from the cache, drawn dim) and a label
     saying that this is an illustration."""
@@ -136,7 +160,7 @@ def illustration(title: str, model_count: int) -> Image.Image:
     for line in lines:
         draw.text((SIZE / 2, y), line, font=title_face, fill=(241, 243, 247), anchor="mt")
         y += 56
-    footer = f"needs {model_count} model downloads" if model_count else "Chipmunk Accelerate"
+    footer = footer or (f"needs {model_count} model downloads" if model_count else "Chipmunk Accelerate")
     draw.text((SIZE / 2, SIZE - 28), footer, font=font(22), fill=(190, 196, 208), anchor="mb")
     return image
 
@@ -145,8 +169,8 @@ def illustrate(paths: list[Path]) -> list[Path]:
     written = []
     for path in paths:
         workflow = json.loads(path.read_text(encoding="utf-8"))
-        written.append(save_thumbnail(illustration(path.stem, len(declared_models(workflow))),
-                                      thumbnail_path(path)))
+        card = illustration(path.stem, len(declared_models(workflow)), badge_of(path))
+        written.append(save_thumbnail(card, thumbnail_path(path)))
     return written
 
 
@@ -180,8 +204,11 @@ def run_prompt(url: str, prompt: dict, timeout: float) -> dict:
     raise RuntimeError(f"the run did not finish within {timeout:.0f} s")
 
 
-def first_picture(url: str, entry: dict) -> Image.Image:
-    """The first image a run's output nodes reported, or the middle frame of its first video."""
+GRID = 3  # a video's thumbnail: GRID x GRID frames
+
+
+def first_result(url: str, entry: dict) -> list[Image.Image]:
+    """The frames of the first image or video a run's output nodes reported (one for a still)."""
     import requests
 
     for output in entry["outputs"].values():
@@ -191,17 +218,67 @@ def first_picture(url: str, entry: dict) -> Image.Image:
                 "type": record.get("type", "output")})
             response.raise_for_status()
             if Path(record["filename"]).suffix.lower() in (".mp4", ".webm", ".mov", ".mkv"):
-                return middle_frame(response.content)
-            return Image.open(io.BytesIO(response.content))
+                return video_frames(response.content)
+            return image_frames(Image.open(io.BytesIO(response.content)))
     raise RuntimeError(f"the run reported no image or video: {json.dumps(entry['outputs'])[:2000]}")
 
 
-def middle_frame(video: bytes) -> Image.Image:
+def image_frames(image: Image.Image) -> list[Image.Image]:
+    """Every frame of an image file (an animated WEBP or GIF has several)."""
+    frames = []
+    for index in range(getattr(image, "n_frames", 1)):
+        image.seek(index)
+        frames.append(image.convert("RGB"))
+    return frames
+
+
+def video_frames(video: bytes) -> list[Image.Image]:
     import av
 
     with av.open(io.BytesIO(video)) as container:
-        frames = [frame.to_image() for frame in container.decode(video=0)]
-    return frames[len(frames) // 2]
+        return [frame.to_image() for frame in container.decode(video=0)]
+
+
+def frame_grid(frames: list[Image.Image], grid: int = GRID) -> Image.Image:
+    """GRID x GRID frames spread evenly from the first to the last, each centre-cropped to a square,
+    read left to right and top to bottom, with a thin gap between them."""
+    count = grid * grid
+    picks = [round(i * (len(frames) - 1) / (count - 1)) for i in range(count)]
+    gap = 4
+    cell = (SIZE - (grid - 1) * gap) // grid
+    sheet = Image.new("RGB", (SIZE, SIZE), (16, 18, 24))
+    for slot, index in enumerate(picks):
+        frame = frames[index]
+        side = min(frame.size)
+        left, top = (frame.width - side) // 2, (frame.height - side) // 2
+        tile = frame.crop((left, top, left + side, top + side)).resize((cell, cell), Image.LANCZOS)
+        row, column = divmod(slot, grid)
+        sheet.paste(tile, (column * (cell + gap), row * (cell + gap)))
+    return sheet
+
+
+def picture_of(frames: list[Image.Image]) -> Image.Image:
+    return frames[0] if len(frames) == 1 else frame_grid(frames)
+
+
+def with_band(image: Image.Image, text: str | None) -> Image.Image:
+    """``image`` (SIZE x SIZE) with ``text`` on a dark band along its bottom edge."""
+    if not text:
+        return image
+    image = image.copy()
+    draw = ImageDraw.Draw(image, "RGBA")
+    face = font(21, bold=True)
+    height = 40
+    draw.rectangle([0, SIZE - height, SIZE, SIZE], fill=(12, 14, 20, 215))
+    draw.text((SIZE / 2, SIZE - height / 2), text, font=face, fill=(241, 243, 247), anchor="mm")
+    return image
+
+
+def square(image: Image.Image) -> Image.Image:
+    image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS)
 
 
 def render(paths: list[Path], url: str, timeout: float) -> list[Path]:
@@ -213,7 +290,8 @@ def render(paths: list[Path], url: str, timeout: float) -> list[Path]:
     for path in paths:
         workflow = json.loads(path.read_text(encoding="utf-8"))
         entry = run_prompt(url, wc.to_prompt(workflow, object_info), timeout)
-        written.append(save_thumbnail(first_picture(url, entry), thumbnail_path(path)))
+        picture = with_band(square(picture_of(first_result(url, entry))), badge_of(path))
+        written.append(save_thumbnail(picture, thumbnail_path(path)))
     return written
 
 
