@@ -32,14 +32,28 @@ WAN_UNET_CONFIG = {
     "in_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
     "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
 }
+# The real-scale models (lab/real.py): FLUX.1 sampling 1024x1024 (4,096 image tokens) and WAN2.1 at
+# 832x480x33 (14,040 tokens). Two heads of 128 (ComfyUI's detection: heads = width // 128). Depth is
+# set by the repository's size limit: both are stored in float8_e4m3fn (one byte per parameter).
+REAL_FLUX_UNET_CONFIG = {**FLUX_UNET_CONFIG, "hidden_size": 256, "num_heads": 2, "depth": 1, "depth_single_blocks": 2}
+REAL_WAN_UNET_CONFIG = {**WAN_UNET_CONFIG, "dim": 256, "ffn_dim": 384, "num_heads": 2, "num_layers": 3}
+UNET_CONFIGS = {("flux", "toy"): FLUX_UNET_CONFIG, ("wan", "toy"): WAN_UNET_CONFIG,
+                ("flux", "real"): REAL_FLUX_UNET_CONFIG, ("wan", "real"): REAL_WAN_UNET_CONFIG}
 # Sampling shifts ComfyUI's loader gives these families (supported_models: Flux default 1.15, WAN21 8.0).
 SAMPLING_SHIFT = {"flux": 1.15, "wan": 8.0}
 IMAGE_SIZE = 256
 VIDEO_SIZE, VIDEO_FRAMES = 160, 17
 CHECKPOINT_NAMES = {"flux": "chipmunk-toy-flux.safetensors", "wan": "chipmunk-toy-wan21-t2v.safetensors"}
+REAL_CHECKPOINT_NAMES = {"flux": "chipmunk-lab-flux.safetensors", "wan": "chipmunk-lab-wan21-t2v.safetensors"}
+REAL_IMAGE_SIZE = (1024, 1024)  # height, width; any multiple of 16 samples (e.g. 1216x832)
+REAL_VIDEO_SIZE, REAL_VIDEO_FRAMES = (480, 832), 33
 
 
-def build(family: str, device="cpu") -> torch.nn.Module:
+def checkpoint_name(family: str, scale: str = "toy") -> str:
+    return (CHECKPOINT_NAMES if scale == "toy" else REAL_CHECKPOINT_NAMES)[family]
+
+
+def build(family: str, device="cpu", scale: str = "toy") -> torch.nn.Module:
     """The untrained network (float32, plain layers) with the lab's initialisation."""
     import comfy.ops
 
@@ -47,12 +61,12 @@ def build(family: str, device="cpu") -> torch.nn.Module:
     if family == "flux":
         from comfy.ldm.flux.model import Flux
 
-        config = {k: v for k, v in FLUX_UNET_CONFIG.items() if k not in ("yak_mlp", "txt_norm")}
+        config = {k: v for k, v in UNET_CONFIGS[family, scale].items() if k not in ("yak_mlp", "txt_norm")}
         model = Flux(**config, operations=ops, device=device, dtype=torch.float32)
     elif family == "wan":
         from comfy.ldm.wan.model import WanModel
 
-        config = {k: v for k, v in WAN_UNET_CONFIG.items() if k != "image_model"}
+        config = {k: v for k, v in UNET_CONFIGS[family, scale].items() if k != "image_model"}
         model = WanModel(**config, operations=ops, device=device, dtype=torch.float32)
     else:
         raise ValueError(f"unknown toy family {family!r}")
@@ -135,9 +149,37 @@ def wan_latent_stats(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     return fmt.latents_mean.to(device), fmt.latents_std.to(device)
 
 
-def save_checkpoint(model: torch.nn.Module, path, metadata: dict | None = None) -> None:
-    """bf16 safetensors under ComfyUI's own key names (the module's state_dict)."""
+def save_checkpoint(model: torch.nn.Module, path, metadata: dict | None = None, dtype=torch.bfloat16) -> None:
+    """Safetensors under ComfyUI's own key names (the module's state_dict), every tensor in ``dtype``
+    (bf16 for the toys, float8_e4m3fn for the real-scale models: ComfyUI's loader then builds the
+    model in fp8 and computes in its working dtype, as with FLUX's own fp8 checkpoints)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", torch.float32).to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded through float8_e4m3fn (saturating at its largest finite value), in x's dtype."""
+    limit = torch.finfo(FP8).max
+    return x.float().clamp(-limit, limit).to(FP8).to(x.dtype)
+
+
+@contextlib.contextmanager
+def fp8_weights(model: torch.nn.Module):
+    """Within the block, every parameter reads as its fp8-rounded value in the forward pass and passes
+    gradients straight through (quantisation-aware training: the model is trained to be what the fp8
+    file computes). Implemented with parametrize-free swaps: the rounded tensors replace the
+    parameters' data for the forward, and the backward's gradients land on the originals."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = fp8_round(p.data)
+        yield
+    finally:
+        for p, original in zip(params, saved):
+            p.data = original
