@@ -35,6 +35,7 @@ from .options import (ACCEL_KEY, CALL_KEY, HOOK_KEY, LAYER_KEY, MULTIGPU_THREAD,
                       transformer_options, with_transformer_options)
 
 logger = logging.getLogger(__name__)
+_FIRST_GPU_RUN = [True]  # emptied by the first sparse run on a GPU in this process (it compiles the kernels)
 
 class Accelerator:
     """What one Chipmunk Accelerate node put on a model: settings and the model plan, nothing of a
@@ -324,6 +325,12 @@ def _begin_call(executor, args, kwargs):
     shape = adapter.geometry(diffusion_model, arguments)
     call = run.begin_call(arguments["x"], options, shape)
     call.stock_layers = call.stock_layers or context.stock_from_now
+    if _FIRST_GPU_RUN and call.seeds.device.type == "cuda" and not call.stock_layers and accelerator.config.sparse:
+        _FIRST_GPU_RUN.clear()
+        run.note("compile", "the first Chipmunk run in this ComfyUI process compiles its GPU kernels for the "
+                            "model's shapes, so it takes longer (FLUX 1024x1024 on an H100: about 11 s more than "
+                            "stock's first run); later runs, and later processes through Triton's cache, do not",
+                 logging.INFO)
     call.context = context
     run.fc2_copies.weights_state(_weights_state(context.patcher))
     call.diffusion_model = diffusion_model
