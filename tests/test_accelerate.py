@@ -256,7 +256,8 @@ def _single_block_fused_adaln(self, x, vec, pe, attn_mask=None, modulation_dims=
     centred = x - mean
     normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.pre_norm.eps)
     x_mod = normed * (1 + mod.scale) + mod.shift
-    qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim_first], dim=-1)
+    mlp_width = getattr(self, "mlp_hidden_dim_first", self.mlp_hidden_dim)  # (v0.3.64 has one width)
+    qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, mlp_width], dim=-1)
     q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k = self.norm(q, k, v)
     attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
