@@ -27,11 +27,15 @@ class Classifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, classes)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads ([N, 4 * width]): the lab's distribution distance uses them."""
         if pixels.shape[-1] != INPUT_SIZE or pixels.shape[-2] != INPUT_SIZE:
             pixels = F.interpolate(pixels, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True,
                                    align_corners=False)
-        return self.head(self.features(pixels * 2.0 - 1.0).mean((-2, -1)))
+        return self.features(pixels * 2.0 - 1.0).mean((-2, -1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixels))
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -115,6 +115,7 @@ class Setting:
     name: str
     chipmunk: dict | None  # None: dense
     sampler: dict = field(default_factory=dict)
+    easycache: bool = False  # core's EasyCache node at its defaults, after Chipmunk where both are on
 
 
 def _value(text: str):
@@ -133,16 +134,40 @@ def _value(text: str):
 
 
 def parse_setting(text: str) -> Setting:
+    """``dense``, ``default``, ``easycache`` (core's EasyCache alone), or ``key=value`` pairs; the
+    pair ``easycache=1`` adds core's EasyCache after Chipmunk (``default,easycache=1``: both at their
+    defaults)."""
     text = text.strip()
     if text == "dense":
         return Setting("dense", None)
     if text == "default":
         return Setting("default", {})
-    pairs = dict(item.split("=", 1) for item in text.split(",") if item.strip())
+    if text == "easycache":
+        return Setting("easycache", None, easycache=True)
+    items = [item for item in text.split(",") if item.strip()]
+    defaults = "default" in (item.strip() for item in items)
+    pairs = dict(item.split("=", 1) for item in items if item.strip() != "default")
     values = {k.strip(): _value(v) for k, v in pairs.items()}
+    easycache = bool(values.pop("easycache", 0))
     sampler = {k: v for k, v in values.items() if k in SAMPLER_KEYS}
     chipmunk = {k: v for k, v in values.items() if k not in SAMPLER_KEYS}
-    return Setting(text, chipmunk or None, sampler)
+    return Setting(text, chipmunk or ({} if defaults else None), sampler, easycache)
+
+
+def equal_cost_setting(name: str, speedup: float, steps: int) -> Setting:
+    """Plain dense sampling with the step count that costs what ``name`` costs at ``speedup`` (its
+    measured GPU speed-up at the family's size): the baseline a setting must beat."""
+    fewer = max(1, round(steps / speedup))
+    return Setting(f"steps={fewer} (equal cost of {name}, {speedup:g}x)", None, {"steps": fewer})
+
+
+def with_easycache(model):
+    """``model`` through core's EasyCache node at its defaults (the node's own default inputs)."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    inputs = EasyCacheNode.define_schema().inputs
+    defaults = {i.id: i.default for i in inputs if i.id != "model" and getattr(i, "default", None) is not None}
+    return EasyCacheNode.execute(model, **defaults).result[0]
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -166,6 +191,26 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return value.mean().item()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of feature vectors ([N, D] each):
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2). With fewer samples than
+    dimensions the covariances are singular; the formula still holds (a distance of the fitted,
+    degenerate Gaussians), so only compare values measured over the same number of samples."""
+    a, b = a.double(), b.double()
+    mean = (a.mean(0) - b.mean(0)).pow(2).sum()
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        return float(mean)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+
+    def sqrtm(m):
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+    root_a = sqrtm(cov_a)
+    cross = sqrtm(root_a @ cov_b @ root_a)
+    return float(mean + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross))
 
 
 def fraction_explaining(changes: torch.Tensor, shares=(0.7, 0.9)) -> list[torch.Tensor]:
@@ -317,6 +362,11 @@ class Lab:
         pixels = self.vae(run.vae_name).decode(latent)
         return pixels.reshape(-1, *pixels.shape[-3:]).float().clamp(0, 1)
 
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The classifier's pooled features of a sample (a clip: the mean over its frames)."""
+        with torch.no_grad():
+            return self.classifier().embed(frames.permute(0, 3, 1, 2)).mean(0).double().cpu()
+
     def predicted_class(self, frames: torch.Tensor) -> int:
         with torch.no_grad():
             logits = self.classifier()(frames.permute(0, 3, 1, 2))
@@ -344,9 +394,12 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
             for s in [Setting("dense", None), *settings]}
     structure = None
     patched = {}
+    features = {s.name: [] for s in [Setting("dense", None), *settings]}
     for s in settings:
         if s.chipmunk is not None:
             patched[s.name] = apply_chipmunk(base, s.chipmunk)
+        if s.easycache:
+            patched[s.name] = with_easycache(patched.get(s.name, base))
     sample_index = 0
     for prompt in prompts:
         label = vocab.class_of_prompt(prompt)
@@ -367,6 +420,7 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
                 structure = _merge_structure(structure, probe)
             dense = lab.decode(run, dense_latent)
             dense_class = lab.predicted_class(dense)
+            features["dense"].append(lab.features(dense))
             rows["dense"]["psnr"].append(PSNR_CAP)
             rows["dense"]["ssim"].append(1.0)
             rows["dense"]["correct"].append(dense_class == label)
@@ -379,6 +433,7 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
                 rows[s.name]["psnr"].append(psnr(frames, dense))
                 rows[s.name]["ssim"].append(ssim(frames, dense))
                 rows[s.name]["correct"].append(lab.predicted_class(frames) == label)
+                features[s.name].append(lab.features(frames))
             sample_index += 1
             print(f"[quality] {run.family}: {sample_index}/{len(prompts) * len(seeds)} samples", flush=True)
     table = {}
@@ -387,7 +442,9 @@ def measure(lab: Lab, run: FamilyRun, settings: list[Setting], prompts: list[str
         table[name] = {"psnr_db": round(sum(r["psnr"]) / n, 2), "ssim": round(sum(r["ssim"]) / n, 4),
                        "classifier_accuracy": round(sum(r["correct"]) / n, 4), "samples": n,
                        "sampling_seconds": round(r["seconds"], 1),
-                       "skipped_steps": round(sum(r["skipped"]) / len(r["skipped"]), 2) if r["skipped"] else 0.0}
+                       "skipped_steps": round(sum(r["skipped"]) / len(r["skipped"]), 2) if r["skipped"] else 0.0,
+                       "feature_distance": round(frechet_distance(torch.stack(features[name]),
+                                                                  torch.stack(features["dense"])), 4)}
     return {"family": run.family, "steps": run.steps, "cfg": run.cfg, "latent_shape": list(run.latent_shape),
             "prompts": prompts, "seeds": seeds, "settings": table,
             "structure": structure.summary() if structure is not None else None}
@@ -415,12 +472,13 @@ def markdown(results: dict) -> str:
         lines.append(f"### Toy {'FLUX' if family == 'flux' else 'WAN2.1'}: {len(r['prompts'])} prompts x "
                      f"{len(r['seeds'])} seeds, {r['steps']} steps, cfg {r['cfg']}, latent {r['latent_shape']}")
         lines.append("")
-        lines.append(f"| setting | PSNR vs dense (dB) | SSIM vs dense | classifier accuracy | steps skipped (of "
-                     f"{r['steps']}) | sampling s |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append(f"| setting | PSNR vs dense (dB) | SSIM vs dense | classifier accuracy | feature distance "
+                     f"to dense | steps skipped (of {r['steps']}) | sampling s |")
+        lines.append("|---|---|---|---|---|---|---|")
         for name, row in r["settings"].items():
             lines.append(f"| {name} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['classifier_accuracy']:.1%} | "
-                         f"{row.get('skipped_steps', 0.0):.1f} | {row['sampling_seconds']:.1f} |")
+                         f"{row.get('feature_distance', 0.0):.3f} | {row.get('skipped_steps', 0.0):.1f} | "
+                         f"{row['sampling_seconds']:.1f} |")
         s = r["structure"]
         if s:
             lines.append("")
@@ -437,6 +495,9 @@ def main(argv=None) -> int:
     parser.add_argument("--family", nargs="*", choices=("flux", "wan"), default=["flux", "wan"])
     parser.add_argument("--prompts", type=int, help="prompts per family (default 12 FLUX, 4 WAN; --tiny 1)")
     parser.add_argument("--seeds", type=int, help="seeds per prompt (default 1)")
+    parser.add_argument("--equal-cost", nargs="*", default=[], metavar="SETTING=SPEEDUP",
+                        help="for each, also plain dense sampling with the step count of equal cost: the family's "
+                             "steps divided by SETTING's measured GPU speed-up (e.g. default=1.47)")
     parser.add_argument("--structure-samples", type=int, default=1,
                         help="dense samples per family on which the paper's statistic is measured")
     parser.add_argument("--tiny", action="store_true", help="tiny latents, 4 steps, 1 prompt x 1 seed (tests)")
@@ -465,8 +526,12 @@ def _run(args) -> int:
     for family in args.family:
         count = args.prompts or (1 if args.tiny else {"flux": 12, "wan": 4}[family])
         seeds = list(range(args.seeds or 1))
-        results["families"][family] = measure(lab, runs[family], settings, prompts_for(family, count), seeds,
-                                              args.structure_samples)
+        baselines = []
+        for item in args.equal_cost:
+            name, speedup = item.rsplit("=", 1)
+            baselines.append(equal_cost_setting(name, float(speedup), runs[family].steps))
+        results["families"][family] = measure(lab, runs[family], settings + baselines, prompts_for(family, count),
+                                              seeds, args.structure_samples)
     results["seconds"] = round(time.time() - start, 1)
     import comfyui_version
 

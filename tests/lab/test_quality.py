@@ -38,10 +38,34 @@ def test_settings_parse_into_chipmunk_and_sampler_fields():
     assert quality.parse_setting("steps=14").chipmunk is None
 
 
+def test_easycache_and_equal_cost_settings():
+    alone = quality.parse_setting("easycache")
+    assert alone.easycache and alone.chipmunk is None
+    both = quality.parse_setting("default,easycache=1")
+    assert both.easycache and both.chipmunk == {}
+    tuned = quality.parse_setting("attention_sparsity=0.9,easycache=1")
+    assert tuned.easycache and tuned.chipmunk == {"attention_sparsity": 0.9}
+    assert not quality.parse_setting("attention_sparsity=0.9").easycache
+    baseline = quality.equal_cost_setting("default", 1.47, 20)
+    assert baseline.chipmunk is None and baseline.sampler == {"steps": 14}
+    assert baseline.name == "steps=14 (equal cost of default, 1.47x)"
+
+
+def test_frechet_distance_of_feature_sets():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 8, generator=generator)
+    assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = quality.frechet_distance(a + 1.0, a)
+    assert shifted == pytest.approx(8.0, rel=1e-6)  # the means move by 1 in each of 8 dimensions
+    wider = quality.frechet_distance(2.0 * a, a)
+    assert wider > 0 and quality.frechet_distance(a, 2.0 * a) == pytest.approx(wider, rel=1e-6)
+
+
 @pytest.mark.comfyui
 def test_tiny_quality_run(toy_models, tmp_path):
     out = tmp_path / "quality.json"
-    quality.main(["--tiny", "--models", str(toy_models), "--settings", "default", "steps=2", "--out", str(out)])
+    quality.main(["--tiny", "--models", str(toy_models), "--settings", "default", "steps=2", "easycache",
+                  "--equal-cost", "default=2", "--out", str(out)])
     results = json.loads(out.read_text())
     assert out.with_suffix(".md").read_text().count("| dense |") == 2
     for family in ("flux", "wan"):
@@ -49,9 +73,11 @@ def test_tiny_quality_run(toy_models, tmp_path):
         assert rows["dense"]["psnr_db"] == quality.PSNR_CAP and rows["dense"]["ssim"] == 1.0
         assert rows["steps=2"]["psnr_db"] < quality.PSNR_CAP  # half the steps: a different picture
         assert rows["steps=2"]["ssim"] <= 1.0
+        assert rows["dense"]["feature_distance"] == 0.0
+        assert "easycache" in rows and "steps=2 (equal cost of default, 2x)" in rows, list(rows)
         for row in rows.values():
             assert 0.0 <= row["classifier_accuracy"] <= 1.0
-            assert math.isfinite(row["psnr_db"])
+            assert math.isfinite(row["psnr_db"]) and math.isfinite(row["feature_distance"])
         structure = results["families"][family]["structure"]
         for key, value in structure.items():
             assert 0.0 < value <= 1.0, key
