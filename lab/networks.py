@@ -116,6 +116,21 @@ def shift_sigma(family: str, t: torch.Tensor) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def noisy_batch(family: str, x0: torch.Tensor, generator: torch.Generator):
+    """A rectified-flow training batch from clean latents ``x0``: (x_sigma, sigma, noise, guidance).
+    Half the noise levels from a logit-normal, half uniform, through the family's time shift; the
+    FLUX guidance input uniform in [1, 5]. Draws from ``generator`` in a fixed order."""
+    batch, device = x0.shape[0], x0.device
+    u = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5,
+                    torch.sigmoid(torch.randn(batch, device=device, generator=generator)),
+                    torch.rand(batch, device=device, generator=generator)).clamp(1e-4, 1 - 1e-4)
+    sigma = shift_sigma(family, u)
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    guidance = 1.0 + 4.0 * torch.rand(batch, device=device, generator=generator)
+    return (1.0 - s) * x0 + s * noise, sigma, noise, guidance
+
+
 def predict_v(model, family: str, x, sigma, context, pooled=None, guidance=None):
     """The network's velocity for model-space ``x`` at noise level ``sigma`` [B]."""
     if family == "flux":

@@ -39,10 +39,12 @@ import json
 import sys
 import tarfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-PART_BYTES = 15 * 1024 * 1024
+from .train import PART_BYTES, write_model_parts  # noqa: F401 (PART_BYTES: the size of the parts)
+
 SEED = 20261206
 GEN_SHARE = 0.4
 QAT_SHARE = 0.15
@@ -253,15 +255,8 @@ def train_dit(family, model, plan, make, device, seconds, args, log, start_step=
             qat = progress_all >= 1.0 - QAT_SHARE
 
             def train_step():
-                u = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5,
-                                torch.sigmoid(torch.randn(batch, device=device, generator=generator)),
-                                torch.rand(batch, device=device, generator=generator)).clamp(1e-4, 1 - 1e-4)
-                sigma = networks.shift_sigma(family, u)
-                noise = torch.randn(x0.shape, device=device, generator=generator)
-                s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-                xt = (1.0 - s) * x0 + s * noise
-                guidance = 1.0 + 4.0 * torch.rand(batch, device=device, generator=generator)
-                with networks.trainable_comfy_blocks(), (networks.fp8_weights(model) if qat else _nothing()):
+                xt, sigma, noise, guidance = networks.noisy_batch(family, x0, generator)
+                with networks.trainable_comfy_blocks(), (networks.fp8_weights(model) if qat else nullcontext()):
                     with autocast(device):
                         v = networks.predict_v(model, family, xt, sigma, context, pooled, guidance)
                     loss = F.mse_loss(v.float(), noise - x0)
@@ -292,14 +287,6 @@ def train_dit(family, model, plan, make, device, seconds, args, log, start_step=
         log.write()
     ema.copy_to(model)
     return model.eval()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class JsonLog(dict):
@@ -627,17 +614,7 @@ def run(args) -> int:
 def pack(work: Path, out: Path) -> list[Path]:
     """The model files as tar parts under 15 MiB, the log and the preview, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for folder in ("diffusion_models", "vae_approx", "classifier", "resume"):
-            for path in sorted((work / folder).glob("*.safetensors")) if (work / folder).is_dir() else []:
-                archive.add(path, arcname=f"{folder}/{path.name}")
-    payload = buffer.getvalue()
-    written = []
-    for index, start in enumerate(range(0, len(payload), PART_BYTES)):
-        part = out / f"models.tar.{index:02d}"
-        part.write_bytes(payload[start:start + PART_BYTES])
-        written.append(part)
+    written = write_model_parts(work, ("diffusion_models", "vae_approx", "classifier", "resume"), out)
     for name in ["train_log.json", *sorted(p.name for p in work.glob("preview_*.png"))]:
         if (work / name).is_file():
             (out / name).write_bytes((work / name).read_bytes())

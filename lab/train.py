@@ -23,6 +23,7 @@ at toy sizes on the CPU (the smoke test); ``--preset check`` runs the GPU run's 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 PART_BYTES = 15 * 1024 * 1024
+
 JOBS = ("image", "video", "classifier")
 # Share of a job's budget for each phase (the rest: the final check and saving).
 IMAGE_PHASES = {"tae": 0.20, "bank": 0.04, "dit": 0.66}
@@ -192,14 +194,7 @@ def _train_dit(family, bank, ids_bank, device, sizes, seconds, log, args):
             index = torch.randint(bank.shape[0], (batch,), device=device, generator=generator)
             x0 = bank[index].float()
             context, pooled = tokens.condition(tokens.ids(ids_bank[index]))
-            u = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5,
-                            torch.sigmoid(torch.randn(batch, device=device, generator=generator)),
-                            torch.rand(batch, device=device, generator=generator)).clamp(1e-4, 1 - 1e-4)
-            sigma = networks.shift_sigma(family, u)
-            noise = torch.randn(x0.shape, device=device, generator=generator)
-            s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-            xt = (1.0 - s) * x0 + s * noise
-            guidance = 1.0 + 4.0 * torch.rand(batch, device=device, generator=generator)
+            xt, sigma, noise, guidance = networks.noisy_batch(family, x0, generator)
             with autocast(device):
                 v = networks.predict_v(model, family, xt, sigma, context, pooled, guidance)
             loss = F.mse_loss(v.float(), noise - x0)
@@ -584,22 +579,27 @@ def run_job(args) -> int:
     return 0
 
 
+def write_model_parts(work: Path, folders, out: Path) -> list[Path]:
+    """The ``*.safetensors`` of ``work``'s ``folders`` as one tar archive (paths ``folder/name``),
+    written into ``out`` as ``models.tar.NN`` parts under 15 MiB (what a device call can bring back);
+    ``lab.install`` joins them again."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for folder in folders:
+            for path in sorted((work / folder).glob("*.safetensors")) if (work / folder).is_dir() else []:
+                archive.add(path, arcname=f"{folder}/{path.name}")
+    payload, written = buffer.getvalue(), []
+    for index, start in enumerate(range(0, len(payload), PART_BYTES)):
+        part = out / f"models.tar.{index:02d}"
+        part.write_bytes(payload[start:start + PART_BYTES])
+        written.append(part)
+    return written
+
+
 def pack_results(work: Path, out: Path) -> list[Path]:
     """The models tree as tar parts under 15 MiB, the merged log and the previews, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    tar_path = work / "models.tar"
-    with tarfile.open(tar_path, "w") as archive:
-        for folder in ("diffusion_models", "vae_approx", "classifier"):
-            for path in sorted((work / folder).glob("*.safetensors")) if (work / folder).is_dir() else []:
-                archive.add(path, arcname=f"{folder}/{path.name}")
-    written = []
-    with open(tar_path, "rb") as source:
-        index = 0
-        while chunk := source.read(PART_BYTES):
-            part = out / f"models.tar.{index:02d}"
-            part.write_bytes(chunk)
-            written.append(part)
-            index += 1
+    written = write_model_parts(work, ("diffusion_models", "vae_approx", "classifier"), out)
     logs = {p.stem: json.loads(p.read_text()) for p in sorted((work / "logs").glob("*.json"))}
     (out / "train_log.json").write_text(json.dumps(logs, indent=1))
     written.append(out / "train_log.json")
