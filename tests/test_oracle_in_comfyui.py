@@ -15,7 +15,6 @@ on the CPU in float32.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from harness import chipmunk as cm
-from test_accelerate import _relative, kind, wan  # noqa: F401 (flux_narrow, hunyuan_video and wan21_t2v)
+from test_accelerate import _loaded, _relative, kind, wan  # noqa: F401 (flux_narrow, hunyuan_video and wan21_t2v)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
 
@@ -32,7 +31,7 @@ CFG = 3.5
 
 
 def _core(kind, name):
-    return importlib.import_module(f"{kind.node.__module__.split('.')[0]}.chipmunk_core.{name}")
+    return _loaded(kind, f"chipmunk_core.{name}")
 
 
 class Oracle:
@@ -118,7 +117,7 @@ class Oracle:
         class Proxy(torch.nn.Module):
             def forward(self, x):
                 step = len(oracle.sigmas) - 1  # (self-attention ran first in this block)
-                if layer < oracle.config.first_dense_layers or layer not in oracle.mlp_layers:
+                if layer < oracle.config.first_dense_layers:
                     return module(x)
                 fc1, fc2 = module[0], module[2]
                 state = oracle.mlps.setdefault(layer, oracle.mlp_module.SparseDeltaMLP())
@@ -132,12 +131,8 @@ class Oracle:
 
         return Proxy()
 
-    def install(self, model, mlp_layers=()):
-        self.mlp_layers = frozenset(mlp_layers)
-        oracle = self.clone_with(model)
-        return oracle
-
-    def clone_with(self, model):
+    def install(self, model, mlp: bool = False):
+        """A clone of ``model`` that samples with this oracle (its FFNs too with ``mlp``)."""
         patched = model.clone()
         options = patched.model_options.setdefault("transformer_options", {})
         oracle = self
@@ -147,7 +142,7 @@ class Oracle:
             return oracle.attention(func, *args, **kwargs)
 
         options["optimized_attention_override"] = override
-        if self.mlp_layers:
+        if mlp:
             blocks = patched.get_model_object("diffusion_model").blocks
             for i, block in enumerate(blocks):
                 patched.add_object_patch(f"diffusion_model.blocks.{i}.ffn", self.feed_forward(block.ffn, i))
@@ -163,8 +158,7 @@ def _node_and_oracle(kind, caplog, **settings):
         node = kind.sample(patched, size, cfg=CFG, steps=STEPS)
     report = cm.reports(caplog)[-1]
     oracle = Oracle(kind, config, tuple(latent["samples"].shape), seed=1)
-    mlp_layers = range(config.first_dense_layers, 10_000) if config.sparse_mlp else ()
-    expected = kind.sample(oracle.install(kind.model, mlp_layers), size, cfg=CFG, steps=STEPS)
+    expected = kind.sample(oracle.install(kind.model, mlp=config.sparse_mlp), size, cfg=CFG, steps=STEPS)
     return node, expected, report, oracle, kind.sample(kind.model, size, cfg=CFG, steps=STEPS)
 
 
