@@ -221,11 +221,11 @@ def bench_mlp(pack, shape, grid, table, bench_ms):
 
     dense_step()
     table.measure(shape, "MLP dense step", "cuBLAS + caches", dense_step, bench_ms)
-    out = state.sparse_step(x2, w1, b1, w2, order, config, seeds, w2_key="w2", rank=True)
+    out = state.sparse_step(x2, w1, b1, w2, order, config, seeds, rank=True)
     err = rel_err(out, dense_mlp(x2))
     for label, rank in (("with ranking", True), ("without ranking", False)):
         row = table.measure(shape, "MLP sparse step", label, lambda: state.sparse_step(
-            x2, w1, b1, w2, order, config, seeds, w2_key="w2", rank=rank), bench_ms, deviation_from_dense=err)
+            x2, w1, b1, w2, order, config, seeds, rank=rank), bench_ms, deviation_from_dense=err)
         row["x_cublas_eager"] = row["eager_ms"] / cublas
         if row.get("graph_ms"):
             row["x_cublas_graph"] = row["graph_ms"] / cublas

@@ -30,8 +30,8 @@ from kernels.attention_triton import (  # noqa: E402
     attention_with_column_sums_triton, column_sparse_attention_triton, sampled_column_sums_triton)
 from kernels.index_lists import build_index_lists_reference, rank_units_reference  # noqa: E402
 from kernels.index_lists_triton import build_index_lists_triton, rank_units_triton  # noqa: E402
-from kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference  # noqa: E402
-from kernels.mlp_triton import block_means_triton, sparse_mlp_delta_triton  # noqa: E402
+from kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference, transpose_into_reference  # noqa: E402
+from kernels.mlp_triton import block_means_triton, sparse_mlp_delta_triton, transpose_into_triton  # noqa: E402
 
 # bench/kernels.py (the sweep lists) under another name: `kernels` is the package
 _spec = importlib.util.spec_from_file_location("bench_sweeps", Path(__file__).resolve().parent / "kernels.py")
@@ -232,6 +232,18 @@ def selection_cases(gen):
         for samples in (32, 16):
             sampled_case(4608 if big else 300, 24 if big else 2, 192, samples, dtype, gen)
         mlp_block_order_case(700, dtype, gen)
+        transpose_cases(dtype, big)
+
+
+def transpose_cases(dtype, big):
+    """fc2 into the second launch's layout: FLUX's double-block fc2 ([3072, 12288]) and its single
+    blocks' MLP part of linear2 (a column slice of [3072, 15360]); a ragged shape (bit for bit)."""
+    shapes = [((3072, 12288), 0), ((3072, 15360), 3072), ((1000, 3000), 0)] if big else [((70, 130), 0), ((64, 192), 64)]
+    for (rows, cols), skip in shapes:
+        src = torch.randn(rows, cols, device=DEV).to(dtype)[:, skip:]
+        out = torch.full(src.shape[::-1], float("nan"), device=DEV, dtype=dtype)
+        check_equal(f"transpose {rows}x{cols - skip}{' (slice)' if skip else ''} {str(dtype)[6:]}",
+                    [transpose_into_triton(src, out)], [transpose_into_reference(src, torch.empty_like(out))])
 
 
 def main():

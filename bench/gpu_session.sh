@@ -30,6 +30,8 @@
 #   bash bench/gpu_session.sh check     # one GPU: tests/gpu, FLUX under EasyCache, WAN2.1-1.3B at 8 GiB
 #   bash bench/gpu_session.sh final_check # one GPU: tests/gpu and the corners of the budget table again
 #   bash bench/gpu_session.sh gpu_suite # one GPU: tests/gpu alone
+#   bash bench/gpu_session.sh scratch   # one GPU: fc2 transposed per step (kernel, suite, FLUX against copies)
+#   bash bench/gpu_session.sh suite_corners # one GPU: tests/gpu, FLUX fp8 at 24 GiB, WAN2.1-1.3B at 8 GiB
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -289,6 +291,32 @@ final_check)
     CHIPMUNK_COMFYUI_DIR=$COMFY job 0 240 gpu_tests python3 -m pytest tests/gpu -q -rA
     job 0 110 flux_bf16_check "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram --free-gib all,12 \
         --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_budgets_bf16_check.json"
+    job 0 100 flux_fp8_check "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --weight-dtype fp8_e4m3fn_fast --free-gib 24 --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_budgets_fp8_check.json"
+    job 0 150 wan13b_8gib_cache "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 --sampler uni_pc \
+        --dynamic-vram --free-gib 8 --variants "stock,chipmunk+cache" --out "$R/e2e_wan13b_8gib_cache.json"
+    ;;
+scratch)
+    # No fc2 copies (fc2 transposed into one scratch per sparse step): the transpose kernel's
+    # speed, the GPU suite, FLUX bf16 all memory with the scratch against the last commit that kept
+    # copies (.device/old_pack.tar.gz, git archive of that commit), FLUX fp8 at 24 GiB.
+    mkdir -p /tmp/old && tar xzf .device/old_pack.tar.gz -C /tmp/old
+    job 0 40 transpose python3 bench/kernels.py --ops transpose --shapes flux --sweep --json "$R/kernels_transpose.json"
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 250 gpu_tests python3 -m pytest tests/gpu -q -rA
+    job 0 75 flux_bf16_scratch "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_bf16_scratch.json"
+    job 0 75 flux_bf16_copies python3 /tmp/old/bench/e2e_comfy.py --comfyui "$COMFY" --case flux --sizes 1024x1024 \
+        --steps 20 --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_bf16_copies.json"
+    left=$((575 - SECONDS))
+    [ "$left" -gt 40 ] && job 0 "$left" flux_fp8_24 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --weight-dtype fp8_e4m3fn_fast --free-gib 24 --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_fp8_24_scratch.json"
+    ;;
+suite_corners)
+    # The GPU suite after changes that reach GPU paths, with the FLUX fp8 24 GiB corner and
+    # WAN2.1-1.3B at 8 GiB with the step cache (both go through the changed paths).
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 240 gpu_tests python3 -m pytest tests/gpu -q -rA
     job 0 100 flux_fp8_check "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --weight-dtype fp8_e4m3fn_fast --free-gib 24 --variants "stock,chipmunk,chipmunk+cache" \
         --out "$R/e2e_flux_budgets_fp8_check.json"

@@ -36,7 +36,7 @@ from kernels.attention_triton import (  # noqa: E402
     column_sparse_attention_triton,
 )
 from kernels.mlp_reference import sparse_mlp_delta_reference  # noqa: E402
-from kernels.mlp_triton import sparse_mlp_delta_triton  # noqa: E402
+from kernels.mlp_triton import sparse_mlp_delta_triton, transpose_into_triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import bench_ms, keep_count, random_lists, rel_err  # noqa: E402
@@ -318,6 +318,35 @@ def bench_mlp(shape_name, args, rows):
                   f" err {err:.2e} hidden {h_err:.1e}{'  NaN!' if nan else ''}", flush=True)
 
 
+TRANSPOSE_CONFIGS = [{"block_r": 64, "block_c": 64, "num_warps": 4}, {"block_r": 32, "block_c": 32, "num_warps": 4},
+                     {"block_r": 128, "block_c": 64, "num_warps": 8}, {"block_r": 64, "block_c": 128, "num_warps": 8},
+                     {"block_r": 128, "block_c": 128, "num_warps": 8}, {"block_r": 32, "block_c": 128, "num_warps": 4}]
+
+
+def bench_transpose(shape_name, args, rows):
+    """fc2 into the sparse MLP's layout once per sparse step: FLUX's double-block fc2 and the MLP
+    part of a single block's linear2 (a column slice); torch's copies against the Triton kernel."""
+    _, _, hidden, d_out, _, _ = MLP_SHAPES[shape_name]
+    dev = "cuda"
+    for label, width, skip in (("fc2 [Dout, M]", hidden, 0), ("linear2[:, D:] slice", hidden + d_out, d_out)):
+        src = torch.randn(d_out, width, device=dev).to(DTYPE)[:, skip:]
+        out = torch.empty(src.shape[::-1], device=dev, dtype=DTYPE)
+        traffic = 2 * src.numel() * src.element_size()
+        common = {"op": "transpose_into", "shape": shape_name, "rows": d_out, "cols": hidden, "tflops": 0.0}
+        variants = {"torch .t().contiguous()": lambda: src.t().contiguous(),
+                    "torch out.copy_(src.t())": lambda: out.copy_(src.t())}
+        for config in TRANSPOSE_CONFIGS if args.sweep else [{}]:
+            variants[f"triton {json.dumps(config)}"] = lambda config=config: transpose_into_triton(src, out, config)
+        for name, fn in variants.items():
+            fn()
+            ok = torch.equal(out, src.t()) if name.startswith("triton") else True
+            ms = bench_ms(fn)
+            rows.append({**common, "variant": f"{label}: {name}", "kind": "transpose", "ms": ms,
+                         "gb_per_s": traffic / ms / 1e6, "equal": ok})
+            print(f"  transpose {label}: {name}: {ms:.4f} ms, {traffic / ms / 1e6:.0f} GB/s{'' if ok else '  DIFFERS!'}",
+                  flush=True)
+
+
 def print_table(rows):
     header = f"{'op':27s} {'shape':8s} {'variant':44s} {'ms':>9s} {'speedup':>8s} {'TFLOP/s':>8s} {'rel err':>9s}"
     print(header)
@@ -367,6 +396,8 @@ def main():
             bench_dense_attention(shape, args, rows)
         if "mlp" in ops and shape in MLP_SHAPES:
             bench_mlp(shape, args, rows)
+        if "transpose" in ops and shape in MLP_SHAPES:
+            bench_transpose(shape, args, rows)
     gpu = meta["device"].replace("NVIDIA ", "").split()[0].lower()
     path = Path(args.json or Path(__file__).resolve().parent / "results" / f"kernels_{gpu}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,16 +36,17 @@ class SparseDeltaMLP(Rows):
     contiguous) and unit-major ([B, M, N]): the layout the Triton kernel reads and writes with
     coalesced accesses (scattered 2-byte stores into a token-major cache cost half the sparse
     MLP's time on an H100). The output cache stays in token order (its rows are whole, contiguous
-    vectors wherever they sit). fc2's weight is handed to the kernel transposed (``w2_t.t()``):
-    from ``fc2_copies`` (one copy per weight for the run, where the run plan keeps one), else
-    transposed into a temporary for the step.
+    vectors wherever they sit). fc2's weight is handed to the kernel transposed (``w2_t.t()``,
+    one row per unit): each sparse step transposes the weight as the model holds it at that moment
+    (casts, LoRA hooks and keyframes included) into ``fc2_scratch``, one buffer per weight shape for
+    the whole run (or a temporary without one). No copy of a weight outlives the step.
     """
 
     BATCHED = ("hidden", "out", "block_mean", "_selection", "_x_mean")
 
-    def __init__(self, storage: torch.device | None = None, fc2_copies: "TransposedWeights | None" = None):
+    def __init__(self, storage: torch.device | None = None, fc2_scratch: "TransposeScratch | None" = None):
         self.storage = storage  # where the hidden/output caches live (None: with the computation)
-        self.fc2_copies = fc2_copies  # None: no copy is kept
+        self.fc2_scratch = fc2_scratch  # None: a temporary per step
         self.reset()
 
     def reset(self):
@@ -103,29 +104,26 @@ class SparseDeltaMLP(Rows):
         """Whether the next sparse step re-ranks the units when it is not told (``rank=None``)."""
         return self._selection is None or self._sparse_steps % config.mlp_selection_interval == 0
 
-    def keep_fc2(self, w2, w2_key):
-        """On a dense step: make fc2's transposed copy for the sparse steps now, where one is kept
-        (``w2_key`` says the weight is the layer's own), so that the first sparse step, which may
-        be captured as a CUDA graph at once, does not bake the transpose into every replay."""
-        if self.fc2_copies is not None and w2_key is not None:
-            self.fc2_copies.get(w2, w2_key)
+    def reserve_fc2(self, w2):
+        """On a dense step: allocate the scratch the sparse steps transpose fc2 into, so that the
+        first sparse step, which may be captured as a CUDA graph at once, finds it in place."""
+        if self.fc2_scratch is not None:
+            self.fc2_scratch.buffer_for(w2)
 
-    def _transposed_fc2(self, w2, w2_key):
-        if self.fc2_copies is None or w2_key is None:
-            return w2.t().contiguous()
-        return self.fc2_copies.get(w2, w2_key)
+    def _transposed_fc2(self, w2):
+        if self.fc2_scratch is None:
+            return kernels.transpose_into(w2, torch.empty(w2.shape[::-1], dtype=w2.dtype, device=w2.device))
+        return kernels.transpose_into(w2, self.fc2_scratch.buffer_for(w2))
 
     def units(self) -> int:
         """Hidden units of the MLP (0 before the first dense step)."""
         return 0 if self.hidden is None else self.hidden.shape[1]
 
-    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, seeds: torch.Tensor, w2_key=None,
+    def sparse_step(self, x, w1, b1, w2, row_order, config: ChipmunkConfig, seeds: torch.Tensor,
                     rank: bool | None = None) -> torch.Tensor:
         """The MLP output after recomputing the chosen units of every row block.
 
         ``seeds``: int64 [B] on x's device (a row's random units depend on its seed only).
-        ``w2_key`` identifies fc2's weight when it is the layer's own parameter (its transpose is
-        then reused across steps); None means the weight may differ per call (LoRA, casting).
         ``rank``: re-rank the units now (True), keep the last lists (False), or follow
         ``mlp_selection_interval`` (None, which counts this state's sparse steps on the host: a
         captured graph that replays steps must be told). Lists of another shape are never kept.
@@ -139,7 +137,7 @@ class SparseDeltaMLP(Rows):
         indices, counts = self._selection
         hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
         result = torch.empty_like(out)  # the caller's copy: the model may change it in place
-        w2_t = self._transposed_fc2(w2, w2_key)
+        w2_t = self._transposed_fc2(w2)
         kernels.sparse_mlp_delta(x, w1, b1, w2_t.t(), indices, counts, row_order, config.mlp_block,
                                  hidden.transpose(1, 2), out, ACTIVATION, hidden_in_block_order=True, result=result)
         if hidden is not self.hidden:  # caches kept off the device: write the updates back
@@ -167,35 +165,28 @@ class SparseDeltaMLP(Rows):
             pad_to=config.selection_tile, out=out)
 
 
-class TransposedWeights:
-    """fc2 weights transposed to [M, Dout] for the sparse MLP kernel: one copy per weight for the
-    whole run, shared by every conditioning. Keyed by ``weights.weight_identity`` (the weight is
-    the module's own parameter), and valid for one state of the weights' values: ComfyUI patches
-    weights in place (hook keyframes, LoRA hooks per conditioning), so the caller names the state
-    (``weights_state``) and a new state drops every copy."""
+class TransposeScratch:
+    """Where sparse steps transpose fc2 to [M, Dout] for the sparse MLP kernel: one buffer per
+    weight shape and dtype for the whole run, shared by every layer and conditioning (the layers
+    run one after another). It holds a weight's transpose only between the transpose and the
+    kernel of one step, so nothing in it can go stale when ComfyUI patches weights in place (hook
+    keyframes, per-conditioning LoRA hooks) or casts them per call (fp8)."""
 
     def __init__(self):
-        self.copies: dict = {}
-        self.state = None
+        self.buffers_by_shape: dict = {}
 
-    def weights_state(self, state):
-        """The weights' values are those of ``state`` (any comparable value) from now on."""
-        if state != self.state:
-            self.copies.clear()
-            self.state = state
-
-    def get(self, w2, key) -> torch.Tensor:
-        found = self.copies.get(key)
+    def buffer_for(self, w2) -> torch.Tensor:
+        key = (tuple(w2.shape), w2.dtype, w2.device)
+        found = self.buffers_by_shape.get(key)
         if found is None:
-            found = self.copies[key] = w2.t().contiguous()
+            found = self.buffers_by_shape[key] = torch.empty(w2.shape[::-1], dtype=w2.dtype, device=w2.device)
         return found
 
     def buffers(self) -> list[torch.Tensor]:
-        return list(self.copies.values())
+        return list(self.buffers_by_shape.values())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.copies.values())
+        return sum(t.numel() * t.element_size() for t in self.buffers_by_shape.values())
 
     def reset(self):
-        self.copies.clear()
-        self.state = None
+        self.buffers_by_shape.clear()

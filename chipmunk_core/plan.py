@@ -8,10 +8,10 @@ step), or not at all (that part of the layer runs stock). Hooks and states only 
 Memory is given up where it buys the least: every cache is an item with its bytes and the time its
 sparse steps save (``CostModel``), and items are placed in order of time saved per byte. With FLUX
 at 1024x1024 that keeps attention caches (about 10 us saved per MB and step) before MLP caches
-(about 4 us/MB) before the transposed copies of fc2 (about 0.7 us/MB: without one the sparse step
-transposes the weight into a temporary). An item goes to host memory only where copying it over
-the host link each sparse step costs less than half of what it saves; an image layer's step is too
-short for that, a long video layer's is not.
+(about 4 us/MB). No copy of a weight is kept: a sparse MLP step transposes fc2 into one scratch
+buffer of the run (its cost is taken off the MLP's saving). An item goes to host memory only where
+copying it over the host link each sparse step costs less than half of what it saves; an image
+layer's step is too short for that, a long video layer's is not.
 
 The budget is what the device has free once ComfyUI has unloaded idle models for it (the hooks ask
 ComfyUI as it asks for its own inference), less the model's working memory, rounded down to
@@ -33,7 +33,7 @@ from .config import ChipmunkConfig
 from .memory import ModelDims
 
 DEVICE, HOST, OFF = "device", "host", "off"
-ATTENTION, MLP, FC2_COPY = "attention", "MLP", "fc2 copy"
+ATTENTION, MLP = "attention", "MLP"
 BUDGET_QUANTUM = 256 * 2**20
 
 # Devices whose latents follow the measured size rule (min_sparse_tokens; tests add "cpu").
@@ -73,7 +73,7 @@ class CacheItem:
     """One cache of one layer for the whole run (every conditioning's rows together)."""
 
     layer: int
-    kind: str              # ATTENTION, MLP or FC2_COPY
+    kind: str              # ATTENTION or MLP
     nbytes: int
     saving: float          # seconds saved per sparse step by holding it
     host_traffic: int = 0  # bytes over the host link per sparse step when it lives there (0: never)
@@ -84,11 +84,8 @@ class CacheItem:
 
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
-                mlp_layers, cost: CostModel = DEFAULT_COST, fc2_copies: bool = True) -> list[CacheItem]:
-    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens.
-
-    ``fc2_copies``: whether a transposed copy of fc2 can be kept (the weights are stored in the
-    compute dtype; weights cast per call, fp8 for example, are transposed per step)."""
+                mlp_layers, cost: CostModel = DEFAULT_COST) -> list[CacheItem]:
+    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens."""
     items = []
     attention = mlp = None
     if config.sparse_attention:
@@ -105,16 +102,14 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)
         flops = 4.0 * n_tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
+        # each sparse step transposes fc2 into the run's scratch (read + write)
+        saved = max(0.0, saved - 2 * dims.mlp_hidden * dims.mlp_out * element / cost.device_bandwidth)
         mlp = (caches + means, saved, 2 * caches)  # a sparse step reads and writes them
-    weight = dims.mlp_hidden * dims.mlp_out * element
     for layer in range(config.first_dense_layers, dims.n_layers):
         if attention:
             items.append(CacheItem(layer, ATTENTION, *attention))
         if mlp and layer in mlp_layers:
             items.append(CacheItem(layer, MLP, *mlp))
-        if mlp and layer in mlp_layers and fc2_copies:
-            # Without the copy each sparse step transposes fc2 into a temporary (read + write).
-            items.append(CacheItem(layer, FC2_COPY, weight, 2 * weight / cost.device_bandwidth))
     return items
 
 
@@ -176,12 +171,7 @@ def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = DE
 def _placed(items, budget, cost, host_budget) -> MemoryPlan:
     wanted = sum(item.nbytes for item in items)
     placement, device_bytes, host_bytes = {}, 0, 0
-    # The copies last: they serve a device-side MLP cache only (and are worth the least per byte
-    # wherever Chipmunk pays off).
-    for item in sorted(items, key=lambda i: (i.kind == FC2_COPY, -i.value, i.layer, i.kind)):
-        if item.kind == FC2_COPY and placement.get((item.layer, MLP), OFF) != DEVICE:
-            placement[(item.layer, item.kind)] = OFF  # only a device-side MLP reads the copy
-            continue
+    for item in sorted(items, key=lambda i: (-i.value, i.layer, i.kind)):
         if budget is None or device_bytes + item.nbytes <= budget:
             placement[(item.layer, item.kind)] = DEVICE
             device_bytes += item.nbytes
@@ -223,9 +213,6 @@ class RunPlan:
 
     def mlp_on(self, layer: int) -> str:
         return OFF if self.stock else self.memory.where(layer, MLP)
-
-    def keeps_fc2_copy(self, layer: int) -> bool:
-        return self.memory.where(layer, FC2_COPY) == DEVICE
 
     def describe(self) -> str:
         return self.stock.detail if self.stock else self.memory.describe()

@@ -25,9 +25,9 @@ from .config import ChipmunkConfig
 from .graphs import StepReplays
 from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import HostPrefetch, ModelDims
-from .mlp import SparseDeltaMLP, TransposedWeights
+from .mlp import SparseDeltaMLP, TransposeScratch
 from . import plan as plan_module
-from .plan import (DEVICE, HOST, OFF, CostModel, MemoryPlan, RunPlan, StockReason, layer_items, plan_memory,
+from .plan import (DEVICE, HOST, MLP, OFF, CostModel, MemoryPlan, RunPlan, StockReason, layer_items, plan_memory,
                    quantised, stock_reason)
 from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
@@ -40,10 +40,10 @@ class CondCaches:
     """The delta caches of every Chipmunk layer for one conditioning signature, where the run plan
     puts them (``storage``: layer -> kind -> None for the compute device, or the CPU)."""
 
-    def __init__(self, uuids: tuple, plan: RunPlan | None = None, fc2_copies: TransposedWeights | None = None):
+    def __init__(self, uuids: tuple, plan: RunPlan | None = None, fc2_scratch: TransposeScratch | None = None):
         self.uuids = uuids
         self.plan = plan
-        self.fc2_copies = fc2_copies
+        self.fc2_scratch = fc2_scratch
         self.attention: dict[int, SparseDeltaAttention] = {}
         self.mlp: dict[tuple[int, str], SparseDeltaMLP] = {}
         self.step_cache = StepCache()
@@ -60,10 +60,10 @@ class CondCaches:
     def persistent(self) -> list[torch.Tensor]:
         """Every long-lived tensor a sparse step reads or updates in place (a graph's addresses)."""
         states = [*self.attention.values(), *self.mlp.values(), self.step_cache]
-        copies = self.fc2_copies.buffers() if self.fc2_copies is not None else []
+        scratch = self.fc2_scratch.buffers() if self.fc2_scratch is not None else []
         tables = [t for layout in self.layouts.values() for t in (layout.query_order, layout.image_order,
                                                                   layout.forced_keys)]
-        return [t for state in states for t in state.buffers()] + copies + tables
+        return [t for state in states for t in state.buffers()] + scratch + tables
 
     def _storage(self, where: str) -> torch.device | None:
         return torch.device("cpu") if where == HOST else None
@@ -77,8 +77,7 @@ class CondCaches:
     def mlp_state(self, layer: int, stream: str) -> SparseDeltaMLP:
         if (layer, stream) not in self.mlp:
             where = self.plan.mlp_on(layer) if self.plan else DEVICE
-            keep = self.plan is None or self.plan.keeps_fc2_copy(layer)
-            self.mlp[(layer, stream)] = SparseDeltaMLP(self._storage(where), self.fc2_copies if keep else None)
+            self.mlp[(layer, stream)] = SparseDeltaMLP(self._storage(where), self.fc2_scratch)
         return self.mlp[(layer, stream)]
 
     def pieces(self, rows_per_uuid: int) -> dict[str, "CondCaches"]:
@@ -89,7 +88,7 @@ class CondCaches:
         out = {}
         for i, uuid in enumerate(self.uuids):
             start, stop = i * rows_per_uuid, (i + 1) * rows_per_uuid
-            piece = CondCaches((uuid,), self.plan, self.fc2_copies)
+            piece = CondCaches((uuid,), self.plan, self.fc2_scratch)
             piece.attention = {k: s.take_rows(start, stop) for k, s in self.attention.items()}
             piece.mlp = {k: s.take_rows(start, stop) for k, s in self.mlp.items()}
             piece.step_cache = self.step_cache.take_rows(start, stop)
@@ -103,7 +102,7 @@ class CondCaches:
         """Per-conditioning sets as one set for a batched call (in the call's order)."""
         if len(pieces) == 1:
             return pieces[0]
-        whole = cls(tuple(u for p in pieces for u in p.uuids), pieces[0].plan, pieces[0].fc2_copies)
+        whole = cls(tuple(u for p in pieces for u in p.uuids), pieces[0].plan, pieces[0].fc2_scratch)
         for name, state_cls in (("attention", SparseDeltaAttention), ("mlp", SparseDeltaMLP)):
             keys = set.intersection(*(set(getattr(p, name)) for p in pieces))
             setattr(whole, name, {k: state_cls.joined([getattr(p, name)[k] for p in pieces]) for k in sorted(keys)})
@@ -141,13 +140,10 @@ class SamplingRun:
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
                  memory_budget=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
-                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel | None = None,
-                 weights_cast: bool = False):
+                 paged_weights: bool = False, conditionings: int = 1, cost: CostModel | None = None):
         """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
         of the device the caches may take (asked once, when the run is planned; None: no limit).
         ``conditionings``: how many conditionings the sampler evaluates per step (cond, uncond).
-        ``weights_cast``: the weights are stored in another dtype and cast per call (fp8): no
-        transposed fc2 copy can be kept.
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
@@ -160,10 +156,9 @@ class SamplingRun:
         self.memory_budget = memory_budget
         self.conditionings = max(1, conditionings)
         self.cost = cost or plan_module.DEFAULT_COST  # (read per run: tests and benchmarks change it)
-        self.weights_cast = weights_cast
         self.plan: RunPlan | None = None  # made by the first model call (``make_plan``)
         self.wrapped_by: tuple[str, ...] = ()  # other nodes' model-call wrappers, around Chipmunk's
-        self.fc2_copies = TransposedWeights()
+        self.fc2_scratch = TransposeScratch()
         self.sample_sigmas = sample_sigmas
         self.clock = StepClock(sample_sigmas)  # predicting once the sampler is known (predict_steps)
         self.schedule = DenseSchedule(config, total_steps, continues=starts_mid_schedule)
@@ -196,12 +191,15 @@ class SamplingRun:
         paged = self.min_sparse_tokens > self.config.min_sparse_tokens
         reason = stock_reason(self.config, x.device, grid_tokens, self.min_sparse_tokens, paged)
         items = [] if reason or self.dims is None else layer_items(
-            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost,
-            fc2_copies=not self.weights_cast)
+            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost)
+        # the MLP's fc2 scratch (one weight's transpose, shared by the run's layers) comes first
+        scratch = (self.dims.mlp_hidden * self.dims.mlp_out * x.element_size()
+                   if any(item.kind == MLP for item in items) else 0)
         wanted = sum(item.nbytes for item in items)
         budget = None
         if items and self.memory_budget is not None:
-            budget = quantised(self.memory_budget(x, rows, wanted))
+            free = self.memory_budget(x, rows, wanted + scratch)
+            budget = None if free is None else quantised(max(0, free - scratch))
         memory = plan_memory(items, budget, self.cost) if self.dims is not None else MemoryPlan(sized=False)
         if items and not any(where != OFF for where in memory.placement.values()):
             reason = StockReason("no GPU memory for caches",
@@ -243,7 +241,7 @@ class SamplingRun:
             for uuid in uuids:
                 if uuid in pieces:
                     pieces[uuid].reset()
-            caches = CondCaches(uuids, self.plan, self.fc2_copies)
+            caches = CondCaches(uuids, self.plan, self.fc2_scratch)
         self._caches[signature] = caches
         return caches
 
@@ -274,7 +272,7 @@ class SamplingRun:
             self.steps[call.step] = kind
         self.stats[f"{kind} calls"] += 1
         self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes() for c in self._caches.values())
-                                    + self.fc2_copies.nbytes())
+                                    + self.fc2_scratch.nbytes())
 
     def achieved(self, kind: str) -> float | None:
         """Fraction of the attention (or MLP) work that sparse steps skipped on Chipmunk layers."""
@@ -327,7 +325,7 @@ class SamplingRun:
         for caches in self._caches.values():
             caches.reset()
         self._caches.clear()
-        self.fc2_copies.reset()
+        self.fc2_scratch.reset()
 
 
 class _Bookkeeping:
@@ -349,7 +347,7 @@ class _Bookkeeping:
         caches = self.caches
         states = [*caches.attention.values(), *caches.mlp.values(), caches.step_cache]
         return ([(state, dict(vars(state))) for state in states], dict(caches.attention), dict(caches.mlp),
-                dict(self.run.fc2_copies.copies))
+                dict(self.run.fc2_scratch.buffers_by_shape))
 
     @staticmethod
     def delta(before, after):
@@ -364,12 +362,12 @@ class _Bookkeeping:
             state._sparse_steps = before[2].get(key, 0) + change[2].get(key, 0)
 
     def rollback(self, before, checkpoint):
-        states, attention, mlp, copies = checkpoint
+        states, attention, mlp, scratch = checkpoint
         for state, attributes in states:
             vars(state).clear()
             vars(state).update(attributes)
         self.caches.attention, self.caches.mlp = attention, mlp
-        self.run.fc2_copies.copies = copies
+        self.run.fc2_scratch.buffers_by_shape = scratch
         self.restore(before, ({}, {}, {}))
 
 

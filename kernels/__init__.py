@@ -25,7 +25,7 @@ from .attention_reference import (attention_with_column_sums_reference, column_s
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
 from .index_lists import (ForcedColumns, build_index_lists_reference, forced_columns, list_width, rank_units_reference,
                           selection_size)
-from .mlp_reference import block_means_reference, sparse_mlp_delta_reference
+from .mlp_reference import block_means_reference, sparse_mlp_delta_reference, transpose_into_reference
 
 __all__ = [
     "attention_with_column_sums",
@@ -33,6 +33,7 @@ __all__ = [
     "column_sparse_attention",
     "sparse_mlp_delta",
     "block_means",
+    "transpose_into",
     "build_index_lists",
     "rank_units",
     "forced_columns",
@@ -106,6 +107,16 @@ def block_means(t, row_order, block_size, out=None):
         from .mlp_triton import block_means_triton
         return block_means_triton(t, row_order, block_size, out)
     return block_means_reference(t, row_order, block_size, out)
+
+
+def transpose_into(src, out):
+    """``out[c, r] = src[r, c]`` for ``src`` [R, C] (any strides) into ``out`` [C, R]; returns ``out``.
+
+    See ``transpose_into_reference``."""
+    if backend_for(src) == "triton":
+        from .mlp_triton import transpose_into_triton
+        return transpose_into_triton(src, out)
+    return transpose_into_reference(src, out)
 
 
 def build_index_lists(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64, out=None):

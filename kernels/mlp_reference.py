@@ -62,6 +62,15 @@ def sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_ord
                 result[b, rows] = out_cache[b, rows].to(result.dtype)
 
 
+def transpose_into_reference(src, out):
+    """``out[c, r] = src[r, c]`` (``src`` [R, C] with any strides; ``out`` [C, R], same dtype); returns
+    ``out``. The sparse MLP's second launch reads fc2 as [M, Dout] rows, one per listed unit, and
+    the model stores it [Dout, M]: a sparse step transposes it into one scratch buffer."""
+    if tuple(out.shape) != tuple(src.shape[::-1]) or out.dtype != src.dtype:
+        raise ValueError(f"out must be {tuple(src.shape[::-1])} {src.dtype}, got {tuple(out.shape)} {out.dtype}")
+    return out.copy_(src.t())
+
+
 def block_means_reference(t, row_order, block_size, out=None):
     """Mean over each row block of ``t`` ([B, N, C]; block ``i`` = the tokens at positions
     ``[i * block_size, (i + 1) * block_size)`` of ``row_order``, None = identity; the last block may

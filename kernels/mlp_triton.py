@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._device import capability_major, l2_bytes, note_fallback, row_tile, size_class
-from .mlp_reference import sparse_mlp_delta_reference
+from .mlp_reference import sparse_mlp_delta_reference, transpose_into_reference
 
 _ACTIVATION_IDS = {"gelu_tanh": 0}
 
@@ -386,4 +386,48 @@ def block_means_triton(t, row_order, block_size, out=None):
     _block_means_kernel[(n_blocks, triton.cdiv(channels, block_c), batch)](
         t, out, order, t.stride(0), t.stride(1), out.stride(0), out.stride(1), n_tokens, channels, block_size,
         BLOCK_R=32, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# fc2 into the layout of the second launch ([Dout, M] -> [M, Dout]), once per sparse step
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _transpose_kernel(Src, Dst, R, C, s_sr, s_sc, s_dc, s_dr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      EVEN: tl.constexpr):
+    rs = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cs = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    src = Src + rs[:, None] * s_sr + cs[None, :] * s_sc
+    # The tile goes through shared memory (tl.trans): reads coalesce along src's rows, writes
+    # along dst's rows.
+    dst = Dst + cs[:, None] * s_dc + rs[None, :] * s_dr
+    if EVEN:
+        tl.store(dst, tl.trans(tl.load(src)))
+    else:
+        mask = (rs < R)[:, None] & (cs < C)[None, :]
+        tl.store(dst, tl.trans(tl.load(src, mask=mask, other=0.0)), mask=tl.trans(mask))
+
+
+TRANSPOSE_CONFIG = {"block_r": 64, "block_c": 64, "num_warps": 4}
+
+
+def transpose_into_triton(src, out, config=None):
+    """Triton version of ``transpose_into_reference``: one launch of 64x64 tiles (any strides of
+    ``src``; ``out`` contiguous). ``config`` overrides ``TRANSPOSE_CONFIG`` (benchmarks)."""
+    if tuple(out.shape) != tuple(src.shape[::-1]) or out.dtype != src.dtype or out.device != src.device:
+        raise ValueError(f"out must be {tuple(src.shape[::-1])} {src.dtype} on {src.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(1) != 1:
+        note_fallback("transpose_into", "an output whose rows are not contiguous")
+        return transpose_into_reference(src, out)
+    cfg = {**TRANSPOSE_CONFIG, **(config or {})}
+    rows, cols = src.shape
+    if rows == 0 or cols == 0:
+        return out
+    grid = (triton.cdiv(rows, cfg["block_r"]), triton.cdiv(cols, cfg["block_c"]))
+    _transpose_kernel[grid](src, out, rows, cols, src.stride(0), src.stride(1), out.stride(0), out.stride(1),
+                            BLOCK_R=cfg["block_r"], BLOCK_C=cfg["block_c"],
+                            EVEN=rows % cfg["block_r"] == 0 and cols % cfg["block_c"] == 0,
+                            num_warps=cfg["num_warps"])
     return out

@@ -148,8 +148,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
                       starts_mid_schedule=_starts_mid_schedule(patcher, sigmas),
                       paged_weights=graph_calls.dynamic_vram(patcher),
-                      conditionings=_conditionings(guider),
-                      weights_cast=getattr(patcher.model, "manual_cast_dtype", None) is not None)
+                      conditionings=_conditionings(guider))
     context = RunContext(accelerator, run, patcher)
     report.note_setup(context)
     original_options = guider.model_options
@@ -332,7 +331,6 @@ def _begin_call(executor, args, kwargs):
                             "stock's first run); later runs, and later processes through Triton's cache, do not",
                  logging.INFO)
     call.context = context
-    run.fc2_copies.weights_state(_weights_state(context.patcher))
     call.diffusion_model = diffusion_model
     call.has_control = arguments.get("control") is not None
     previous = options.get(OVERRIDE)
@@ -343,18 +341,6 @@ def _begin_call(executor, args, kwargs):
     args, kwargs = with_transformer_options(args, kwargs, options, call_options)
     accelerator.calls().append(call)
     return context, call, args, kwargs
-
-
-def _weights_state(patcher) -> tuple:
-    """What says which values the model's weights hold now: ComfyUI patches them in place for hook
-    keyframes and per-conditioning LoRA hooks (``current_hooks``), and for its weight patches
-    (``current_weight_patches_uuid``). Copies made from the weights hold for one such state."""
-    base = getattr(patcher, "model", None)
-    current = getattr(base, "current_patcher", None) or patcher
-    group = getattr(current, "current_hooks", None)
-    # a hook group's keyframes change its strengths (and the patched values) under the same group
-    hooks = tuple((id(hook), getattr(hook, "strength", None)) for hook in getattr(group, "hooks", ()) or ())
-    return id(group) if group is not None else None, hooks, getattr(base, "current_weight_patches_uuid", None)
 
 
 @torch.compiler.disable

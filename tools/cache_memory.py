@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from chipmunk_pack.chipmunk_core.config import resolve_config  # noqa: E402
 from chipmunk_pack.chipmunk_core.memory import ModelDims  # noqa: E402
-from chipmunk_pack.chipmunk_core.plan import ATTENTION, FC2_COPY, MLP, layer_items  # noqa: E402
+from chipmunk_pack.chipmunk_core.plan import ATTENTION, MLP, layer_items  # noqa: E402
 
 CASES = [
     # name, family, dims, tokens, conditionings batched (CFG)
@@ -29,7 +29,7 @@ CASES = [
 ]
 
 if __name__ == "__main__":
-    kinds = (ATTENTION, MLP, FC2_COPY)
+    kinds = (ATTENTION, MLP)
     print(f"{'case (bf16 caches)':40s} {'settings':>10s} " + " ".join(f"{k:>10s}" for k in kinds) + f" {'total':>10s}")
     for name, family, dims, tokens, rows in CASES:
         config = resolve_config(family)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ... import kernels
 from ..mlp import SparseDeltaMLP
-from .weights import linear_weights, weight_identity
+from .weights import linear_weights
 
 SINGLE_BLOCK_PARAMETERS = ["x", "vec", "pe", "attn_mask", "modulation_dims", "transformer_options"]
 DOUBLE_BLOCK_PARAMETERS = ["img", "txt", "vec", "pe", "attn_mask", "modulation_dims_img", "modulation_dims_txt",
@@ -197,12 +197,12 @@ def sequential_mlp(module, layer, stream: str, x):
     if layer.mlp_is_dense(state, x):
         y = fc2(state.dense_step(x, fc1(x), order, config))
         state.store_output(y)
-        if state.fc2_copies is not None:
+        if state.fc2_scratch is not None:
             with linear_weights(fc2, x) as (w2, _):
-                state.keep_fc2(w2, weight_identity(fc2, w2))
+                state.reserve_fc2(w2)
         return y
     with linear_weights(fc1, x) as (w1, b1), linear_weights(fc2, x) as (w2, _):
-        return state.sparse_step(x, w1, b1, w2, order, config, layer.seeds, w2_key=weight_identity(fc2, w2))
+        return state.sparse_step(x, w1, b1, w2, order, config, layer.seeds)
 
 
 def apply_mod(tensor, scale, shift=None, modulation_dims=None):
@@ -268,11 +268,11 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
             if dense:
                 mlp_out = F.linear(state.dense_step(x_mod, pre_activation, order, config), w2[:, width:])
                 state.store_output(mlp_out)
-                state.keep_fc2(w2[:, width:], weight_identity(block.linear2, w2[:, width:]))
+                state.reserve_fc2(w2[:, width:])
             else:
                 mlp_out = state.sparse_step(
                     x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
-                    layer.seeds, w2_key=weight_identity(block.linear2, w2[:, width:]))
+                    layer.seeds)
             parts = (F.linear(attn, w2[:, :width], b2), mlp_out)
     if fused:
         kernels.gated_residual_(x, mod.gate, *parts)

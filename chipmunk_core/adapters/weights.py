@@ -41,28 +41,6 @@ def linear_weights(module, like):
         comfy.ops.uncast_bias_weight(module, weight, bias, stream)
 
 
-def weight_identity(module, weight):
-    """A key for ``weight`` when it is (a view of) the module's own parameter, else None.
-
-    Caching something derived from a weight (a transposed copy) is only safe when the weight is
-    the parameter itself: casts, offload copies and on-the-fly LoRA give a new tensor per call.
-    The parameter's values can still change in place (hook keyframes): such caches also hold for
-    one state of the weights only (``mlp.TransposedWeights.weights_state``).
-    """
-    param = getattr(module, "weight", None)
-    paged = getattr(module, "_v_weight", None)
-    if (paged is not None and weight.device == paged.device and weight.dtype == paged.dtype
-            and weight.untyped_storage().data_ptr() == paged.untyped_storage().data_ptr()):
-        # Dynamic VRAM: (a view of) the weight as copied into the layer's reserved range: same
-        # address and content for the whole run, wherever ComfyUI pages it meanwhile.
-        return (id(module), "paged", weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
-    if param is None or weight.device != param.device or weight.dtype != param.dtype:
-        return None
-    if weight.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
-        return None
-    return (id(param), param.data_ptr(), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
-
-
 class PagedWeights:
     """The layers whose weights ComfyUI's dynamic VRAM (comfy-aimdo) pages in and out of the GPU.
 

@@ -4,7 +4,7 @@ identity that keeps fc2's transposed copy for paged weights."""
 
 import torch
 
-from chipmunk_pack.chipmunk_core.adapters.weights import PagedWeights, weight_identity
+from chipmunk_pack.chipmunk_core.adapters.weights import PagedWeights
 
 
 class Pages:
@@ -67,13 +67,3 @@ def test_only_layers_the_model_has_used_are_read_by_graphs():
     weights = paged.gpu_weights()
     assert [w.data_ptr() for w in weights] == [layers[0]._v_weight.data_ptr(), layers[1]._v_weight.data_ptr()]
     assert paged.owns(layers[2].weight) and not paged.owns(weights[0])
-
-
-def test_the_paged_weight_and_its_views_have_an_identity_a_per_call_copy_has_none():
-    layer = torch.nn.Linear(8, 4)
-    layer._v_weight = torch.randn(4, 8)
-    key = weight_identity(layer, layer._v_weight)
-    assert key is not None and key == weight_identity(layer, layer._v_weight)
-    assert weight_identity(layer, layer._v_weight[:, 4:]) not in (None, key)
-    assert weight_identity(layer, layer._v_weight.clone()) is None
-    assert weight_identity(layer, layer._v_weight.to(torch.float64)) is None

@@ -356,13 +356,13 @@ def test_mlp_steps_do_not_synchronise_once_the_state_exists(no_host_sync):
     order = torch.randperm(40, generator=torch.Generator().manual_seed(1)).to(torch.int32)
     x = torch.randn(2, 40, 24)
     state, _ = _primed_mlp(x, w1, b1, w2, b2, order, config)
-    state.sparse_step(x, w1, b1, w2, order, config, _seeds(2), w2_key="fc2")  # first ranking: buffers appear
+    state.sparse_step(x, w1, b1, w2, order, config, _seeds(2))  # first ranking: buffers appear
     with no_host_sync:
         for rank in (True, False, None):
-            state.sparse_step(x + 0.1, w1, b1, w2, order, config, _seeds(2), w2_key="fc2", rank=rank)
+            state.sparse_step(x + 0.1, w1, b1, w2, order, config, _seeds(2), rank=rank)
         y = F.linear(state.dense_step(x, F.linear(x, w1, b1), order, config), w2, b2)
         state.store_output(y)
-        state.sparse_step(x, w1, b1, w2, order, config, _seeds(2), w2_key="fc2")
+        state.sparse_step(x, w1, b1, w2, order, config, _seeds(2))
 
 
 class _StubKernel:
@@ -418,18 +418,27 @@ def test_triton_launchers_do_not_synchronise(no_host_sync, monkeypatch):
     assert all(stub.launches for stub in stubs.values()), {name: s.launches for name, s in stubs.items()}
 
 
-def test_transposed_fc2_copies_hold_for_one_state_of_the_weights():
-    """ComfyUI patches weights in place (hook keyframes): a copy made before is stale once the
-    weights' state changes, and is made again from the weight as it is then."""
-    from chipmunk_pack.chipmunk_core.mlp import TransposedWeights
+def test_fc2_is_transposed_from_the_weight_as_it_is_at_each_sparse_step():
+    """ComfyUI patches weights in place (hook keyframes): the sparse step reads fc2 as it is then,
+    through one scratch buffer of the run per weight shape; no copy outlives the step."""
+    from chipmunk_pack.chipmunk_core.mlp import TransposeScratch
 
-    copies = TransposedWeights()
-    w2 = torch.randn(6, 10)
-    copies.weights_state(("hooks", 0.0))
-    first = copies.get(w2, "fc2")
-    assert torch.equal(first, w2.t()) and copies.get(w2, "fc2") is first
-    w2.mul_(2)  # patched in place: same tensor, same key
-    copies.weights_state(("hooks", 0.0))
-    assert copies.get(w2, "fc2") is first  # same state: the copy stands
-    copies.weights_state(("hooks", 1.0))
-    assert torch.equal(copies.get(w2, "fc2"), w2.t())
+    config = resolve_config("flux", mlp_sparsity=0.5, mlp_random_fraction=0.1, mlp_block=16, selection_tile=8)
+    w1, b1, w2, b2 = _mlp(24, 64, 24, 3)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    x = torch.randn(1, 40, 24)
+    scratch = TransposeScratch()
+    runs = []
+    for patched in (False, True):
+        state, _ = _primed_mlp(x, w1, b1, w2, b2, order, config)
+        state.fc2_scratch = scratch
+        state.reserve_fc2(w2)
+        buffer = scratch.buffers()[0]
+        weight = w2 * 2 if patched else w2
+        runs.append(state.sparse_step(x + 0.1, w1, b1, weight, order, config, _seeds(1), rank=True))
+        assert scratch.buffers() == [buffer] and torch.equal(buffer, weight.t())
+    fresh, _ = _primed_mlp(x, w1, b1, w2, b2, order, config)
+    expected = fresh.sparse_step(x + 0.1, w1, b1, w2 * 2, order, config, _seeds(1), rank=True)
+    assert torch.equal(runs[1], expected) and not torch.equal(runs[0], runs[1])
+    assert scratch.nbytes() == w2.numel() * w2.element_size()
+

@@ -359,3 +359,26 @@ def test_sparse_mlp_delta_long_rows_configuration(interpreted, monkeypatch):
                                 kernel_out, config=long)
     assert_matches(kernel_hidden, ref_hidden, dtype, "hidden cache")
     assert_matches(kernel_out.float() - out.float(), ref_out - out.float(), dtype, "output update")
+
+
+@pytest.mark.parametrize("case", [
+    # (rows, cols, dtype, view): whole tiles; ragged edges; a column slice of a wider weight (FLUX's
+    # single blocks hand over linear2's MLP part, a strided view)
+    (128, 192, torch.bfloat16, "plain"),
+    (80, 100, torch.float16, "plain"),
+    (96, 130, torch.bfloat16, "slice"),
+], ids=["tiles", "ragged", "slice"])
+def test_transpose_into_matches_reference(interpreted, case):
+    from chipmunk_pack.kernels.mlp_reference import transpose_into_reference
+
+    rows, cols, dtype, view = case
+    gen = torch.Generator().manual_seed(rows + cols)
+    if view == "slice":
+        src = torch.randn(rows, cols + 70, generator=gen).to(dtype)[:, 70:]
+    else:
+        src = torch.randn(rows, cols, generator=gen).to(dtype)
+    out = torch.full((cols, rows), float("nan"), dtype=dtype)
+    assert interpreted["mlp_triton"].transpose_into_triton(src, out) is out
+    assert torch.equal(out, transpose_into_reference(src, torch.empty_like(out)))  # a copy: bit for bit
+    with pytest.raises(ValueError, match="out must be"):
+        interpreted["mlp_triton"].transpose_into_triton(src, torch.empty(rows, cols, dtype=dtype))
