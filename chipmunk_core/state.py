@@ -125,14 +125,20 @@ class CondCaches:
                 + self.step_cache.nbytes())
 
     def reset(self):
+        self.drop_layer_caches()
+        self.step_cache.reset()
+        self.layouts.clear()
+
+    def drop_layer_caches(self) -> int:
+        """Release the Chipmunk layers' caches and graphs (the step cache stays); returns the bytes."""
+        freed = sum(s.nbytes() for s in self.attention.values()) + sum(s.nbytes() for s in self.mlp.values())
         for state in list(self.attention.values()) + list(self.mlp.values()):
             state.reset()
         self.attention.clear()
         self.mlp.clear()
-        self.step_cache.reset()
         self.graphs.reset()
         self.prefetch.reset()
-        self.layouts.clear()
+        return freed
 
 
 class SamplingRun:
@@ -319,6 +325,13 @@ class SamplingRun:
     def _note_clock(self):
         if self.clock.mispredicted:
             self.note("clock", self.clock.mispredicted)
+
+    def drop_layer_caches(self) -> int:
+        """Release every conditioning's layer caches and graphs, and the fc2 scratch (after the GPU
+        ran out of memory: the rest of the run's layers run stock, the step cache goes on)."""
+        freed = sum(caches.drop_layer_caches() for caches in self._caches.values()) + self.fc2_scratch.nbytes()
+        self.fc2_scratch.reset()
+        return freed
 
     def release(self):
         self.clock.finish()

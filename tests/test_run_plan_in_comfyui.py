@@ -183,3 +183,28 @@ def test_hook_keyframes_change_the_weights_and_sparse_steps_read_them_as_they_ar
     assert cm.step_counts(report)["sparse"] > 0, report
     assert not elsewhere and any(seen) and not all(seen)  # the patched weights, then the original ones
     assert not torch.equal(hooked, sample(flux.model))  # (the hook did change the picture)
+
+
+def test_out_of_memory_mid_run_runs_the_rest_stock_and_loses_no_run(flux, pack, caplog, monkeypatch):
+    """The GPU runs out of memory in a sparse step (another program took memory after the plan was
+    made): the run's layer caches are released, that call and the rest of the run's layers run
+    stock, the step cache goes on, the report says so once, and the picture is finished."""
+    kernels = importlib.import_module(f"{pack}.kernels")
+    size = flux.sizes[0]
+    sparse_mlp_delta, calls = kernels.sparse_mlp_delta, []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sparse_mlp_delta(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "sparse_mlp_delta", failing)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(flux.accelerate(step_cache="fixed"), size, steps=14)
+    report = cm.reports(caplog)[-1]
+    counts = cm.step_counts(report)
+    assert torch.isfinite(out).all()
+    assert report.count("ran out of memory") == 1 and "Tried to allocate 2.00 GiB" in report, report
+    assert counts["sparse"] >= 1 and counts["stock"] >= 1 and counts["skipped"] >= 1, report
+    assert len(calls) == 3  # nothing sparse after it
