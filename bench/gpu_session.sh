@@ -300,16 +300,20 @@ final_check)
 scratch)
     # No fc2 copies (fc2 transposed into one scratch per sparse step): the transpose kernel's
     # speed, the GPU suite, FLUX bf16 all memory with the scratch against the last commit that kept
-    # copies (.device/old_pack.tar.gz, git archive of that commit), FLUX fp8 at 24 GiB.
+    # copies (.device/old_pack.tar.gz, git archive of that commit), FLUX fp8 at 24 GiB; each job
+    # only while the call's time (TOTAL seconds, default 575) lasts.
+    total=${TOTAL:-575}
     mkdir -p /tmp/old && tar xzf .device/old_pack.tar.gz -C /tmp/old
-    job 0 40 transpose python3 bench/kernels.py --ops transpose --shapes flux --sweep --json "$R/kernels_transpose.json"
-    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 250 gpu_tests python3 -m pytest tests/gpu -q -rA
-    job 0 75 flux_bf16_scratch "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+    within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$(within 250)" gpu_tests python3 -m pytest tests/gpu -q -rA
+    t=$(within 40) && job 0 "$t" transpose python3 bench/kernels.py --ops transpose --shapes flux --sweep \
+        --json "$R/kernels_transpose.json"
+    t=$(within 75) && job 0 "$t" flux_bf16_scratch "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_bf16_scratch.json"
-    job 0 75 flux_bf16_copies python3 /tmp/old/bench/e2e_comfy.py --comfyui "$COMFY" --case flux --sizes 1024x1024 \
-        --steps 20 --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_bf16_copies.json"
-    left=$((575 - SECONDS))
-    [ "$left" -gt 40 ] && job 0 "$left" flux_fp8_24 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+    t=$(within 75) && job 0 "$t" flux_bf16_copies python3 /tmp/old/bench/e2e_comfy.py --comfyui "$COMFY" --case flux \
+        --sizes 1024x1024 --steps 20 --dynamic-vram --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_bf16_copies.json"
+    t=$(within 100) && job 0 "$t" flux_fp8_24 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --weight-dtype fp8_e4m3fn_fast --free-gib 24 --variants "stock,chipmunk,chipmunk+cache" \
         --out "$R/e2e_flux_fp8_24_scratch.json"
     ;;
