@@ -59,6 +59,7 @@ job() {  # job GPU SECONDS NAME COMMAND...: one measurement, its log in $R/NAME.
     local gpu=$1 seconds=$2 name=$3; shift 3
     CUDA_VISIBLE_DEVICES=$gpu timeout "$seconds" "$@" >"$R/$name.log" 2>&1
     echo "[$name] exit $? after $SECONDS s" | tee -a "$R/$name.log"
+    tar czf "$OUT/measurements.tar.gz" -C "$R" .  # what is done comes back even if the call is cut short
 }
 E2E=(python3 bench/e2e_comfy.py --comfyui "$COMFY")
 
