@@ -196,6 +196,10 @@ def _conditionings(guider) -> int:
     return max(1, count)
 
 
+# Devices whose free memory bounds the caches (tests add "cpu" with a stand-in free-memory query).
+BUDGET_DEVICES = ("cuda",)
+
+
 def cache_budget(patcher, x: torch.Tensor, rows: int, wanted: int) -> int | None:
     """Device bytes the run's caches may take: ComfyUI first unloads idle models to make room for
     them next to this model's working memory (as it does for its own inference), so the answer
@@ -205,7 +209,7 @@ def cache_budget(patcher, x: torch.Tensor, rows: int, wanted: int) -> int | None
     ``patcher.get_free_memory``, which adds that memory (what ComfyUI's cond batching wants)."""
     import comfy.model_management as mm
 
-    if x.device.type == "cpu":
+    if x.device.type not in BUDGET_DEVICES:  # the CPU's caches live in system memory: no budget
         return None
     try:
         working = int(patcher.model.memory_required([rows] + list(x.shape[1:])))

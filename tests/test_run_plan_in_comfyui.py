@@ -208,3 +208,64 @@ def test_out_of_memory_mid_run_runs_the_rest_stock_and_loses_no_run(flux, pack, 
     assert report.count("ran out of memory") == 1 and "Tried to allocate 2.00 GiB" in report, report
     assert counts["sparse"] >= 1 and counts["stock"] >= 1 and counts["skipped"] >= 1, report
     assert len(calls) == 3  # nothing sparse after it
+
+
+def test_same_picture_whether_another_model_is_loaded_or_not(flux, pack, monkeypatch):
+    """The plan asks ComfyUI to free what the caches need (as ComfyUI does for its own inference),
+    so an idle model left loaded by an earlier workflow is unloaded and the plan, and the picture,
+    are those of a fresh start. Stand-in: the CPU's free memory is a fixed amount less the models
+    other than this one that ComfyUI has loaded. The control keeps the other model loaded (the
+    pack's request to free memory dropped): the caches no longer fit and the picture changes."""
+    import comfy.model_management as mm
+
+    hooks = importlib.import_module(f"{pack}.nodes.hooks")
+    plan = importlib.import_module(f"{pack}.chipmunk_core.plan")
+    monkeypatch.setattr(plan, "BUDGET_QUANTUM", 1)
+    monkeypatch.setattr(hooks, "BUDGET_DEVICES", ("cuda", "cpu"))
+    size = flux.sizes[0]
+    ours = flux.model.model
+    limit = {"bytes": 1 << 50}
+
+    def others():
+        return sum(loaded.model_loaded_memory() for loaded in mm.current_loaded_models
+                   if loaded.model.model is not ours)
+
+    def free(dev=None, torch_free_too=False):
+        amount = limit["bytes"] - others()
+        return (amount, amount) if torch_free_too else amount
+
+    monkeypatch.setattr(mm, "get_free_memory", free)
+    real_budget, real_free_memory = hooks.cache_budget, mm.free_memory
+    in_pack, asked, drop_the_packs_request = [], [], []
+
+    def budget(*args, **kwargs):  # marks the pack's own calls into ComfyUI
+        in_pack.append(True)
+        try:
+            return real_budget(*args, **kwargs)
+        finally:
+            in_pack.pop()
+
+    def free_memory(memory_required, device, keep_loaded=[], **kwargs):
+        if in_pack:
+            asked.append(memory_required)  # caches plus working memory
+            if drop_the_packs_request:
+                return []
+        return real_free_memory(memory_required, device, keep_loaded, **kwargs)
+
+    monkeypatch.setattr(hooks, "cache_budget", budget)
+    monkeypatch.setattr(mm, "free_memory", free_memory)
+    alone = flux.sample(flux.accelerate(), size)
+    assert asked, "the plan did not ask ComfyUI for memory"
+    limit["bytes"] = asked[-1]  # just what the run needs, with nothing else loaded
+
+    other = flux.comfy.narrow_flux()
+    mm.load_models_gpu([other])
+    assert others() > 0
+    assert torch.equal(flux.sample(flux.accelerate(), size), alone)
+    assert others() == 0  # unloaded for the caches
+
+    mm.load_models_gpu([other])
+    drop_the_packs_request.append(True)
+    crowded = flux.sample(flux.accelerate(), size)
+    assert others() > 0 and not torch.equal(crowded, alone)
+    mm.unload_all_models()
