@@ -20,6 +20,10 @@ class ModelDims:
     mlp_hidden: int
     mlp_out: int
 
+    def fc2_bytes(self, element: int) -> int:
+        """One MLP's second weight (what a sparse step transposes into the run's scratch)."""
+        return self.mlp_hidden * self.mlp_out * element
+
 
 def reuse_buffer(buffer, shape, dtype, device, pinned=False) -> torch.Tensor:
     """``buffer`` when it has this shape, dtype and device, else a new empty tensor (in pinned host

@@ -111,9 +111,9 @@ class SparseDeltaMLP(Rows):
             self.fc2_scratch.buffer_for(w2)
 
     def _transposed_fc2(self, w2):
-        if self.fc2_scratch is None:
-            return kernels.transpose_into(w2, torch.empty(w2.shape[::-1], dtype=w2.dtype, device=w2.device))
-        return kernels.transpose_into(w2, self.fc2_scratch.buffer_for(w2))
+        out = (torch.empty(w2.shape[::-1], dtype=w2.dtype, device=w2.device) if self.fc2_scratch is None
+               else self.fc2_scratch.buffer_for(w2))
+        return kernels.transpose_into(w2, out)
 
     def units(self) -> int:
         """Hidden units of the MLP (0 before the first dense step)."""

@@ -103,7 +103,7 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         flops = 4.0 * n_tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
         # each sparse step transposes fc2 into the run's scratch (read + write)
-        saved = max(0.0, saved - 2 * dims.mlp_hidden * dims.mlp_out * element / cost.device_bandwidth)
+        saved = max(0.0, saved - 2 * dims.fc2_bytes(element) / cost.device_bandwidth)
         mlp = (caches + means, saved, 2 * caches)  # a sparse step reads and writes them
     for layer in range(config.first_dense_layers, dims.n_layers):
         if attention:

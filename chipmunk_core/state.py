@@ -199,8 +199,7 @@ class SamplingRun:
         items = [] if reason or self.dims is None else layer_items(
             self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost)
         # the MLP's fc2 scratch (one weight's transpose, shared by the run's layers) comes first
-        scratch = (self.dims.mlp_hidden * self.dims.mlp_out * x.element_size()
-                   if any(item.kind == MLP for item in items) else 0)
+        scratch = self.dims.fc2_bytes(x.element_size()) if any(item.kind == MLP for item in items) else 0
         wanted = sum(item.nbytes for item in items)
         budget = None
         if items and self.memory_budget is not None:

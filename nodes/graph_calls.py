@@ -57,10 +57,23 @@ def stock_where_eager_loses(context, call, why: str):
     caching, if on, still skips steps."""
     if not run_plan.eager_runs_stock(dynamic_vram(context.patcher)):
         return
-    call.stock_layers = context.stock_from_now = True
+    context.run_stock_from(call)
     call.run.note("eager loses", f"layers run stock from this step on: under ComfyUI's dynamic VRAM the sparse "
                                  f"steps of this model are slower than stock unless replayed as CUDA graphs, and "
                                  f"these cannot be ({why})")
+
+
+@torch.compiler.disable
+def stock_after_out_of_memory(context, call, error):
+    """The GPU ran out of memory inside a Chipmunk call: free the layers' caches; this call (run
+    again by the caller) and the rest of the run run their layers stock; say so once."""
+    freed = context.run.drop_layer_caches()
+    context.run_stock_from(call)
+    call.skipped = False
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    size = f"{freed / 2**30:.2f} GiB" if freed >= 2**30 else f"{freed / 2**20:.0f} MiB"
+    context.run.note("out of memory", f"the GPU ran out of memory in a Chipmunk step ({reason}): its caches "
+                                      f"({size}) were released and the rest of the run's layers ran stock")
 
 
 def _holds_tensors(value) -> bool:

@@ -79,8 +79,12 @@ class RunContext:
         self.run = run
         self.patcher = patcher
         self.graphs = None  # ("off", reason) or ("on", (weights, PagedWeights or None)), once known
-        self.stock_from_now = False  # later calls run their layers stock (graph_calls.stock_where_eager_loses)
+        self.stock_from_now = False  # later calls run their layers stock (run_stock_from)
         self.checks: dict[str, str | None] = {}  # self-check kind -> failure (None: passed)
+
+    def run_stock_from(self, call):
+        """This call's layers and every later call's run stock (step caching, if on, goes on)."""
+        call.stock_layers = self.stock_from_now = True
 
 
 def accelerate(model, node_id=None, unused_inputs=(), **settings):
@@ -298,33 +302,19 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     context, call, args, kwargs = begun
     try:
-        try:
-            verdict = graph_calls.verdict(context, call, args, kwargs)
-            if verdict is True:
-                return graph_calls.graphed_call(executor, context, call, args, kwargs)
-            if verdict is not None:
-                graph_calls.stock_where_eager_loses(context, call, verdict)
-            return executor(*args, **kwargs)
-        except torch.cuda.OutOfMemoryError as error:
-            if call.stock_layers:
-                raise  # stock itself does not fit: ComfyUI's own handling
-            _stock_after_out_of_memory(context, call, error)
+        verdict = graph_calls.verdict(context, call, args, kwargs)
+        if verdict is True:
+            return graph_calls.graphed_call(executor, context, call, args, kwargs)
+        if verdict is not None:
+            graph_calls.stock_where_eager_loses(context, call, verdict)
+        return executor(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError as error:
+        if call.stock_layers:
+            raise  # stock itself does not fit: ComfyUI's own handling
+        graph_calls.stock_after_out_of_memory(context, call, error)
         return executor(*args, **kwargs)  # the same call again, its layers stock
     finally:
         _end_call(context, call)
-
-
-@torch.compiler.disable
-def _stock_after_out_of_memory(context: RunContext, call, error):
-    """The GPU ran out of memory inside a Chipmunk call: free the layers' caches, run this call and
-    the rest of the run with the layers stock (the step cache goes on), and say so once."""
-    freed = context.run.drop_layer_caches()
-    call.stock_layers = context.stock_from_now = True
-    call.skipped = False
-    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-    size = f"{freed / 2**30:.2f} GiB" if freed >= 2**30 else f"{freed / 2**20:.0f} MiB"
-    context.run.note("out of memory", f"the GPU ran out of memory in a Chipmunk step ({reason}): its caches "
-                                      f"({size}) were released and the rest of the run's layers ran stock")
 
 
 @torch.compiler.disable
