@@ -39,7 +39,7 @@ import json
 import sys
 import tarfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -202,11 +202,10 @@ def _timed(device, fn):
 def train_dit(family, model, plan, make, device, seconds, args, log, start_step=0):
     """Rectified-flow training on refreshed banks: low sizes first, then the high ones."""
     import torch
-    import torch.nn.functional as F
 
     from . import networks, vocab
     from .train import _TokenSampler
-    from .training import EMA, Budget, autocast, learning_rate, make_optimizer
+    from .training import EMA, Budget, dit_step, learning_rate, make_optimizer
 
     optimizer = make_optimizer(model, lr=args.lr)
     ema = EMA(model, decay=args.ema)
@@ -254,18 +253,13 @@ def train_dit(family, model, plan, make, device, seconds, args, log, start_step=
             context, pooled = tokens.condition(tokens.ids(ids))
             qat = progress_all >= 1.0 - QAT_SHARE
 
-            def train_step():
-                xt, sigma, noise, guidance = networks.noisy_batch(family, x0, generator)
+            @contextmanager
+            def around():  # ComfyUI's in-place residuals made trainable; fp8-rounded weights for QAT
                 with networks.trainable_comfy_blocks(), (networks.fp8_weights(model) if qat else nullcontext()):
-                    with autocast(device):
-                        v = networks.predict_v(model, family, xt, sigma, context, pooled, guidance)
-                    loss = F.mse_loss(v.float(), noise - x0)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                ema.update()
-                return loss, grad
+                    yield
+
+            def train_step():
+                return dit_step(model, family, x0, context, pooled, generator, optimizer, ema, around)
 
             (loss, grad), seconds_step = _timed(device, train_step)
             step_time = seconds_step if step_time is None else 0.9 * step_time + 0.1 * seconds_step

@@ -164,10 +164,9 @@ class _TokenSampler:
 def _train_dit(family, bank, ids_bank, device, sizes, seconds, log, args):
     """Rectified-flow training of a toy transformer on a latent bank; returns the EMA model."""
     import torch
-    import torch.nn.functional as F
 
     from . import networks, vocab
-    from .training import EMA, Budget, autocast, learning_rate, make_optimizer
+    from .training import EMA, Budget, dit_step, learning_rate, make_optimizer
 
     torch.manual_seed(SEED + 2)
     model = networks.build(family, device)
@@ -194,15 +193,7 @@ def _train_dit(family, bank, ids_bank, device, sizes, seconds, log, args):
             index = torch.randint(bank.shape[0], (batch,), device=device, generator=generator)
             x0 = bank[index].float()
             context, pooled = tokens.condition(tokens.ids(ids_bank[index]))
-            xt, sigma, noise, guidance = networks.noisy_batch(family, x0, generator)
-            with autocast(device):
-                v = networks.predict_v(model, family, xt, sigma, context, pooled, guidance)
-            loss = F.mse_loss(v.float(), noise - x0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            ema.update()
+            loss, grad_norm = dit_step(model, family, x0, context, pooled, generator, optimizer, ema)
             budget.step += 1
             if budget.step % 10 == 0 or budget.step <= 3:  # .item() waits for the GPU: not every step
                 running = loss.item() if running is None else 0.8 * running + 0.2 * loss.item()

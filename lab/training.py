@@ -1,11 +1,13 @@
 """Shared pieces of the lab's training loops: time- or step-bounded schedules, EMA, logging."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 class Budget:
@@ -101,3 +103,22 @@ class Log:
 
 def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def dit_step(model, family: str, x0, context, pooled, generator, optimizer, ema, around=contextlib.nullcontext):
+    """One rectified-flow step of a lab DiT on clean latents ``x0``: velocity loss against
+    ``noise - x0``, backward (both inside ``around()``), clipped gradients, optimizer, EMA.
+    Returns (loss, gradient norm) as tensors (reading them waits for the GPU)."""
+    from . import networks
+
+    xt, sigma, noise, guidance = networks.noisy_batch(family, x0, generator)
+    with around():
+        with autocast(x0.device):
+            v = networks.predict_v(model, family, xt, sigma, context, pooled, guidance)
+        loss = F.mse_loss(v.float(), noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    ema.update()
+    return loss, grad
