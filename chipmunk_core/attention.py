@@ -132,7 +132,8 @@ class SparseDeltaAttention(Rows):
         self.kept = kernels.selection_size(n_keys, keep_count, config.selection_tile)
         width = kernels.list_width(n_keys, keep_count, config.selection_tile, forced.width if forced else 0)
         out = None
-        if ready and self.indices.device == q.device and self.indices.shape[-1] == width:
+        if (ready and self.indices.device == q.device and self.indices.shape[-1] == width
+                and self.indices.dtype == kernels.index_dtype(n_keys)):
             out = (self.indices, self.counts)  # refill the lists in place (stable addresses)
         self.indices, self.counts = kernels.build_index_lists(
             scores, keep_count=keep_count, random_count=round(config.attention_random_fraction * n_keys),

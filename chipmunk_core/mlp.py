@@ -157,7 +157,8 @@ class SparseDeltaMLP(Rows):
         out = None
         if self._selection is not None:
             width = kernels.list_width(n_units, keep_count, config.selection_tile)
-            if self._selection[0].shape == (batch, n_blocks, width) and self._selection[0].device == x.device:
+            if (self._selection[0].shape == (batch, n_blocks, width) and self._selection[0].device == x.device
+                    and self._selection[0].dtype == kernels.index_dtype(n_units)):
                 out = self._selection
         self._selection = kernels.rank_units(
             current, self.block_mean, keep_count=keep_count,

@@ -10,8 +10,9 @@ Contract shared by the attention operations
 - ``query_order``: int32 ``[N]`` permutation of the tokens; query group ``g`` is the tokens at
   positions ``[g * group_size, (g + 1) * group_size)`` of it (the last group may be shorter).
   Token reordering lives in this table, so q/k/v/out stay in the model's token order.
-- Key index lists: ``indices`` int32 ``[B, H, G, K]``, ``counts`` int32 ``[B, H, G]``; entries
-  past a group's count are ignored. The kernels take the entries in any order; the lists built
+- Key index lists: ``indices`` ``[B, H, G, K]``, ``counts`` ``[B, H, G]``, int16 or int32 (the
+  lists built here take ``index_dtype(N_keys)``, the narrowest that holds them); entries past a
+  group's count are ignored. The kernels take the entries in any order; the lists built
   here are ascending (a free by-product of how they are built, and it keeps gathers local).
 - Outputs go into caller-provided views in token order (``out`` may be a transposed view of a
   ``[B, N, H, D]`` buffer so that no copy is needed to hand the result back to the model).
@@ -23,8 +24,8 @@ from ._dispatch import backend_for
 from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
                                   sampled_column_sums_reference)
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
-from .index_lists import (ForcedColumns, build_index_lists_reference, forced_columns, list_width, rank_units_reference,
-                          selection_size)
+from .index_lists import (ForcedColumns, build_index_lists_reference, check_index_dtype, forced_columns, index_dtype,
+                          list_width, rank_units_reference, selection_size)
 from .mlp_reference import block_means_reference, sparse_mlp_delta_reference, transpose_into_reference
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "forced_columns",
     "ForcedColumns",
     "list_width",
+    "index_dtype",
     "selection_size",
     "backend_for",
     "layer_norm_modulate",
@@ -122,7 +124,7 @@ def transpose_into(src, out):
 def build_index_lists(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64, out=None):
     """Per row of ``scores`` ([..., R, C]): forced + random + top-scoring columns, ascending.
 
-    Returns ``(indices [..., R, K] int32, counts [..., R] int32)`` (into ``out`` if given); see
+    Returns ``(indices [..., R, K], counts [..., R])``, ``index_dtype(C)`` (into ``out`` if given); see
     ``build_index_lists_reference`` for the exact definition (ties go to the lower column; random
     columns come from a hash of ``row_seeds[b]``, the row and the column).
     """
@@ -130,7 +132,7 @@ def build_index_lists(scores, keep_count, random_count=0, forced=None, row_seeds
         from .index_lists_triton import build_index_lists_triton
         return build_index_lists_triton(scores, keep_count, random_count, forced, row_seeds, pad_to, out)
     indices, counts = build_index_lists_reference(scores, keep_count, random_count, forced, row_seeds, pad_to)
-    return _into(out, indices, counts)
+    return _into(out, indices, counts, scores.shape[-1])
 
 
 def rank_units(current, block_mean, keep_count, random_count=0, row_seeds=None, pad_to=64, out=None):
@@ -140,7 +142,7 @@ def rank_units(current, block_mean, keep_count, random_count=0, row_seeds=None, 
         from .index_lists_triton import rank_units_triton
         return rank_units_triton(current, block_mean, keep_count, random_count, row_seeds, pad_to, out)
     indices, counts = rank_units_reference(current, block_mean, keep_count, random_count, row_seeds, pad_to)
-    return _into(out, indices, counts)
+    return _into(out, indices, counts, current.shape[-1])
 
 
 def layer_norm_modulate(x, scale1, shift, eps):
@@ -172,9 +174,11 @@ def gated_residual_(x, gate, a, b=None, out=None):
     return gated_residual_reference_(x, gate, a, b, out)
 
 
-def _into(out, indices, counts):
+def _into(out, indices, counts, n_columns):
     if out is None:
         return indices, counts
+    check_index_dtype(out[0], n_columns)
+    check_index_dtype(out[1], n_columns)
     out[0].copy_(indices)
     out[1].copy_(counts)
     return out

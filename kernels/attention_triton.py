@@ -459,7 +459,7 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     tiles_per_group = group_size // block_m
     order = query_order.to(device=q.device, dtype=torch.int32)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
-    counts = counts.to(torch.int32)
+    counts = counts if counts.dtype in (torch.int16, torch.int32) else counts.to(torch.int32)
     base_t = base if base is not None else out  # never read when HAS_BASE is False
     grid = (n_groups * tiles_per_group, batch * heads)
     _column_sparse_attention_kernel[grid](

@@ -61,6 +61,20 @@ def forced_columns(forced: torch.Tensor, n_columns: int) -> ForcedColumns:
     return ForcedColumns(mark[:, :n_columns].contiguous(), int(lists.shape[-1]))
 
 
+def index_dtype(n_columns: int) -> torch.dtype:
+    """The narrowest integer type of the lists over ``n_columns`` columns: int16 while every column
+    id and count (at most ``n_columns``) fits, int32 beyond (WAN at 720p, long videos). The kernels
+    read either; a list of 4,608 FLUX keys or 12,288 hidden units takes half the bytes."""
+    return torch.int16 if n_columns <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def check_index_dtype(t: torch.Tensor, n_columns: int) -> None:
+    """Raise unless ``t`` (given lists or counts) can hold ids and counts of ``n_columns`` columns."""
+    if t.dtype not in (torch.int16, torch.int32) or torch.iinfo(t.dtype).max < n_columns:
+        raise ValueError(f"index lists over {n_columns} columns need {index_dtype(n_columns)} or int32 "
+                         f"buffers, got {t.dtype}")
+
+
 def list_width(n_columns: int, keep_count: int, pad_to: int, forced_width: int = 0) -> int:
     """Width K of the index lists (the rows' largest possible count)."""
     return min(n_columns, max(selection_size(n_columns, keep_count, pad_to), forced_width))
@@ -161,8 +175,9 @@ def build_index_lists_reference(scores, keep_count, random_count=0, forced=None,
     ``random_budget(...)`` columns chosen among the rest by the hash of (``row_seeds[b]``, row,
     column) (``row_seeds``: int64 ``[B]``, B = ``scores.shape[0]`` for 3+ dimensions, else 1; the
     row index counts every row dimension after the first), then the best-scoring remaining columns.
-    Returns ``(indices, counts)``: int32 ``[..., R, K]`` ascending within each row's count (entries
-    past it are 0) and int32 ``[..., R]``, with ``K = list_width(C, keep_count, pad_to, forced width)``.
+    Returns ``(indices, counts)``: ``[..., R, K]`` ascending within each row's count (entries past
+    it are 0) and ``[..., R]``, both ``index_dtype(C)``, with ``K = list_width(C, keep_count, pad_to,
+    forced width)``.
     """
     batch, n_rows, n_cols = split_rows(scores.shape)
     forced = as_forced(forced, n_cols)
@@ -173,9 +188,9 @@ def build_index_lists_reference(scores, keep_count, random_count=0, forced=None,
     _check_seeds(row_seeds, batch, n_random)
     device = scores.device
     lead = scores.shape[:-1]
+    dtype = index_dtype(n_cols)
     if capacity == 0:
-        return (torch.zeros(*lead, 0, dtype=torch.int32, device=device),
-                torch.zeros(lead, dtype=torch.int32, device=device))
+        return (torch.zeros(*lead, 0, dtype=dtype, device=device), torch.zeros(lead, dtype=dtype, device=device))
     keys = score_keys(scores.reshape(batch, n_rows, n_cols))
     if forced is not None:
         mask_rows = forced.mask.shape[0]
@@ -194,10 +209,10 @@ def build_index_lists_reference(scores, keep_count, random_count=0, forced=None,
     chosen = chosen | _first_by_key(keys, ~chosen, wanted_top)
     # ascending compaction: slot of each chosen column = how many chosen columns precede it
     slot = torch.where(chosen, torch.cumsum(chosen, -1) - 1, capacity)
-    columns = torch.arange(n_cols, device=device, dtype=torch.int32).expand(batch, n_rows, -1)
-    indices = torch.zeros(batch, n_rows, capacity + 1, dtype=torch.int32, device=device)
+    columns = torch.arange(n_cols, device=device, dtype=dtype).expand(batch, n_rows, -1)
+    indices = torch.zeros(batch, n_rows, capacity + 1, dtype=dtype, device=device)
     indices.scatter_(-1, slot, columns)
-    return indices[..., :capacity].reshape(*lead, capacity), counts.to(torch.int32).reshape(lead)
+    return indices[..., :capacity].reshape(*lead, capacity), counts.to(dtype).reshape(lead)
 
 
 def rank_units_reference(current, block_mean, keep_count, random_count=0, row_seeds=None, pad_to=64):

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .index_lists import ForcedColumns, as_forced, list_width, random_budget, selection_size, split_rows
+from .index_lists import (ForcedColumns, as_forced, check_index_dtype, index_dtype, list_width, random_budget,
+                          selection_size, split_rows)
 
 
 @triton.jit
@@ -256,9 +257,12 @@ def _launch(scores, current, mean, n_rows_total, rows, n_cols, keep_count, rando
         if tuple(indices.shape) != (*lead_shape, capacity) or tuple(counts.shape) != tuple(lead_shape):
             raise ValueError(f"out buffers {tuple(indices.shape)}, {tuple(counts.shape)} do not fit "
                              f"{(*lead_shape, capacity)}, {tuple(lead_shape)}")
+        check_index_dtype(indices, n_cols)
+        check_index_dtype(counts, n_cols)
     else:
-        indices = torch.empty(*lead_shape, capacity, dtype=torch.int32, device=device)
-        counts = torch.empty(lead_shape, dtype=torch.int32, device=device)
+        dtype = index_dtype(n_cols)
+        indices = torch.empty(*lead_shape, capacity, dtype=dtype, device=device)
+        counts = torch.empty(lead_shape, dtype=dtype, device=device)
     if capacity == 0 or n_rows_total == 0:
         counts.zero_()
         return indices, counts

@@ -294,7 +294,8 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     order = (torch.arange(n_tokens, device=x.device, dtype=torch.int32) if row_order is None
              else row_order.to(device=x.device, dtype=torch.int32))
     unit_indices = unit_indices if unit_indices.stride(2) == 1 else unit_indices.contiguous()
-    unit_counts = unit_counts.to(torch.int32)
+    if unit_counts.dtype not in (torch.int16, torch.int32):
+        unit_counts = unit_counts.to(torch.int32)
     if unit_counts.stride(1) != 1:
         unit_counts = unit_counts.contiguous()
     up, down = cfg["up"], cfg["down"]

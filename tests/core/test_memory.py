@@ -6,6 +6,7 @@ import torch
 from chipmunk_pack.chipmunk_core import plan as run_plan
 from chipmunk_pack.chipmunk_core.config import resolve_config
 from chipmunk_pack.chipmunk_core.memory import ModelDims
+from chipmunk_pack.kernels import selection_size
 from chipmunk_pack.chipmunk_core.plan import (
     ATTENTION, DEVICE, HOST, MLP, OFF, CostModel, cache_bytes, layer_items, plan_memory, quantised,
     stock_reason)
@@ -55,13 +56,29 @@ def test_memory_is_given_up_where_it_buys_least_first():
 
 def test_flux_1024_caches_at_the_defaults_hold_no_weight_copy():
     """FLUX.1-dev 1024x1024, one conditioning, bf16: attention and MLP caches only (the transposed
-    fc2 copies, 3.9 GiB, are gone); the int32 lists are the rest."""
+    fc2 copies, 3.9 GiB, are gone); the key lists (int16) and row statistics are the rest."""
     items = _flux_items()
     total = sum(i.nbytes for i in items)
     mlp_caches = 55 * FLUX_TOKENS * (12288 + 3072) * 2
     attention_deltas = 55 * FLUX_TOKENS * 24 * 128 * 2
     assert mlp_caches + attention_deltas < total < 1.05 * (mlp_caches + attention_deltas)
     assert total < 9 * 2**30
+
+
+def test_key_lists_take_the_narrowest_integer_type():
+    """WAN2.1 at 480p 81 frames (32,760 tokens) keeps int16 key lists; at 720p (75,600) int32."""
+    wan = ModelDims(30, 12, 128, 8960, 1536)
+    config = resolve_config("wan")
+
+    def list_bytes(n_tokens):
+        attention = [i for i in layer_items(config, wan, 1, n_tokens, 2, ()) if i.kind == ATTENTION][0]
+        delta = n_tokens * 12 * 128 * 2
+        return attention.nbytes - delta - 12 * n_tokens * 4  # less the delta cache and fp32 row statistics
+
+    for n_tokens, width in ((32760, 2), (75600, 4)):
+        groups = -(-n_tokens // config.query_group)
+        kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
+        assert list_bytes(n_tokens) == 12 * groups * (kept + 1) * width
 
 
 def test_image_caches_are_never_streamed_but_long_video_layers_are():

@@ -132,7 +132,7 @@ class TestBuildIndexLists:
         gen = torch.Generator().manual_seed(6)
         scores = torch.rand(2, 3, 5, 300, generator=gen)
         indices, counts = build_index_lists(scores, keep_count=70, pad_to=64)
-        assert indices.dtype == torch.int32 and counts.dtype == torch.int32
+        assert indices.dtype == torch.int16 and counts.dtype == torch.int16  # the narrowest that holds 300 columns
         assert counts.shape == (2, 3, 5) and (counts == selection_size(300, 70, 64)).all() and counts[0, 0, 0] == 128
         assert (indices[..., 1:] > indices[..., :-1]).all()  # strictly ascending within the count
         expected = torch.topk(scores, 128, dim=-1).indices.sort(-1).values
@@ -204,6 +204,17 @@ class TestBuildIndexLists:
         result = build_index_lists(scores, keep_count=10, pad_to=16, out=(indices, counts))
         assert result[0] is indices and result[1] is counts
         assert torch.equal(indices, build_index_lists(scores, keep_count=10, pad_to=16)[0])
+
+    def test_integer_width_follows_the_column_count(self):
+        from chipmunk_pack.kernels import index_dtype
+
+        assert index_dtype(4608) == index_dtype(12288) == index_dtype(32767) == torch.int16  # FLUX keys and units
+        assert index_dtype(32768) == index_dtype(75600) == torch.int32  # WAN 720p
+        indices, counts = build_index_lists(torch.rand(1, 2, 40000), keep_count=3000, pad_to=64)
+        assert indices.dtype == counts.dtype == torch.int32 and int(indices.max()) > 32767
+        with pytest.raises(ValueError, match="int32"):
+            build_index_lists(torch.rand(1, 2, 40000), keep_count=64, pad_to=64,
+                              out=(torch.empty(1, 2, 64, dtype=torch.int16), torch.empty(1, 2, dtype=torch.int16)))
 
     def test_keep_more_than_exists(self):
         indices, counts = build_index_lists(torch.rand(2, 30), keep_count=1000, pad_to=64)

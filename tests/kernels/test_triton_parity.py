@@ -382,3 +382,45 @@ def test_transpose_into_matches_reference(interpreted, case):
     assert torch.equal(out, transpose_into_reference(src, torch.empty_like(out)))  # a copy: bit for bit
     with pytest.raises(ValueError, match="out must be"):
         interpreted["mlp_triton"].transpose_into_triton(src, torch.empty(rows, cols, dtype=dtype))
+
+
+def test_int16_lists_give_what_int32_lists_give(interpreted):
+    """Lists are kept in the narrowest integer type (``index_dtype``): the kernels read int16 lists
+    and counts exactly as int32 ones, attention and MLP alike."""
+    gen = torch.Generator().manual_seed(29)
+    b, h, n, d, group, capacity, dtype = 1, 2, 96, 64, 32, 40, torch.bfloat16
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bhnd")
+    order = torch.randperm(n, generator=gen).int()
+    idx, counts = key_lists(gen, b, h, math.ceil(n / group), n, capacity, "random")
+    base = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    attention = interpreted["attention_triton"]
+    wide = attention.column_sparse_attention_triton(q, k, v, idx, counts, order, group, base, torch.empty_like(q), 1.0)
+    narrow = attention.column_sparse_attention_triton(q, k, v, idx.short(), counts.short(), order, group, base,
+                                                      torch.empty_like(q), 1.0)
+    assert torch.equal(wide, narrow)
+
+    n, d_in, m, d_out, block = 64, 32, 96, 48, 32
+    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
+    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
+    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
+    units = torch.stack([torch.randperm(m, generator=gen)[:40].sort().values for _ in range(2)]).view(b, 2, 40).int()
+    unit_counts = torch.tensor([[40, 17]], dtype=torch.int32)
+    start = torch.randn(b, n, m, generator=gen).to(dtype), torch.randn(b, n, d_out, generator=gen).to(dtype)
+    results = []
+    for lists in ((units, unit_counts), (units.short(), unit_counts.short())):
+        hidden, out = (t.clone() for t in start)
+        interpreted["mlp_triton"].sparse_mlp_delta_triton(x, w1, None, w2, *lists, None, block, hidden, out)
+        results.append((hidden, out))
+    assert all(torch.equal(a, c) for a, c in zip(*results))
+
+
+def test_selection_writes_the_narrowest_lists(interpreted):
+    """The selection kernel writes int16 lists below 32,768 columns, as the reference does."""
+    from chipmunk_pack.kernels.index_lists import build_index_lists_reference
+
+    scores = torch.rand(2, 3, 300, generator=torch.Generator().manual_seed(4))
+    seeds = torch.tensor([5, 6])
+    got = interpreted["index_lists_triton"].build_index_lists_triton(scores, 40, 4, None, seeds, 8)
+    expected = build_index_lists_reference(scores, 40, 4, None, seeds, 8)
+    assert got[0].dtype == got[1].dtype == torch.int16
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
