@@ -28,7 +28,7 @@ from kernels.attention_reference import (  # noqa: E402
     attention_with_column_sums_reference, column_sparse_attention_reference, sampled_column_sums_reference)
 from kernels.attention_triton import (  # noqa: E402
     attention_with_column_sums_triton, column_sparse_attention_triton, sampled_column_sums_triton)
-from kernels.index_lists import build_index_lists_reference, rank_units_reference  # noqa: E402
+from kernels.index_lists import build_index_lists_reference, index_dtype, rank_units_reference  # noqa: E402
 from kernels.index_lists_triton import build_index_lists_triton, rank_units_triton  # noqa: E402
 from kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference, transpose_into_reference  # noqa: E402
 from kernels.mlp_triton import block_means_triton, sparse_mlp_delta_triton, transpose_into_triton  # noqa: E402
@@ -73,8 +73,8 @@ def sparse_case(b, h, n, group, capacity, dtype, config, gen):
     q, k, v = (torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
     n_groups = math.ceil(n / group)
     idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:capacity].sort().values
-                       for _ in range(b * h * n_groups)]).view(b, h, n_groups, capacity).int()
-    counts = torch.randint(1, capacity + 1, (b, h, n_groups), device=DEV, generator=gen).int()
+                       for _ in range(b * h * n_groups)]).view(b, h, n_groups, capacity).to(index_dtype(n))
+    counts = torch.randint(1, capacity + 1, (b, h, n_groups), device=DEV, generator=gen).to(index_dtype(n))
     counts.view(-1)[0] = 0
     counts.view(-1)[-1] = capacity
     order = torch.randperm(n, device=DEV, generator=gen).int()
@@ -123,8 +123,8 @@ def mlp_case(n, dtype, config, gen, d_in=256, hidden=1024, d_out=192, block=128,
     w2 = (torch.randn(d_out, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
     n_blocks = math.ceil(n / block)
     units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
-                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).int()
-    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).int()
+                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).to(index_dtype(hidden))
+    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).to(index_dtype(hidden))
     counts[0, -1] = capacity
     h_cache = torch.randn(1, hidden, n, device=DEV, generator=gen).to(dtype).transpose(1, 2)
     o_cache = torch.randn(1, n, d_out, device=DEV, generator=gen).to(dtype)
@@ -197,8 +197,8 @@ def mlp_block_order_case(n, dtype, gen, d_in=256, hidden=1024, d_out=192, block=
     w2 = (torch.randn(d_out, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
     n_blocks = math.ceil(n / block)
     units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
-                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).int()
-    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).int()
+                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).to(index_dtype(hidden))
+    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).to(index_dtype(hidden))
     counts[0, 0] = 0
     order = torch.randperm(n, device=DEV, generator=gen).int()
     h_cache = torch.randn(1, hidden, n, device=DEV, generator=gen).to(dtype).transpose(1, 2)

@@ -32,6 +32,8 @@
 #   bash bench/gpu_session.sh gpu_suite # one GPU: tests/gpu alone
 #   bash bench/gpu_session.sh scratch   # one GPU: fc2 transposed per step (kernel, suite, FLUX against copies)
 #   bash bench/gpu_session.sh suite_corners # one GPU: tests/gpu, FLUX fp8 at 24 GiB, WAN2.1-1.3B at 8 GiB
+#   bash bench/gpu_session.sh lists     # one GPU: int16 key lists (kernels at real shapes, tests/gpu),
+#                                       # WAN2.1-1.3B's template at 8 GiB, and under core EasyCache
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -317,6 +319,23 @@ scratch)
     t=$(within 100) && job 0 "$t" flux_fp8_24 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --weight-dtype fp8_e4m3fn_fast --free-gib 24 --variants "stock,chipmunk,chipmunk+cache" \
         --out "$R/e2e_flux_fp8_24_scratch.json"
+    ;;
+lists)
+    # After the narrow (int16) key lists: the kernels at real shapes, the GPU suite, WAN2.1-1.3B's
+    # template (480p 81 frames, 30 steps, uni_pc, cfg 6) at 8 GiB free and under core EasyCache
+    # with all memory, then FLUX bf16 with all memory; each job only while TOTAL seconds last.
+    total=${TOTAL:-575}
+    within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
+    t=$(within 90) && job 0 "$t" gpu_parity python3 bench/gpu_parity.py
+    t=$(within 200) && CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$t" gpu_tests python3 -m pytest tests/gpu -q -rA
+    t=$(within 170) && job 0 "$t" wan13b_8gib "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --free-gib 8 --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_wan13b_8gib_lists.json"
+    t=$(within 150) && job 0 "$t" wan13b_easycache "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --variants "stock,easycache,chipmunk+easycache" \
+        --out "$R/e2e_wan13b_easycache.json"
+    t=$(within 80) && job 0 "$t" flux_bf16 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_bf16_lists.json"
     ;;
 suite_corners)
     # The GPU suite after changes that reach GPU paths, with the FLUX fp8 24 GiB corner and
