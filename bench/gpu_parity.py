@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 sys.path.append(str(Path(__file__).resolve().parent))
 
 from kernels.attention_reference import (  # noqa: E402
-    attention_with_column_sums_reference, column_sparse_attention_reference, sampled_column_sums_reference)
+    FP8, attention_with_column_sums_reference, column_sparse_attention_reference, quantize_rows,
+    sampled_column_sums_reference)
 from kernels.attention_triton import (  # noqa: E402
     attention_with_column_sums_triton, column_sparse_attention_triton, sampled_column_sums_triton)
 from kernels.index_lists import build_index_lists_reference, index_dtype, rank_units_reference  # noqa: E402
@@ -86,6 +87,40 @@ def sparse_case(b, h, n, group, capacity, dtype, config, gen):
                                                      config=config), config) is SKIPPED:
         return
     check(f"sparse attention b{b} h{h} n{n} G={group} {str(dtype)[6:]} {config}", out, expected, dtype)
+
+
+def fp8_cache_case(b, h, n, group, capacity, dtype, gen):
+    """fp8 delta caches at a real shape: the dense step's fp8 rows are ``quantize_rows`` of the
+    kernel's own output (bytes equal, or one step apart where its fp32 and bf16 values round
+    apart), and a sparse step reading them matches the reference."""
+    q, k, v = (torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    n_groups = math.ceil(n / group)
+    idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:capacity].sort().values
+                       for _ in range(b * h * n_groups)]).view(b, h, n_groups, capacity).to(index_dtype(n))
+    counts = torch.full((b, h, n_groups), capacity, device=DEV, dtype=index_dtype(n))
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    dense = torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2)
+    plain = torch.empty(b, h, n, 128, device=DEV, dtype=dtype)
+    column_sparse_attention_triton(q, k, v, idx, counts, order, group, dense, plain, -1.0)
+    cache = torch.empty(b, n, h, 128, device=DEV, dtype=FP8).transpose(1, 2)
+    scale = torch.empty(b, n, h, device=DEV).transpose(1, 2)
+    column_sparse_attention_triton(q, k, v, idx, counts, order, group, dense, cache, -1.0, None, scale)
+    expected, expected_scale = quantize_rows(plain.float())
+    got, want = cache.float(), expected.float()
+    label = f"fp8 cache n{n} {str(dtype)[6:]}"
+    within_step = bool(((got - want).abs() <= want.abs() / 8 + 2 ** -9).all())
+    differ = float((cache.view(torch.uint8) != expected.view(torch.uint8)).float().mean())
+    scale_err = float(((scale - expected_scale) / expected_scale).abs().max())
+    ok = within_step and differ < 0.05 and scale_err < TOL[dtype]
+    if not ok:
+        failures.append(label)
+    print(f"{'ok  ' if ok else 'FAIL'} {label} write: bytes differing {differ:.2%}, all within one step "
+          f"{within_step}, scale rel err {scale_err:.1e}", flush=True)
+    out = torch.full((b, h, n, 128), float("nan"), device=DEV, dtype=dtype)
+    column_sparse_attention_triton(q, k, v, idx, counts, order, group, cache, out, 1.0, scale)
+    reference = torch.empty(b, h, n, 128, device=DEV)
+    column_sparse_attention_reference(q, k, v, idx, counts, order, group, cache, reference, 1.0, scale)
+    check(label + " read", out, reference, dtype)
 
 
 def dense_case(b, h, n, group, dtype, config, hint_offset, gen, layout="bhnd", n_keys=None):
@@ -265,6 +300,8 @@ def main():
             dense_case(1, 2, 600, 192, dtype, config, None, gen, layout="bnhd", n_keys=537)
         for config in bench_sweeps.mlp_configs(True) + [{}]:
             mlp_case(700, dtype, config, gen)
+        if DEV != "cuda" or torch.cuda.get_device_capability() >= (8, 9):
+            fp8_cache_case(1, 4, 4608 if DEV == "cuda" else 300, 192, 768 if DEV == "cuda" else 64, dtype, gen)
     selection_cases(gen)
     print(f"{len(failures)} case(s) off" if failures else "all cases match")
     sys.exit(1 if failures else 0)

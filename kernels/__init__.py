@@ -21,8 +21,9 @@ Contract shared by the attention operations
 from __future__ import annotations
 
 from ._dispatch import backend_for
+from ._device import fp8_supported
 from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
-                                  sampled_column_sums_reference)
+                                  quantize_rows, sampled_column_sums_reference)
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
 from .index_lists import (ForcedColumns, build_index_lists_reference, check_index_dtype, forced_columns, index_dtype,
                           list_width, rank_units_reference, selection_size)
@@ -40,6 +41,8 @@ __all__ = [
     "forced_columns",
     "ForcedColumns",
     "list_width",
+    "quantize_rows",
+    "fp8_supported",
     "index_dtype",
     "selection_size",
     "backend_for",
@@ -71,16 +74,21 @@ def sampled_column_sums(q, k, query_order, group_size, samples):
     return sampled_column_sums_reference(q, k, query_order, group_size, samples)
 
 
-def column_sparse_attention(q, k, v, indices, counts, query_order, group_size, base, out, sign):
+def column_sparse_attention(q, k, v, indices, counts, query_order, group_size, base, out, sign,
+                            base_scale=None, out_scale=None):
     """``out = base + sign * (attention restricted to each group's key list)``; returns ``out``.
 
     Sparse step: ``base`` is the delta cache, ``sign`` +1. Dense step: ``base`` is the dense
-    output, ``out`` the delta cache, ``sign`` -1 (``cache = dense - restricted``).
+    output, ``out`` the delta cache, ``sign`` -1 (``cache = dense - restricted``). An fp8 delta
+    cache (float8_e4m3fn) comes with its row scales (``base_scale`` / ``out_scale``, float32
+    ``[B, H, N]``); see ``quantize_rows``.
     """
     if backend_for(q) == "triton":
         from .attention_triton import column_sparse_attention_triton
-        return column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_size, base, out, sign)
-    return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign)
+        return column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_size, base, out, sign,
+                                              base_scale, out_scale)
+    return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign,
+                                             base_scale, out_scale)
 
 
 def sparse_mlp_delta(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,

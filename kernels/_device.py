@@ -52,6 +52,13 @@ def capability_major(device) -> int:
     return 0 if index is None else _capability(index)[0]
 
 
+def fp8_supported(device) -> bool:
+    """Whether the kernels can convert to and from float8_e4m3fn here: compute capability 8.9 and
+    up (Ada, Hopper, Blackwell), and the CPU, where only Triton's interpreter runs them."""
+    index = _cuda_index(device)
+    return index is None or _capability(index) >= (8, 9)
+
+
 def row_tile(rows: int, cap: int) -> int:
     """Largest power of two <= cap that divides ``rows`` (a query group or row block: 192 -> 64,
     256 -> 128 with cap 128): Triton tiles are powers of two."""

@@ -63,7 +63,22 @@ def attention_with_column_sums_reference(q, k, v, query_order, group_size, out, 
     return column_sums, lse
 
 
-def column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign):
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` [..., D] as float8_e4m3fn with one float32 scale per row: ``scale = max|row| / 448``
+    (1 for a zero row), so that ``fp8 * scale`` is the row to fp8's 3-bit mantissa. Both kernels
+    round to nearest, ties to even (Triton's interpreter on the CPU may differ by one step)."""
+    values = values.float()
+    amax = values.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (values / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign,
+                                      base_scale=None, out_scale=None):
     """Attention restricted to each query group's key list, added onto ``base``.
 
     ``out[b, h, t] = base[b, h, t] + sign * softmax_S(q_t k_S^T / sqrt(D)) v_S`` where ``S`` is
@@ -71,6 +86,10 @@ def column_sparse_attention_reference(q, k, v, indices, counts, query_order, gro
     count of zero contributes nothing. ``base`` may be ``None`` (zero) and ``out`` may alias
     ``base``. Sparse step: ``base`` = delta cache, ``sign`` = +1. Dense step: ``base`` = dense
     output, ``out`` = delta cache, ``sign`` = -1.
+
+    fp8 delta caches: with ``base_scale`` ([B, H, N] float32) ``base`` is float8_e4m3fn and each of
+    its rows is multiplied by its scale; with ``out_scale`` ``out`` is float8_e4m3fn and receives
+    ``quantize_rows`` of the result, its scales going into ``out_scale``.
     """
     batch, heads, n_tokens, head_dim = q.shape
     scale = head_dim ** -0.5
@@ -87,8 +106,16 @@ def column_sparse_attention_reference(q, k, v, indices, counts, query_order, gro
         scores = scores.masked_fill(~valid[:, :, g, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         delta = torch.matmul(probs, v_sel) * sign
-        result = delta if base is None else base[:, :, rows].float() + delta
-        out[:, :, rows] = result.to(out.dtype)
+        if base is None:
+            result = delta
+        elif base_scale is None:
+            result = base[:, :, rows].float() + delta
+        else:
+            result = base[:, :, rows].float() * base_scale[:, :, rows, None] + delta
+        if out_scale is None:
+            out[:, :, rows] = result.to(out.dtype)
+        else:
+            out[:, :, rows], out_scale[:, :, rows] = quantize_rows(result)
     return out
 
 

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import note_fallback, row_tile, size_class, tensor_descriptors
-from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
+from ._device import fp8_supported, note_fallback, row_tile, size_class, tensor_descriptors
+from .attention_reference import (FP8, attention_with_column_sums_reference, column_sparse_attention_reference,
                                   sampled_column_sums_reference)
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
@@ -85,12 +85,13 @@ def _sparse_last_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, Id
 
 @triton.jit
 def _column_sparse_attention_kernel(
-    Q, K, V, Base, Out, Idx, Cnt, Order,
+    Q, K, V, Base, Out, Idx, Cnt, Order, BaseScale, OutScale,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_bb, s_bh, s_bn, s_ob, s_oh, s_on, s_ib, s_ih, s_ig, s_cb, s_ch, s_cg,
+    s_bsb, s_bsh, s_bsn, s_osb, s_osh, s_osn,
     H, N, K_CAP, group_size, tiles_per_group, sign, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BASE: tl.constexpr, STREAM: tl.constexpr,
+    HAS_BASE: tl.constexpr, STREAM: tl.constexpr, BASE_FP8: tl.constexpr, OUT_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -132,7 +133,16 @@ def _column_sparse_attention_kernel(
     if HAS_BASE:
         base = tl.load(Base + b * s_bb + h * s_bh + rows64 * s_bn + dims[None, :], mask=row_valid[:, None], other=0.0,
                        eviction_policy=STREAM)
-        result += base.to(tl.float32)
+        base = base.to(tl.float32)
+        if BASE_FP8:  # one float32 scale per row (see attention_reference.quantize_rows)
+            base *= tl.load(BaseScale + b * s_bsb + h * s_bsh + rows.to(tl.int64) * s_bsn, mask=row_valid,
+                            other=1.0)[:, None]
+        result += base
+    if OUT_FP8:
+        amax = tl.max(tl.abs(result), 1)
+        row_scale = tl.where(amax > 0, amax / 448.0, 1.0)
+        tl.store(OutScale + b * s_osb + h * s_osh + rows.to(tl.int64) * s_osn, row_scale, mask=row_valid)
+        result = tl.minimum(tl.maximum(result / row_scale[:, None], -448.0), 448.0)
     tl.store(Out + b * s_ob + h * s_oh + rows64 * s_on + dims[None, :], result.to(Out.dtype.element_ty),
              mask=row_valid[:, None], eviction_policy=STREAM)
 
@@ -378,6 +388,19 @@ _HEAD_DIMS = (64, 128)  # the head dims these kernels are tuned and tested for
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32 tiles would not fit the tuned shared-memory budget
 
 
+def _row_strides(scale) -> tuple[int, int, int]:
+    return (0, 0, 0) if scale is None else tuple(scale.stride())
+
+
+def _check_fp8_rows(t, scale, name):
+    """An fp8 tensor comes with its row scales ([B, H, N] float32) and only with them."""
+    is_fp8 = t is not None and t.dtype == FP8
+    if is_fp8 != (scale is not None):
+        raise ValueError(f"{name} is {None if t is None else t.dtype}: fp8 rows need {name}_scale and only they do")
+    if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(t.shape[:3])):
+        raise ValueError(f"{name}_scale must be float32 {tuple(t.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
+
+
 def _unsupported(q, k, v, *outputs) -> str | None:
     """Why these kernels do not take q/k/v/outputs (the launchers then use the reference)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -432,9 +455,10 @@ def _key_descriptor(t, block_n):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[3]])
 
 
-def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_size, base, out, sign, *,
-                                   config=None):
-    """Triton version of ``column_sparse_attention_reference`` (same arguments and result).
+def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_size, base, out, sign,
+                                   base_scale=None, out_scale=None, *, config=None):
+    """Triton version of ``column_sparse_attention_reference`` (same arguments and result; fp8
+    rows may round one step apart, where the two roundings of a tie differ).
 
     ``config`` (optional dict) overrides ``SPARSE_CONFIGS`` (and ``block_m``); for benchmarks.
     """
@@ -444,12 +468,17 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     if indices.shape[:3] != (batch, heads, n_groups) or counts.shape != (batch, heads, n_groups):
         raise ValueError(f"indices {tuple(indices.shape)} / counts {tuple(counts.shape)} do not match "
                          f"[B, H, G] = {(batch, heads, n_groups)}")
+    _check_fp8_rows(base, base_scale, "base")
+    _check_fp8_rows(out, out_scale, "out")
     reason = _unsupported(q, k, v, out, base)
     if reason is None and group_size % 16:
         reason = f"group size {group_size} (the kernel needs a multiple of 16)"
+    if reason is None and (base_scale is not None or out_scale is not None) and not fp8_supported(q.device):
+        reason = "fp8 rows on a GPU before compute capability 8.9"
     if reason is not None:
         note_fallback("column_sparse_attention", reason)
-        return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign)
+        return column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign,
+                                                 base_scale, out_scale)
     size = size_class(q.device)
     block_m = config.get("block_m") or row_tile(group_size, SPARSE_MAX_ROWS[size])
     if group_size % block_m:
@@ -461,17 +490,21 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     counts = counts if counts.dtype in (torch.int16, torch.int32) else counts.to(torch.int32)
     base_t = base if base is not None else out  # never read when HAS_BASE is False
+    base_s = base_scale if base_scale is not None else order  # never read without BASE_FP8
+    out_s = out_scale if out_scale is not None else order  # never written without OUT_FP8
     grid = (n_groups * tiles_per_group, batch * heads)
     _column_sparse_attention_kernel[grid](
-        q, k, v, base_t, out, indices, counts, order,
+        q, k, v, base_t, out, indices, counts, order, base_s, out_s,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), base_t.stride(0), base_t.stride(1), base_t.stride(2),
         out.stride(0), out.stride(1), out.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         counts.stride(0), counts.stride(1), counts.stride(2),
+        *_row_strides(base_scale), *_row_strides(out_scale),
         heads, n_tokens, indices.shape[3], group_size, tiles_per_group, float(sign),
         head_dim ** -0.5 * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         HAS_BASE=base is not None, STREAM="evict_first" if cfg["stream_hint"] else "",
+        BASE_FP8=base_scale is not None, OUT_FP8=out_scale is not None,
         **_launch_options(cfg),
     )
     return out

@@ -424,3 +424,57 @@ def test_selection_writes_the_narrowest_lists(interpreted):
     expected = build_index_lists_reference(scores, 40, 4, None, seeds, 8)
     assert got[0].dtype == got[1].dtype == torch.int16
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_fp8_delta_cache_written_and_read_as_the_reference_does(interpreted):
+    """fp8 delta caches: the dense step writes float8_e4m3fn rows with a float32 scale each, the
+    sparse step reads them back. The kernel's rows are ``quantize_rows`` of what it computes (its
+    own bf16-precision attention), its scales the reference's to the bf16 parity bound.
+
+    Triton's interpreter rounds values just below a power of two (120..128 of a row's 448) down to
+    the power below instead of up to it: on the CPU a few elements are off by that factor of two;
+    the GPU's conversion rounds to nearest (checked bit for bit in bench/gpu_parity.py)."""
+    from chipmunk_pack.kernels.attention_reference import FP8, quantize_rows
+
+    gen = torch.Generator().manual_seed(31)
+    b, h, n, d, group, capacity, dtype = 2, 2, 150, 128, 64, 48, torch.bfloat16
+    q, k, v = qkv_views(gen, b, h, n, d, dtype, "bnhd")
+    order = torch.randperm(n, generator=gen).int()
+    idx, counts = key_lists(gen, b, h, math.ceil(n / group), n, capacity, "random")
+    dense = torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+    attention = interpreted["attention_triton"]
+
+    def write(fn):
+        cache = torch.zeros(b, n, h, d, dtype=FP8).transpose(1, 2)
+        scale = torch.full((b, n, h), float("nan")).transpose(1, 2)
+        fn(q, k, v, idx, counts, order, group, dense, cache, -1.0, None, scale)
+        return cache, scale
+
+    cache, scale = write(attention.column_sparse_attention_triton)
+    ref_cache, ref_scale = write(column_sparse_attention_reference)
+    torch.testing.assert_close(scale, ref_scale, rtol=TOLERANCE[dtype], atol=0)
+    assert (ref_cache.float().abs().amax(-1) == 448).all()  # every row spans fp8's range
+    exact = torch.empty(b, h, n, d)
+    column_sparse_attention_reference(q, k, v, idx, counts, order, group, dense, exact, -1.0)
+    ref_error = float((ref_cache.float() * ref_scale[..., None] - exact).norm() / exact.norm())
+    assert ref_error < 0.035  # e4m3 keeps 3 mantissa bits: at most 1/16 of a value, about 3% rms
+
+    plain = torch.empty(b, h, n, d, dtype=dtype)
+    attention.column_sparse_attention_triton(q, k, v, idx, counts, order, group, dense, plain, -1.0)
+    expected, _ = quantize_rows(plain.float())
+    got, want = cache.float(), expected.float()
+    # equal, or one step apart (the kernel rounds its fp32 values, the expectation their bf16 copy);
+    # 2^-9 is the step of fp8's subnormals
+    same = (got - want).abs() <= want.abs() / 8 + 2 ** -9
+    power_of_two = got.abs() == 2 ** got.abs().clamp_min(2 ** -9).log2().round()
+    interpreter_slip = power_of_two & ((2 * got - want).abs() <= want.abs() / 8)
+    assert (same | interpreter_slip).all()
+    assert same.float().mean() > 0.9
+
+    out = torch.full((b, h, n, d), float("nan"), dtype=dtype)
+    attention.column_sparse_attention_triton(q, k, v, idx, counts, order, group, ref_cache, out, 1.0, ref_scale)
+    expected = torch.empty(b, h, n, d)
+    column_sparse_attention_reference(q, k, v, idx, counts, order, group, ref_cache, expected, 1.0, ref_scale)
+    assert_matches(out, expected, dtype, "sparse step from an fp8 cache")
+    with pytest.raises(ValueError, match="base_scale"):
+        attention.column_sparse_attention_triton(q, k, v, idx, counts, order, group, ref_cache, out, 1.0)
