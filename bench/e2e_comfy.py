@@ -62,6 +62,9 @@ VARIANTS = {
     "select every dense step": {"attention_selection": "every_dense_step"},
     "select every dense step+cache": {"attention_selection": "every_dense_step", "step_cache": "fixed"},
     "sparsity 0": {"attention_sparsity": 0.0, "mlp_sparsity": 0.0},
+    # Attention delta caches in fp8 with per-row scales (the node's cache_precision "fp8").
+    "chipmunk fp8": {"fp8_caches": True},
+    "chipmunk+cache fp8": {"fp8_caches": True, "step_cache": "fixed"},
     # CUDA graphs of the sparse steps off (FLUX has them on by default): the eager path.
     "chipmunk eager": {"cuda_graphs": False},
     "chipmunk+cache eager": {"step_cache": "fixed", "cuda_graphs": False},

@@ -34,6 +34,7 @@
 #   bash bench/gpu_session.sh suite_corners # one GPU: tests/gpu, FLUX fp8 at 24 GiB, WAN2.1-1.3B at 8 GiB
 #   bash bench/gpu_session.sh lists     # one GPU: int16 key lists (kernels at real shapes, tests/gpu),
 #                                       # WAN2.1-1.3B's template at 8 GiB, and under core EasyCache
+#   bash bench/gpu_session.sh fp8       # one GPU: fp8 attention caches (WAN2.1-1.3B at 8 GiB, FLUX all memory)
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -336,6 +337,20 @@ lists)
         --out "$R/e2e_wan13b_easycache.json"
     t=$(within 80) && job 0 "$t" flux_bf16 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk+cache" --out "$R/e2e_flux_bf16_lists.json"
+    ;;
+fp8)
+    # fp8 attention delta caches: WAN2.1-1.3B's template at 8 GiB free (its bf16 caches half streamed
+    # from host memory), FLUX bf16 with all memory (bf16 caches fastest of two, and fp8).
+    total=${TOTAL:-575}
+    within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
+    t=$(within 230) && job 0 "$t" wan13b_8gib_fp8 "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --free-gib 8 --variants "stock,chipmunk fp8,chipmunk+cache fp8" \
+        --out "$R/e2e_wan13b_8gib_fp8.json"
+    t=$(within 150) && job 0 "$t" flux_bf16_fp8 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --repeats 2 --variants "stock,chipmunk+cache,chipmunk fp8,chipmunk+cache fp8" --out "$R/e2e_flux_bf16_fp8.json"
+    t=$(within 120) && job 0 "$t" flux_fp8w_12 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --weight-dtype fp8_e4m3fn_fast --free-gib 12 --variants "stock,chipmunk,chipmunk+cache" \
+        --out "$R/e2e_flux_fp8w_12.json"
     ;;
 suite_corners)
     # The GPU suite after changes that reach GPU paths, with the FLUX fp8 24 GiB corner and

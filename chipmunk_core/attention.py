@@ -35,7 +35,7 @@ def selects_keys(config: ChipmunkConfig, step: int) -> bool:
 class SparseDeltaAttention(Rows):
     """Per-layer, per-conditioning state; q/k/v are [B, H, N, D] and results [B, N, H * D]."""
 
-    BATCHED = ("indices", "counts", "delta", "lse")
+    BATCHED = ("indices", "counts", "delta", "delta_scale", "lse")
 
     def __init__(self, storage: torch.device | None = None, prefetch: HostPrefetch | None = None):
         self.storage = storage  # where the delta cache lives (None: with the computation)
@@ -47,7 +47,8 @@ class SparseDeltaAttention(Rows):
     def reset(self):
         self.indices = None
         self.counts = None
-        self.delta = None  # [B, N, H, D] buffer, token order
+        self.delta = None  # [B, N, H, D] buffer, token order (the model's dtype, or fp8)
+        self.delta_scale = None  # [B, N, H] float32 row scales of an fp8 delta cache (else None)
         self.lse = None    # row log-sum-exp of the last dense step that computed exact column sums
         self.signature = None
         self.kept = 0
@@ -63,19 +64,19 @@ class SparseDeltaAttention(Rows):
         return self.delta is not None and self.signature == self._signature(q, k)
 
     def nbytes(self) -> int:
-        tensors = (self.indices, self.counts, self.delta, self.lse)
+        tensors = (self.indices, self.counts, self.delta, self.delta_scale, self.lse)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def buffers(self) -> list[torch.Tensor]:
         """The long-lived tensors a sparse step reads (the dense steps' log-sum-exp is not one)."""
-        return [t for t in (self.delta, self.indices, self.counts) if t is not None]
+        return [t for t in (self.delta, self.indices, self.counts, self.delta_scale) if t is not None]
 
     def host_tensors(self) -> tuple:
         """What a sparse step reads, where it lives in host memory (else ())."""
         tensors = (self.delta, self.indices, self.counts)
         if any(t is None for t in tensors) or self.delta.device.type != "cpu":
             return ()
-        return tensors
+        return tensors + ((self.delta_scale,) if self.delta_scale is not None else ())
 
     def kept_keys(self) -> int:
         """Keys each query group recomputes on sparse steps (the selection size, random keys in)."""
@@ -103,13 +104,17 @@ class SparseDeltaAttention(Rows):
         else:
             dense = F.scaled_dot_product_attention(q, k, v)
         indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-        delta = reuse_buffer(self.delta, (batch, n_tokens, heads, head_dim), q.dtype, q.device)
+        fp8 = config.fp8_caches
+        delta = reuse_buffer(self.delta, (batch, n_tokens, heads, head_dim), kernels.FP8 if fp8 else q.dtype, q.device)
+        scale = reuse_buffer(self.delta_scale, (batch, n_tokens, heads), torch.float32, q.device) if fp8 else None
         kernels.column_sparse_attention(q, k, v, indices, counts, layout.query_order, config.query_group,
-                                        base=dense, out=delta.transpose(1, 2), sign=-1.0)
+                                        base=dense, out=delta.transpose(1, 2), sign=-1.0,
+                                        out_scale=None if scale is None else scale.transpose(1, 2))
         storage = self.storage or delta.device
         if self.prefetch is not None:
             self.prefetch.drop(self)  # a copy in flight holds the old cache
         self.delta = to_storage(delta, storage)
+        self.delta_scale = None if scale is None else to_storage(scale, storage)
         self.indices, self.counts = to_storage(indices, storage), to_storage(counts, storage)
         self.signature = self._signature(q, k)
         return dense.transpose(1, 2).reshape(batch, n_tokens, heads * head_dim)
@@ -144,12 +149,13 @@ class SparseDeltaAttention(Rows):
         batch, heads, n_tokens, head_dim = q.shape
         host = self.host_tensors() if self.prefetch is not None else ()
         if host:
-            delta, indices, counts = self.prefetch.take(self, host, q.device)
+            delta, indices, counts, *scale = self.prefetch.take(self, host, q.device)
         else:
             delta = to_compute(self.delta, q.device)
             indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
+            scale = [] if self.delta_scale is None else [to_compute(self.delta_scale, q.device)]
         out = self._output(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,
-            base=delta.transpose(1, 2), out=out, sign=1.0)
+            base=delta.transpose(1, 2), out=out, sign=1.0, base_scale=scale[0].transpose(1, 2) if scale else None)
         return out.transpose(1, 2).view(batch, n_tokens, heads * head_dim)

@@ -91,7 +91,7 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
     if config.sparse_attention:
         groups = math.ceil(n_tokens / config.query_group)
         kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
-        delta = rows * n_tokens * dims.heads * dims.head_dim * element
+        delta = rows * n_tokens * dims.heads * (dims.head_dim + 4 if config.fp8_caches else dims.head_dim * element)
         index_bytes = index_dtype(n_tokens).itemsize
         lists = rows * dims.heads * (groups * (kept + 1) * index_bytes + n_tokens * 4)  # lists, counts; fp32 lse
         flops = 4.0 * n_tokens * n_tokens * dims.head_dim * dims.heads * rows

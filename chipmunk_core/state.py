@@ -20,6 +20,7 @@ from collections import Counter
 
 import torch
 
+from .. import kernels
 from .attention import SparseDeltaAttention, selects_keys
 from .config import ChipmunkConfig
 from .graphs import StepReplays
@@ -193,6 +194,10 @@ class SamplingRun:
         """The run's plan, made on its first model call (the latent's size is known, no cache exists)."""
         grid_tokens = math.prod(shape.grid)
         n_tokens = grid_tokens + shape.text_len
+        if self.config.fp8_caches and not kernels.fp8_supported(x.device):
+            self.config = self.config.replace(fp8_caches=False)
+            self.note("fp8 caches", "fp8 caches need a GPU of compute capability 8.9 or newer (Ada, Hopper): "
+                                    "this run keeps its caches in the model's precision")
         rows = self.conditionings * max(1, x.shape[0] // max(1, len(cond_or_uncond)))
         paged = self.min_sparse_tokens > self.config.min_sparse_tokens
         reason = stock_reason(self.config, x.device, grid_tokens, self.min_sparse_tokens, paged)

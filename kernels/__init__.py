@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ._dispatch import backend_for
 from ._device import fp8_supported
-from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
+from .attention_reference import (FP8, attention_with_column_sums_reference, column_sparse_attention_reference,
                                   quantize_rows, sampled_column_sums_reference)
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
 from .index_lists import (ForcedColumns, build_index_lists_reference, check_index_dtype, forced_columns, index_dtype,

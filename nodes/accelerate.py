@@ -16,6 +16,7 @@ from . import hooks
 
 PRESET_AUTO = "auto (per model)"
 PRESET_CUSTOM = "custom"
+CACHE_PRECISIONS = ("model", "fp8")
 CACHE_OFF, CACHE_FIXED, CACHE_ADAPTIVE = "off", "fixed", "adaptive"
 DYNAMIC = hasattr(io, "DynamicCombo")
 _FLUX = FAMILY_DEFAULTS["flux"]
@@ -49,6 +50,10 @@ def _sliders() -> list:
                              "warm-up)."),
         io.Int.Input("first_dense_layers", default=_FLUX.first_dense_layers, min=0, max=64, display_mode=slider,
                      tooltip="Number of first transformer layers that always run dense."),
+        io.Combo.Input("cache_precision", options=list(CACHE_PRECISIONS), default=CACHE_PRECISIONS[0],
+                       tooltip="model: the attention caches keep the model's precision. fp8: they take half the "
+                               "memory (8-bit floats, one scale per row; needs an RTX 40xx, H100 or newer). "
+                               "What fp8 costs in quality is not measured yet."),
     ]
 
 
@@ -100,6 +105,10 @@ def settings_from_inputs(preset, step_cache, flat: dict) -> tuple[dict, list[str
     choice = preset_values["preset"]
     if choice == PRESET_CUSTOM:
         settings.update({name: preset_values[name] for name in SLIDER_FIELDS})
+        precision = preset_values.get("cache_precision", CACHE_PRECISIONS[0])
+        if precision not in CACHE_PRECISIONS:
+            raise ValueError(f"cache_precision must be one of {', '.join(CACHE_PRECISIONS)}, not {precision!r}")
+        settings["fp8_caches"] = precision == "fp8"
     elif choice != PRESET_AUTO:
         raise ValueError(f"preset must be {PRESET_AUTO!r} or {PRESET_CUSTOM!r}, not {choice!r}")
     elif not isinstance(preset, dict) and _changed(flat, _sliders()):

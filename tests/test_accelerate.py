@@ -613,3 +613,21 @@ def test_calls_from_multigpu_worker_threads_run_stock_and_say_so(flux, caplog):
         out = flux.sample(patched, size)
     assert torch.equal(out, stock)
     assert "MultiGPU split" in cm.reports(caplog)[-1]
+
+
+def test_fp8_caches_stay_within_their_bound_of_model_precision_caches(wan, flux, caplog):
+    """cache_precision fp8: attention delta caches in float8_e4m3fn with a scale per row (on the CPU
+    through the PyTorch reference). The picture stays within 2% (relative) of the one with caches in
+    the model's precision, and the report says which precision ran (their size: tests/core)."""
+    for kind in (wan, flux):
+        size = kind.sizes[1]
+        settings = dict(preset=cm.CUSTOM, attention_sparsity=0.8, mlp_sparsity=0.7, first_dense_layers=0)
+        with caplog.at_level(logging.INFO):
+            model_precision = kind.sample(kind.accelerate(**settings), size, cfg=3.5)
+            fp8 = kind.sample(kind.accelerate(**settings, cache_precision="fp8"), size, cfg=3.5)
+        plain_report, fp8_report = cm.reports(caplog)[-2:]
+        stock = kind.sample(kind.model, size, cfg=3.5)
+        gap, sparse_gap = _relative(fp8, model_precision), _relative(model_precision, stock)
+        print(f"{kind.name}: fp8 caches vs model-precision caches {gap:.1e} (sparse vs stock {sparse_gap:.1e})")
+        assert 0 < gap < 0.02
+        assert "fp8 attention caches" in fp8_report and "fp8" not in plain_report

@@ -81,6 +81,15 @@ def test_key_lists_take_the_narrowest_integer_type():
         assert list_bytes(n_tokens) == 12 * groups * (kept + 1) * width
 
 
+def test_fp8_attention_caches_take_a_byte_per_value_and_a_scale_per_row():
+    wan = ModelDims(30, 12, 128, 8960, 1536)
+    config = resolve_config("wan")
+    plain, fp8 = (sum(i.nbytes for i in layer_items(c, wan, 2, 32760, 2, ()))
+                  for c in (config, config.replace(fp8_caches=True)))
+    assert plain - fp8 == 28 * 2 * 32760 * 12 * (2 * 128 - (128 + 4))  # 28 sparse layers, 2 rows
+    assert fp8 < 0.6 * plain
+
+
 def test_image_caches_are_never_streamed_but_long_video_layers_are():
     """FLUX's layers are too short to hide a copy over the host link; a 720p WAN-14B layer is not."""
     plan = plan_memory(_flux_items(), 0)

@@ -12,10 +12,11 @@ import re
 AUTO = "auto (per model)"
 CUSTOM = "custom"
 DENSE = dict(attention_sparsity=0.0, mlp_sparsity=0.0, dense_warmup_steps=2, dense_interval=10, first_dense_layers=0)
-SLIDERS = ("attention_sparsity", "mlp_sparsity", "dense_warmup_steps", "dense_interval", "first_dense_layers")
+SLIDERS = ("attention_sparsity", "mlp_sparsity", "dense_warmup_steps", "dense_interval", "first_dense_layers",
+           "cache_precision")
 CACHE_SETTINGS = ("step_cache_threshold", "step_cache_max_skips")
 SLIDER_DEFAULTS = dict(attention_sparsity=0.835, mlp_sparsity=0.70, dense_warmup_steps=2, dense_interval=10,
-                       first_dense_layers=2)
+                       first_dense_layers=2, cache_precision="model")
 CACHE_DEFAULTS = dict(step_cache_threshold=0.1, step_cache_max_skips=2)
 
 
