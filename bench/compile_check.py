@@ -69,11 +69,13 @@ def attributes(fn, sig):
 
 
 def sparse_cases(dtype):
-    ptrs = {"Q": dtype, "K": dtype, "V": dtype, "Base": dtype, "Out": dtype, "Idx": "i32", "Cnt": "i32", "Order": "i32"}
+    # int16 key lists, as FLUX's and WAN 480p's are (fp8 caches: checked on the GPU, bench/gpu_parity.py)
+    ptrs = {"Q": dtype, "K": dtype, "V": dtype, "Base": dtype, "Out": dtype, "Idx": "i16", "Cnt": "i16", "Order": "i32",
+            "BaseScale": "fp32", "OutScale": "fp32"}
     for size_class, configs in at.SPARSE_CONFIGS.items():
         for rows, cfg in configs.items():
             const = {"HEAD_DIM": 128, "BLOCK_M": rows, "BLOCK_N": cfg["block_n"], "HAS_BASE": True,
-                     "STREAM": "evict_first"}
+                     "STREAM": "evict_first", "BASE_FP8": False, "OUT_FP8": False}
             yield f"sparse attention {size_class} rows={rows}", size_class, at._column_sparse_attention_kernel, \
                 ptrs, const, cfg
 
@@ -91,9 +93,9 @@ def dense_cases(dtype):
 
 
 def mlp_cases(dtype):
-    up_ptrs = {"X": dtype, "W1": dtype, "B1": dtype, "Hidden": dtype, "Delta": dtype, "Idx": "i32", "Cnt": "i32",
+    up_ptrs = {"X": dtype, "W1": dtype, "B1": dtype, "Hidden": dtype, "Delta": dtype, "Idx": "i16", "Cnt": "i16",
                "Order": "i32"}
-    down_ptrs = {"Delta": dtype, "W2": dtype, "Out": dtype, "Result": dtype, "Idx": "i32", "Cnt": "i32",
+    down_ptrs = {"Delta": dtype, "W2": dtype, "Out": dtype, "Result": dtype, "Idx": "i16", "Cnt": "i16",
                  "Order": "i32"}
     tables = [(size_class, "", parts) for size_class, parts in mt.MLP_CONFIGS.items()]
     tables += [(size_class, " long rows", parts) for size_class, parts in mt.MLP_LONG_CONFIGS.items()]
