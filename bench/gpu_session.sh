@@ -349,8 +349,8 @@ fp8)
     t=$(within 150) && job 0 "$t" flux_bf16_fp8 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --repeats 2 --variants "stock,chipmunk+cache,chipmunk fp8,chipmunk+cache fp8" --out "$R/e2e_flux_bf16_fp8.json"
     t=$(within 120) && job 0 "$t" flux_fp8w_12 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
-        --weight-dtype fp8_e4m3fn_fast --free-gib 12 --variants "stock,chipmunk,chipmunk+cache" \
-        --out "$R/e2e_flux_fp8w_12.json"
+        --weight-dtype fp8_e4m3fn_fast --free-gib 12 \
+        --variants "stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk+cache fp8" --out "$R/e2e_flux_fp8w_12.json"
     ;;
 suite_corners)
     # The GPU suite after changes that reach GPU paths, with the FLUX fp8 24 GiB corner and
