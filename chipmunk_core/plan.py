@@ -99,9 +99,7 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         attention = (delta + lists, saved, delta + lists)  # a sparse step reads the cache
     if config.sparse_mlp:
         blocks = math.ceil(n_tokens / config.mlp_block)
-        hidden_element = 1 if config.fp8_caches else element  # fp8: a float32 scale per unit besides
-        caches = rows * (n_tokens * (dims.mlp_hidden * hidden_element + dims.mlp_out * element)
-                         + (dims.mlp_hidden * 4 if config.fp8_caches else 0))
+        caches = rows * n_tokens * (dims.mlp_hidden + dims.mlp_out) * element
         means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)
         flops = 4.0 * n_tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
