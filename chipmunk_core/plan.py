@@ -84,10 +84,14 @@ class CacheItem:
 
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
-                mlp_layers, cost: CostModel = DEFAULT_COST) -> list[CacheItem]:
-    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens."""
+                mlp_layers, cost: CostModel = DEFAULT_COST, image_tokens: int | None = None,
+                image_mlp_layers=frozenset()) -> list[CacheItem]:
+    """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens.
+
+    ``image_mlp_layers``: the layers whose MLP sees the image tokens only (``image_tokens`` of
+    them: FLUX's double blocks, whose text has its own MLP), not the joint sequence."""
     items = []
-    attention = mlp = None
+    attention = None
     if config.sparse_attention:
         groups = math.ceil(n_tokens / config.query_group)
         kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
@@ -97,20 +101,23 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         flops = 4.0 * n_tokens * n_tokens * dims.head_dim * dims.heads * rows
         saved = flops * max(0.0, 1.0 - (kept / n_tokens) / cost.attention_efficiency) / cost.matrix_flops
         attention = (delta + lists, saved, delta + lists)  # a sparse step reads the cache
-    if config.sparse_mlp:
-        blocks = math.ceil(n_tokens / config.mlp_block)
-        caches = rows * n_tokens * (dims.mlp_hidden + dims.mlp_out) * element
+
+    def mlp_item(tokens: int):
+        blocks = math.ceil(tokens / config.mlp_block)
+        caches = rows * tokens * (dims.mlp_hidden + dims.mlp_out) * element
         means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)
-        flops = 4.0 * n_tokens * dims.mlp_out * dims.mlp_hidden * rows
+        flops = 4.0 * tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
         # each sparse step transposes fc2 into the run's scratch (read + write)
         saved = max(0.0, saved - 2 * dims.fc2_bytes(element) / cost.device_bandwidth)
-        mlp = (caches + means, saved, 2 * caches)  # a sparse step reads and writes them
+        return caches + means, saved, 2 * caches  # a sparse step reads and writes them
+
     for layer in range(config.first_dense_layers, dims.n_layers):
         if attention:
             items.append(CacheItem(layer, ATTENTION, *attention))
-        if mlp and layer in mlp_layers:
-            items.append(CacheItem(layer, MLP, *mlp))
+        if config.sparse_mlp and layer in mlp_layers:
+            image_only = layer in image_mlp_layers and image_tokens is not None
+            items.append(CacheItem(layer, MLP, *mlp_item(image_tokens if image_only else n_tokens)))
     return items
 
 

@@ -146,13 +146,15 @@ class SamplingRun:
     """State of one sampling run of a Chipmunk-patched model."""
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
-                 memory_budget=None, mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
+                 memory_budget=None, mlp_layers: frozenset[int] = frozenset(),
+                 image_mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
                  paged_weights: bool = False, conditionings: int = 1, cost: CostModel | None = None):
         """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
         of the device the caches may take (asked once, when the run is planned; None: no limit).
         ``conditionings``: how many conditionings the sampler evaluates per step (cond, uncond).
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
+        ``image_mlp_layers``: those of them whose MLP sees the image tokens only (not the text).
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
         sampling): one dense step rebuilds the caches instead of the whole warm-up.
         ``paged_weights``: the host pages the weights in per layer call (``min_sparse_tokens_paged``).
@@ -172,6 +174,7 @@ class SamplingRun:
         self.step_cache_schedule = StepCacheSchedule(config, total_steps, self.schedule)
         self.seed = int(seed or 0)
         self.mlp_layers = mlp_layers
+        self.image_mlp_layers = image_mlp_layers
         self.min_sparse_tokens = max(config.min_sparse_tokens, config.min_sparse_tokens_paged if paged_weights else 0)
         self._caches: dict[tuple, CondCaches] = {}
         self.stats = Counter()
@@ -202,7 +205,8 @@ class SamplingRun:
         paged = self.min_sparse_tokens > self.config.min_sparse_tokens
         reason = stock_reason(self.config, x.device, grid_tokens, self.min_sparse_tokens, paged)
         items = [] if reason or self.dims is None else layer_items(
-            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost)
+            self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost,
+            image_tokens=grid_tokens, image_mlp_layers=self.image_mlp_layers)
         # the MLP's fc2 scratch (one weight's transpose, shared by the run's layers) comes first
         scratch = self.dims.fc2_bytes(x.element_size()) if any(item.kind == MLP for item in items) else 0
         wanted = sum(item.nbytes for item in items)

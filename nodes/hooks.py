@@ -150,6 +150,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       dims=accelerator.adapter.dims(diffusion_model),
                       memory_budget=functools.partial(cache_budget, patcher),
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
+                      image_mlp_layers=accelerator.plan.image_mlp_layers,
                       starts_mid_schedule=_starts_mid_schedule(patcher, sigmas),
                       paged_weights=graph_calls.dynamic_vram(patcher),
                       conditionings=_conditionings(guider))

@@ -50,6 +50,11 @@ class ModelPlan:
     def mlp_layers(self) -> frozenset[int]:
         return frozenset(site.layer for site in self.mlp_sites)
 
+    @property
+    def image_mlp_layers(self) -> frozenset[int]:
+        """The layers whose replaced MLP sees the image tokens only (two-stream blocks)."""
+        return frozenset(site.layer for site in self.mlp_sites if site.stream == "img")
+
 
 def _class(module_name: str, class_name: str):
     try:

@@ -27,8 +27,12 @@ def test_cache_size_follows_the_method_formula():
     assert cache_bytes(config, HUNYUAN, 2, 1000, torch.bfloat16) == 2 * cache_bytes(config, HUNYUAN, 1, 1000, torch.bfloat16)
 
 
+FLUX_IMAGE_TOKENS = 4096  # 1024x1024; the double blocks' MLPs see these only (the text has its own MLP)
+
+
 def _flux_items(rows=1):
-    return layer_items(resolve_config("flux"), FLUX, rows, FLUX_TOKENS, 2, range(57))
+    return layer_items(resolve_config("flux"), FLUX, rows, FLUX_TOKENS, 2, range(57),
+                       image_tokens=FLUX_IMAGE_TOKENS, image_mlp_layers=frozenset(range(19)))
 
 
 def test_everything_on_the_device_when_it_fits_and_without_a_known_budget():
@@ -59,10 +63,13 @@ def test_flux_1024_caches_at_the_defaults_hold_no_weight_copy():
     fc2 copies, 3.9 GiB, are gone); the key lists (int16) and row statistics are the rest."""
     items = _flux_items()
     total = sum(i.nbytes for i in items)
-    mlp_caches = 55 * FLUX_TOKENS * (12288 + 3072) * 2
+    mlp_caches = (17 * FLUX_IMAGE_TOKENS + 38 * FLUX_TOKENS) * (12288 + 3072) * 2  # 17 double, 38 single blocks
     attention_deltas = 55 * FLUX_TOKENS * 24 * 128 * 2
     assert mlp_caches + attention_deltas < total < 1.05 * (mlp_caches + attention_deltas)
-    assert total < 9 * 2**30
+    assert total < 8.7 * 2**30
+    joint = sum(i.nbytes for i in layer_items(resolve_config("flux"), FLUX, 1, FLUX_TOKENS, 2, range(57)))
+    fewer_rows, fewer_blocks = FLUX_TOKENS - FLUX_IMAGE_TOKENS, (FLUX_TOKENS - FLUX_IMAGE_TOKENS) // 128
+    assert joint - total == 17 * (fewer_rows * (12288 + 3072) * 2 + fewer_blocks * (12288 * 4 + 3072 * 2))
 
 
 def test_key_lists_take_the_narrowest_integer_type():
