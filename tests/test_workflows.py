@@ -44,9 +44,10 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-# The node's widget values in ComfyUI without dynamic inputs (v0.3.64): preset, five sliders,
-# step_cache, threshold, skip limit. Workflows are saved from the primary target's front end.
-FLAT_DEFAULTS = [0.835, 0.7, 2, 10, 2]
+# The node's widget values in ComfyUI without dynamic inputs (v0.3.64): preset, five sliders, the
+# cache precision, step_cache, threshold, skip limit. Workflows are saved from the primary target's
+# front end.
+FLAT_DEFAULTS = [0.835, 0.7, 2, 10, 2, "model"]
 
 
 def for_server(workflow: dict, object_info: dict) -> dict:
@@ -57,7 +58,7 @@ def for_server(workflow: dict, object_info: dict) -> dict:
     workflow = copy.deepcopy(workflow)
     for node in nodes_of(workflow, ACCELERATE_NODE):
         values = node["widgets_values"]
-        sliders = values[1:6] if values[0] == "custom" else FLAT_DEFAULTS
+        sliders = values[1:7] if values[0] == "custom" else FLAT_DEFAULTS
         node["widgets_values"] = [values[0], *sliders, values[-1], 0.1, 2]
     return workflow
 
