@@ -65,6 +65,10 @@ job() {  # job GPU SECONDS NAME COMMAND...: one measurement, its log in $R/NAME.
     tar czf "$OUT/measurements.tar.gz" -C "$R" .  # what is done comes back even if the call is cut short
 }
 E2E=(python3 bench/e2e_comfy.py --comfyui "$COMFY")
+# Modes that pack several jobs into one call give each job at most what is left of TOTAL seconds
+# (default 575): `t=$(within 90) && job 0 "$t" ...` skips a job once less than 30 s remain.
+total=${TOTAL:-575}
+within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
 
 case "$mode" in
 train)
@@ -306,9 +310,7 @@ scratch)
     # speed, the GPU suite, FLUX bf16 all memory with the scratch against the last commit that kept
     # copies (.device/old_pack.tar.gz, git archive of that commit), FLUX fp8 at 24 GiB; each job
     # only while the call's time (TOTAL seconds, default 575) lasts.
-    total=${TOTAL:-575}
     mkdir -p /tmp/old && tar xzf .device/old_pack.tar.gz -C /tmp/old
-    within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
     CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$(within 250)" gpu_tests python3 -m pytest tests/gpu -q -rA
     t=$(within 40) && job 0 "$t" transpose python3 bench/kernels.py --ops transpose --shapes flux --sweep \
         --json "$R/kernels_transpose.json"
@@ -325,8 +327,6 @@ lists)
     # After the narrow (int16) key lists: the kernels at real shapes, the GPU suite, WAN2.1-1.3B's
     # template (480p 81 frames, 30 steps, uni_pc, cfg 6) at 8 GiB free and under core EasyCache
     # with all memory, then FLUX bf16 with all memory; each job only while TOTAL seconds last.
-    total=${TOTAL:-575}
-    within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
     t=$(within 90) && job 0 "$t" gpu_parity python3 bench/gpu_parity.py
     t=$(within 200) && CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$t" gpu_tests python3 -m pytest tests/gpu -q -rA
     t=$(within 170) && job 0 "$t" wan13b_8gib "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
@@ -341,8 +341,6 @@ lists)
 fp8)
     # fp8 attention delta caches: WAN2.1-1.3B's template at 8 GiB free (its bf16 caches half streamed
     # from host memory), FLUX bf16 with all memory (bf16 caches fastest of two, and fp8).
-    total=${TOTAL:-575}
-    within() { local want=$1 left=$((total - SECONDS)); [ "$left" -gt 30 ] && echo $((left < want ? left : want)); }
     t=$(within 230) && job 0 "$t" wan13b_8gib_fp8 "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
         --sampler uni_pc --dynamic-vram --free-gib 8 --variants "stock,chipmunk fp8,chipmunk+cache fp8" \
         --out "$R/e2e_wan13b_8gib_fp8.json"
