@@ -149,13 +149,14 @@ class SparseDeltaAttention(Rows):
         batch, heads, n_tokens, head_dim = q.shape
         host = self.host_tensors() if self.prefetch is not None else ()
         if host:
-            delta, indices, counts, *scale = self.prefetch.take(self, host, q.device)
+            delta, indices, counts, *scales = self.prefetch.take(self, host, q.device)
+            scale = scales[0] if scales else None
         else:
             delta = to_compute(self.delta, q.device)
             indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-            scale = [] if self.delta_scale is None else [to_compute(self.delta_scale, q.device)]
+            scale = None if self.delta_scale is None else to_compute(self.delta_scale, q.device)
         out = self._output(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,
-            base=delta.transpose(1, 2), out=out, sign=1.0, base_scale=scale[0].transpose(1, 2) if scale else None)
+            base=delta.transpose(1, 2), out=out, sign=1.0, base_scale=None if scale is None else scale.transpose(1, 2))
         return out.transpose(1, 2).view(batch, n_tokens, heads * head_dim)

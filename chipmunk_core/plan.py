@@ -112,12 +112,13 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         saved = max(0.0, saved - 2 * dims.fc2_bytes(element) / cost.device_bandwidth)
         return caches + means, saved, 2 * caches  # a sparse step reads and writes them
 
+    joint_mlp = mlp_item(n_tokens) if config.sparse_mlp else None
+    image_mlp = mlp_item(image_tokens) if config.sparse_mlp and image_tokens is not None else joint_mlp
     for layer in range(config.first_dense_layers, dims.n_layers):
         if attention:
             items.append(CacheItem(layer, ATTENTION, *attention))
-        if config.sparse_mlp and layer in mlp_layers:
-            image_only = layer in image_mlp_layers and image_tokens is not None
-            items.append(CacheItem(layer, MLP, *mlp_item(image_tokens if image_only else n_tokens)))
+        if joint_mlp and layer in mlp_layers:
+            items.append(CacheItem(layer, MLP, *(image_mlp if layer in image_mlp_layers else joint_mlp)))
     return items
 
 

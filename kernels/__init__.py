@@ -42,6 +42,7 @@ __all__ = [
     "ForcedColumns",
     "list_width",
     "quantize_rows",
+    "FP8",
     "fp8_supported",
     "index_dtype",
     "selection_size",
