@@ -228,12 +228,54 @@ def gpu_busy(run, top: int = 0):
 
 def step_milliseconds(events):
     """Per step: (milliseconds between this step's and the previous step's callback on the GPU's
-    timeline, the same on the host). The first step is measured from nothing: left out."""
+    timeline, the same on the host). The first step counts from a mark at the run's start where
+    there is one (a run timed on its first steps), else it is left out."""
     if len(events) < 2:
         return []
+    if events[-1][2] is None:  # no GPU (a smoke check of the script): host times for both
+        return [(round((b[1] - a[1]) * 1e3, 2),) * 2 for a, b in zip(events, events[1:])]
     events[-1][2].synchronize()
     return [(round(a[2].elapsed_time(b[2]), 2), round((b[1] - a[1]) * 1e3, 2))
             for a, b in zip(events, events[1:])]
+
+
+class EnoughSteps(Exception):
+    """Raised from the sampler's callback to end a run timed on its first steps only."""
+
+
+def step_kinds(config, steps: int) -> list[str]:
+    """What each step of a ``steps``-step run does: stock (no Chipmunk), dense, sparse or skipped,
+    from the pack's own schedules (fixed step cache only: adaptive skips are decided per run)."""
+    if config is None:
+        return ["stock"] * steps
+    schedule = importlib.import_module("chipmunk_pack.chipmunk_core.schedule")
+    step_cache = importlib.import_module("chipmunk_pack.chipmunk_core.step_cache")
+    if config.step_cache == "adaptive":
+        raise SystemExit("--timed-steps: the adaptive step cache decides its skips during the run")
+    dense = schedule.DenseSchedule(config, steps)
+    skips = step_cache.StepCacheSchedule(config, steps, dense)
+    return ["dense" if dense.is_dense(s) else "skipped" if skips.decide(s, lambda: False) else "sparse"
+            for s in range(steps)]
+
+
+def estimate_run(per_step, kinds: list[str]) -> dict:
+    """A whole run's seconds from its first steps: the first step as timed (it carries the run's
+    set-up), every later step at the median time of the timed steps of its kind."""
+    import statistics
+    times = [gpu for gpu, _ in per_step]
+    if not times:
+        raise SystemExit("--timed-steps: no step was timed")
+    by_kind = {}
+    for kind, ms in zip(kinds[1:], times[1:]):
+        by_kind.setdefault(kind, []).append(ms)
+    per_kind = {kind: round(statistics.median(values), 1) for kind, values in by_kind.items()}
+    missing = sorted(set(kinds[1:]) - set(per_kind))
+    if missing:
+        raise SystemExit(f"--timed-steps: no timed step of kind {', '.join(missing)}; time more steps")
+    total_ms = times[0] + sum(per_kind[kind] for kind in kinds[1:])
+    counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+    return dict(seconds=total_ms / 1e3, timed_steps=len(times), first_step_ms=times[0], per_kind_ms=per_kind,
+                step_counts=counts, kinds=kinds)
 
 
 def with_resident_conditioning(model, hooks):
@@ -306,6 +348,10 @@ def main():
     parser.add_argument("--kernels", type=int, default=0, help="with --busy: list the N kernels with the most GPU time")
     parser.add_argument("--step-times", action="store_true",
                         help="also time each sampling step on the GPU's timeline (events at the sampler's callback)")
+    parser.add_argument("--timed-steps", type=int, default=0,
+                        help="time only the first K steps of each --steps run, each on the GPU's timeline, and "
+                             "estimate the whole run from the schedule's kinds of step (dense, sparse, skipped): "
+                             "for runs longer than one device command")
     parser.add_argument("--dynamic-vram", action="store_true",
                         help="ComfyUI's dynamic VRAM as main.py enables it, model loaded as UNETLoader does")
     parser.add_argument("--weight-dtype", default="default",
@@ -388,48 +434,80 @@ def main():
             if probes.get("_easycache"):
                 model = with_easycache(model)
             step_events = []
+            timing = (ns.device == "cuda" and ns.step_times) or ns.timed_steps
+            stop_after = [0]  # a run that times only its first steps ends after this many (0: all)
+
+            def mark(step):
+                event = torch.cuda.Event(enable_timing=True) if ns.device == "cuda" else None
+                step_events.append((step, time.perf_counter(), event))
+                if event is not None:
+                    event.record()
 
             def callback(step, x0, x, total):
-                if ns.step_times and ns.device == "cuda":
-                    step_events.append((step, time.perf_counter(), torch.cuda.Event(enable_timing=True)))
-                    step_events[-1][2].record()
+                if timing:
+                    mark(step)
+                if stop_after[0] and step + 1 >= stop_after[0]:
+                    raise EnoughSteps()
 
-            def run(steps=ns.steps):
+            def run(steps=ns.steps, stop=0):
                 sync()
                 step_events.clear()
+                stop_after[0] = stop
                 start = time.perf_counter()
+                if timing and stop:
+                    mark(-1)  # the first step counts from the start of the run
+                out = None
                 with torch.inference_mode():  # as ComfyUI's executor runs a prompt
-                    out = comfy.sample.sample(model, noise, steps, ns.cfg, ns.sampler, "simple", pos, neg, latent,
-                                              seed=1, disable_pbar=True, callback=callback)
+                    try:
+                        out = comfy.sample.sample(model, noise, steps, ns.cfg, ns.sampler, "simple", pos, neg, latent,
+                                                  seed=1, disable_pbar=True, callback=callback)
+                    except EnoughSteps:
+                        pass
                 sync()
                 return time.perf_counter() - start, out
 
-            run(ns.warmup_steps)  # model load, kernel compilation and autotuning
+            # Timing the first steps only: stock steps are all alike, so a few are enough.
+            stock_like = settings is None
+            timed = min(ns.timed_steps, 3) if stock_like and ns.timed_steps else ns.timed_steps
+            run(1 if timed and stock_like else ns.warmup_steps)  # model load, kernel compilation and autotuning
             if budget is not None and filler is None and ns.device == "cuda":
                 filler = occupy_all_but(budget)  # the model is loaded: what stays free is the budget
-                run(ns.warmup_steps)
-            seconds, out = min((run() for _ in range(ns.repeats)), key=lambda r: r[0])
+                run(1 if timed and stock_like else ns.warmup_steps)
+            seconds, out = min((run(stop=timed) for _ in range(ns.repeats)), key=lambda r: r[0])
             per_step = step_milliseconds(step_events)
-            busy, top_kernels = gpu_busy(run, ns.kernels) if ns.busy else (None, [])
-            if reference is None:
-                reference, stock_seconds = out, seconds
-            deviation = float((out.float() - reference.float()).norm() / reference.float().norm())
-            outputs[label] = out
-            first = first_outputs.setdefault((size, label), out)
-            graphed = outputs.get(label[:-len(" eager")]) if label.endswith(" eager") else None
-            vs_graphed = None if graphed is None else float((out.float() - graphed.float()).norm()
-                                                            / graphed.float().norm().clamp_min(1e-30))
             accelerator = None if settings is None else model.model_options["transformer_options"]["chipmunk"]
             config = None if accelerator is None else accelerator.config
+            estimate = estimate_run(per_step, step_kinds(config, ns.steps)) if timed else None
+            if estimate is not None:
+                seconds = estimate["seconds"]
+            busy, top_kernels = gpu_busy(run, ns.kernels) if ns.busy else (None, [])
+            if stock_seconds is None:
+                stock_seconds = seconds
+            compared = out is not None  # a run timed on its first steps only has no output
+            if compared and reference is None:
+                reference = out
+            deviation = float((out.float() - reference.float()).norm() / reference.float().norm()) if compared else None
+            first = first_outputs.setdefault((size, label), out) if compared else None
+            outputs[label] = out
+            graphed = outputs.get(label[:-len(" eager")]) if label.endswith(" eager") else None
+            vs_graphed = None if graphed is None or not compared else float(
+                (out.float() - graphed.float()).norm() / graphed.float().norm().clamp_min(1e-30))
             rows.append(dict(case=ns.case, size=size, batch=ns.batch, latent=list(shape), steps=ns.steps, cfg=ns.cfg,
                              sampler=ns.sampler,
                              variant=label, settings=None if config is None else config.describe(),
                              seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
                              rel_deviation_vs_graphed=vs_graphed,
-                             finite=bool(torch.isfinite(out).all()), dynamic_vram=dynamic,
+                             finite=bool(torch.isfinite(out).all()) if compared else None, dynamic_vram=dynamic,
                              weight_dtype=ns.weight_dtype, free_gib=budget,
-                             same_as_first_budget=bool(torch.equal(out, first))))
+                             same_as_first_budget=bool(torch.equal(out, first)) if compared else None))
+            if estimate is not None:
+                rows[-1]["estimated_from_steps"] = estimate
+                if config is not None and config.step_cache != "off":
+                    # the same settings without the step cache, from the dense and sparse steps timed here
+                    plain = step_kinds(dataclasses.replace(config, step_cache="off"), ns.steps)
+                    rows[-1]["estimated_without_step_cache_seconds"] = round(
+                        (estimate["first_step_ms"] + sum(estimate["per_kind_ms"][k] for k in plain[1:])) / 1e3, 3)
             if top_kernels:
                 rows[-1]["top_kernels"] = top_kernels
             if per_step:
@@ -437,10 +515,13 @@ def main():
             extra = "" if busy is None else f"  busy {busy:4.0%}"
             if vs_graphed is not None:
                 extra += f"  vs graphed {vs_graphed:.2e}"
-            if first is not out:
+            if compared and first is not out:
                 extra += "  same as first budget" if torch.equal(out, first) else "  differs from first budget"
-            print(f"{ns.case:8s} {size:12s} {'all' if budget is None else f'{budget:g} GiB':>7s} {label:18s} {seconds:8.2f} s  x{stock_seconds / seconds:5.2f}"
-                  f"{extra}  dev {deviation:.2e}", flush=True)
+            extra += "" if deviation is None else f"  dev {deviation:.2e}"
+            if estimate is not None:
+                extra += f"  (estimated from {timed} timed steps: {estimate['per_kind_ms']})"
+            print(f"{ns.case:8s} {size:12s} {'all' if budget is None else f'{budget:g} GiB':>7s} {label:18s} "
+                  f"{seconds:8.2f} s  x{stock_seconds / seconds:5.2f}{extra}", flush=True)
             for name, ms, count in top_kernels:
                 print(f"    {ms:9.1f} ms {count:6d}x  {name}", flush=True)
             if per_step:
