@@ -128,6 +128,7 @@ class MemoryPlan:
 
     placement: dict = field(default_factory=dict)
     budget: int | None = None   # device bytes the caches may take (None: no limit known)
+    host_budget: int | None = None  # host bytes streamed caches may take (None: no limit known)
     wanted: int = 0             # device bytes of every cache
     device_bytes: int = 0
     host_bytes: int = 0
@@ -158,6 +159,8 @@ class MemoryPlan:
         given_up = self.given_up()
         if given_up:
             budget = "none" if not self.budget else f"{self.budget / 2**30:.2f} GiB"
+            if self.host_budget is not None and self.host_bytes:
+                budget += f", host memory for streaming {self.host_budget / 2**30:.2f} GiB"
             text += (f"; memory for {self.wanted / 2**30:.2f} GiB was not free (budget {budget}): without caches "
                      + ", ".join(f"{kind} of {n} layers" for kind, n in given_up.items()))
         return text
@@ -168,12 +171,13 @@ def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = DE
     """Place ``items`` most valuable per byte first: on the device while ``budget`` lasts, then in
     host memory where streaming pays (see ``CostModel.stream_share``), else nowhere. Streamed
     caches travel through device memory too (the one in use and the next one in flight): where
-    any is streamed, room for two of the largest is kept out of the budget."""
+    any is streamed, room for two of the largest is kept out of the budget. ``host_budget``: the
+    pinned host memory streamed caches may take (None: no limit known)."""
     plan = _placed(items, budget, cost, host_budget)
     if plan.host_bytes and budget is not None:
         staging = 2 * max(item.nbytes for item in items if plan.where(item.layer, item.kind) == HOST)
         plan = _placed(items, max(0, budget - staging), cost, host_budget)
-        plan = MemoryPlan(plan.placement, budget, plan.wanted, plan.device_bytes, plan.host_bytes)
+        plan = MemoryPlan(plan.placement, budget, host_budget, plan.wanted, plan.device_bytes, plan.host_bytes)
     return plan
 
 
@@ -190,7 +194,7 @@ def _placed(items, budget, cost, host_budget) -> MemoryPlan:
             host_bytes += item.nbytes
         else:
             placement[(item.layer, item.kind)] = OFF
-    return MemoryPlan(placement, budget, wanted, device_bytes, host_bytes)
+    return MemoryPlan(placement, budget, host_budget, wanted, device_bytes, host_bytes)
 
 
 def cache_bytes(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, dtype: torch.dtype,

@@ -146,11 +146,13 @@ class SamplingRun:
     """State of one sampling run of a Chipmunk-patched model."""
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
-                 memory_budget=None, mlp_layers: frozenset[int] = frozenset(),
+                 memory_budget=None, host_budget=None, mlp_layers: frozenset[int] = frozenset(),
                  image_mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
                  paged_weights: bool = False, conditionings: int = 1, cost: CostModel | None = None):
         """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
         of the device the caches may take (asked once, when the run is planned; None: no limit).
+        ``host_budget() -> bytes | None``: the host memory caches streamed from there may take
+        (asked with it; None: no limit).
         ``conditionings``: how many conditionings the sampler evaluates per step (cond, uncond).
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
@@ -163,6 +165,7 @@ class SamplingRun:
         self.config = config
         self.dims = dims
         self.memory_budget = memory_budget
+        self.host_budget = host_budget
         self.conditionings = max(1, conditionings)
         self.cost = cost or plan_module.DEFAULT_COST  # (read per run: tests and benchmarks change it)
         self.plan: RunPlan | None = None  # made by the first model call (``make_plan``)
@@ -210,11 +213,13 @@ class SamplingRun:
         # the MLP's fc2 scratch (one weight's transpose, shared by the run's layers) comes first
         scratch = self.dims.fc2_bytes(x.element_size()) if any(item.kind == MLP for item in items) else 0
         wanted = sum(item.nbytes for item in items)
-        budget = None
+        budget = host = None
         if items and self.memory_budget is not None:
             free = self.memory_budget(x, rows, wanted + scratch)
             budget = None if free is None else quantised(max(0, free - scratch))
-        memory = plan_memory(items, budget, self.cost) if self.dims is not None else MemoryPlan(sized=False)
+        if items and budget is not None and self.host_budget is not None:
+            host = quantised(self.host_budget())
+        memory = plan_memory(items, budget, self.cost, host) if self.dims is not None else MemoryPlan(sized=False)
         if items and not any(where != OFF for where in memory.placement.values()):
             reason = StockReason("no GPU memory for caches",
                                  f"no device memory was free for caches ({memory.wanted / 2**30:.2f} GiB wanted): "

@@ -149,6 +149,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = SamplingRun(accelerator.config, sample_sigmas=sigmas, seed=seed,
                       dims=accelerator.adapter.dims(diffusion_model),
                       memory_budget=functools.partial(cache_budget, patcher),
+                      host_budget=host_cache_budget,
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
                       image_mlp_layers=accelerator.plan.image_mlp_layers,
                       starts_mid_schedule=_starts_mid_schedule(patcher, sigmas),
@@ -225,6 +226,23 @@ def cache_budget(patcher, x: torch.Tensor, rows: int, wanted: int) -> int | None
             or getattr(loaded.model, "model", None) is patcher.model]
     mm.free_memory(wanted + working, x.device, keep_loaded=keep)
     return max(0, int(mm.get_free_memory(x.device)) - working)
+
+
+# Share of the host memory available when a run is planned that caches streamed from there may
+# pin: the rest stays for ComfyUI (its offloaded weights, the next model) and everything else.
+HOST_CACHE_SHARE = 0.5
+
+
+def host_cache_budget() -> int | None:
+    """Host bytes the run's streamed caches may take: a share of what ComfyUI finds available in
+    system memory (pinned memory cannot be swapped out: taking it all would stall the machine)."""
+    import comfy.model_management as mm
+    import torch
+
+    try:
+        return int(mm.get_free_memory(torch.device("cpu")) * HOST_CACHE_SHARE)
+    except Exception:  # no answer: no limit, as before
+        return None
 
 
 # Samplers that evaluate the model once per step, at the schedule's own sigmas: the step of each

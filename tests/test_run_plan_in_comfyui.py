@@ -122,6 +122,51 @@ def test_a_small_budget_gives_up_mlp_caches_first_and_none_means_stock(flux, pac
     assert wanted["bytes"] > 0
 
 
+def test_streamed_caches_take_at_most_a_share_of_the_host_memory_comfyui_finds(flux, pack, monkeypatch, caplog):
+    """No device memory and a host link the cost model calls fast: caches are streamed from host
+    memory, but only up to ``HOST_CACHE_SHARE`` of what ComfyUI finds available there (stand-in:
+    as much as the run wants); the layers past it run stock and the report says why."""
+    import comfy.model_management as mm
+
+    hooks = importlib.import_module(f"{pack}.nodes.hooks")
+    plan = importlib.import_module(f"{pack}.chipmunk_core.plan")
+    monkeypatch.setattr(plan, "BUDGET_QUANTUM", 1)
+    monkeypatch.setattr(plan, "DEFAULT_COST", plan.CostModel(host_bandwidth=1e15))
+    wanted = {}
+
+    def no_device_memory(patcher, x, rows, want):
+        wanted["bytes"] = want
+        return 0
+
+    real_free = mm.get_free_memory
+
+    def host_free(dev=None, torch_free_too=False):
+        if dev is not None and torch.device(dev).type == "cpu" and not torch_free_too and wanted:
+            return wanted["bytes"]
+        return real_free(dev, torch_free_too)
+
+    state = importlib.import_module(f"{pack}.chipmunk_core.state")
+    plans = []
+
+    def planned(*args, **kwargs):
+        plans.append(plan.plan_memory(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(hooks, "cache_budget", no_device_memory)
+    monkeypatch.setattr(mm, "get_free_memory", host_free)
+    monkeypatch.setattr(state, "plan_memory", planned)
+    with caplog.at_level(logging.INFO):
+        out = flux.sample(flux.accelerate(), flux.sizes[0])
+    report = cm.reports(caplog)[-1]
+    assert "streamed from host memory" in report and "host memory for streaming" in report, report
+    assert "without caches" in report and cm.step_counts(report)["sparse"] > 0, report
+    memory = plans[-1]
+    assert memory.host_budget == int(hooks.HOST_CACHE_SHARE * wanted["bytes"])
+    assert 0 < memory.host_bytes <= memory.host_budget and memory.device_bytes == 0
+    assert plan.OFF in memory.placement.values()
+    assert torch.isfinite(out).all()
+
+
 def test_the_cpu_runs_stock_and_says_so_first(flux, monkeypatch, caplog):
     monkeypatch.delenv("CHIPMUNK_SPARSE_ON_CPU", raising=False)
     size = flux.sizes[0]

@@ -109,6 +109,20 @@ def test_image_caches_are_never_streamed_but_long_video_layers_are():
     assert set(slow_link.placement.values()) == {OFF}
 
 
+def test_streamed_caches_stay_within_the_host_memory_budget():
+    """Pinned host memory is bounded too: a 720p WAN-14B run with CFG wants more caches than many
+    machines have memory; what does not fit the host budget runs stock, and the report says so."""
+    wan14 = ModelDims(40, 40, 128, 13824, 5120)
+    items = layer_items(resolve_config("wan"), wan14, 2, 75600, 2, ())
+    item = items[0].nbytes
+    plan = plan_memory(items, 10 * item, host_budget=15 * item + 1)
+    assert plan.device_bytes <= 10 * item - 2 * item  # room for the two copies in flight
+    assert plan.host_bytes == 15 * item and plan.host_budget == 15 * item + 1
+    assert list(plan.placement.values()).count(OFF) == len(items) - 15 - plan.device_bytes // item
+    assert "host memory for streaming" in plan.describe() and "without caches attention of" in plan.describe()
+    assert plan_memory(items, 10 * item).host_bytes == sum(i.nbytes for i in items) - plan.device_bytes
+
+
 def test_small_differences_in_free_memory_give_the_same_plan():
     items = _flux_items()
     free = 6 * 2**30 + 5 * 2**20
