@@ -35,6 +35,12 @@
 #   bash bench/gpu_session.sh lists     # one GPU: int16 key lists (kernels at real shapes, tests/gpu),
 #                                       # WAN2.1-1.3B's template at 8 GiB, and under core EasyCache
 #   bash bench/gpu_session.sh fp8       # one GPU: fp8 attention caches (WAN2.1-1.3B at 8 GiB, FLUX all memory)
+#   bash bench/gpu_session.sh validate  # one GPU: tests/gpu, FLUX with fp8 caches, WAN2.1-1.3B's template
+#                                       # whole and estimated from its first steps (--timed-steps)
+#   bash bench/gpu_session.sh wan14b_720 # one GPU: WAN2.1-14B 720p 81 frames, template settings, all memory,
+#                                       # estimated from each variant's first steps
+#   bash bench/gpu_session.sh wan14b_480 # one GPU: WAN2.1-14B fp8 weights 480p at 24 GiB (estimated), and
+#                                       # FLUX's eager sparse steps under dynamic VRAM
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -349,6 +355,37 @@ fp8)
     t=$(within 120) && job 0 "$t" flux_fp8w_12 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --weight-dtype fp8_e4m3fn_fast --free-gib 12 \
         --variants "stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk+cache fp8" --out "$R/e2e_flux_fp8w_12.json"
+    ;;
+validate)
+    # The GPU suite, FLUX bf16 with fp8 caches, and the run estimate from the first steps checked
+    # against whole runs: WAN2.1-1.3B's template (480p 81 frames, 30 steps uni_pc cfg 6), all memory.
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$(within 230)" gpu_tests python3 -m pytest tests/gpu -q -rA
+    t=$(within 110) && job 0 "$t" flux_fp8_caches "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk fp8" --out "$R/e2e_flux_fp8_caches.json"
+    t=$(within 130) && job 0 "$t" wan13b_whole "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --variants "stock,chipmunk+cache" --step-times --out "$R/e2e_wan13b_whole.json"
+    t=$(within 70) && job 0 "$t" wan13b_timed "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --variants "stock,chipmunk+cache" --timed-steps 6 \
+        --out "$R/e2e_wan13b_timed.json"
+    ;;
+wan14b_720)
+    # WAN2.1-14B (each WAN2.2 A14B expert's architecture) at 720p 81 frames, ComfyUI's template
+    # settings (30 steps uni_pc cfg 6), bf16 weights, all memory: a stock run alone is over ten
+    # minutes, so each variant times its first steps and the run is estimated from the schedule.
+    job 0 "$(within 570)" wan14b_720 "${E2E[@]}" --case wan14b --sizes 1280x720x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --timed-steps 6 --variants "${WAN14B_VARIANTS:-stock,chipmunk+cache fp8,chipmunk+cache}" \
+        --out "$R/e2e_wan14b_720.json"
+    ;;
+wan14b_480)
+    # WAN2.1-14B with fp8 weights (fp8_e4m3fn_fast) at 480p 81 frames, template settings, 24 GiB free
+    # (estimated from the first steps); then FLUX bf16 1024x1024 under dynamic VRAM with the sparse
+    # steps eager (no CUDA graphs) against graphed, per-step times.
+    t=$(within 330) && job 0 "$t" wan14b_480_24 "${E2E[@]}" --case wan14b --sizes 832x480x81 --steps 30 --cfg 6 \
+        --sampler uni_pc --dynamic-vram --weight-dtype fp8_e4m3fn_fast --free-gib 24 --timed-steps 6 \
+        --variants "stock,chipmunk+cache,chipmunk+cache fp8" --out "$R/e2e_wan14b_480_24.json"
+    t=$(within 150) && job 0 "$t" flux_eager "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,chipmunk+cache eager" --step-times \
+        --out "$R/e2e_flux_eager.json"
     ;;
 suite_corners)
     # The GPU suite after changes that reach GPU paths, with the FLUX fp8 24 GiB corner and
