@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 sys.path.append(str(Path(__file__).resolve().parent))
 
 from kernels.attention_reference import (  # noqa: E402
-    FP8, attention_with_column_sums_reference, column_sparse_attention_reference, quantize_rows,
-    sampled_column_sums_reference)
+    attention_with_column_sums_reference, column_sparse_attention_reference, sampled_column_sums_reference)
+from kernels.fp8 import FP8, quantize_rows  # noqa: E402
 from kernels.attention_triton import (  # noqa: E402
     attention_with_column_sums_triton, column_sparse_attention_triton, sampled_column_sums_triton)
 from kernels.index_lists import build_index_lists_reference, index_dtype, rank_units_reference  # noqa: E402
 from kernels.index_lists_triton import build_index_lists_triton, rank_units_triton  # noqa: E402
-from kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference, transpose_into_reference  # noqa: E402
+from kernels.mlp_reference import (  # noqa: E402
+    HIDDEN_HEADROOM, block_means_reference, sparse_mlp_delta_reference, transpose_into_reference)
 from kernels.mlp_triton import block_means_triton, sparse_mlp_delta_triton, transpose_into_triton  # noqa: E402
 
 # bench/kernels.py (the sweep lists) under another name: `kernels` is the package
@@ -121,6 +122,42 @@ def fp8_cache_case(b, h, n, group, capacity, dtype, gen):
     reference = torch.empty(b, h, n, 128, device=DEV)
     column_sparse_attention_reference(q, k, v, idx, counts, order, group, cache, reference, 1.0, scale)
     check(label + " read", out, reference, dtype)
+
+
+def fp8_hidden_case(n, dtype, gen, d_in=3072, hidden=12288, d_out=3072, block=128, capacity=3712):
+    """An fp8 hidden cache at FLUX's MLP shape: the stored units are the reference's (bytes equal,
+    or one rounding step apart), and the output moved by exactly the change of the stored values."""
+    x = torch.randn(1, n, d_in, device=DEV, generator=gen).to(dtype)
+    w1 = (torch.randn(hidden, d_in, device=DEV, generator=gen) * d_in ** -0.5).to(dtype)
+    b1 = (0.1 * torch.randn(hidden, device=DEV, generator=gen)).to(dtype)
+    w2 = (torch.randn(d_out, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
+                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).to(index_dtype(hidden))
+    counts = torch.full((1, n_blocks), capacity, device=DEV, dtype=index_dtype(hidden))
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    start = torch.nn.functional.gelu(torch.randn(1, hidden, n, device=DEV, generator=gen), approximate="tanh")
+    cache0, scale = quantize_rows(start, HIDDEN_HEADROOM)
+    out0 = torch.randn(1, n, d_out, device=DEV, generator=gen).to(dtype)
+    got = []
+    for fn in (sparse_mlp_delta_triton, sparse_mlp_delta_reference):
+        cache, out = cache0.clone(), out0.clone()
+        fn(x, w1, b1, w2.t().contiguous().t(), units, counts, order, block, cache.transpose(1, 2), out,
+           hidden_in_block_order=True, hidden_scale=scale)
+        got.append((cache, out))
+    (cache, out), (ref_cache, _) = got
+    within_step = bool(((cache.float() - ref_cache.float()).abs() <= ref_cache.float().abs() / 8 + 2 ** -9).all())
+    differ = float((cache.view(torch.uint8) != ref_cache.view(torch.uint8)).float().mean())
+    label = f"fp8 hidden n{n} {str(dtype)[6:]}"
+    ok = within_step and differ < 0.05
+    if not ok:
+        failures.append(label)
+    print(f"{'ok  ' if ok else 'FAIL'} {label} stored: bytes differing {differ:.2%}, all within one step {within_step}",
+          flush=True)
+    change = (cache.float() - cache0.float()) * scale[..., None]
+    expected = torch.zeros(1, n, d_out, device=DEV)
+    expected[:, order.long()] = change.transpose(1, 2) @ w2.float().T
+    check(label + " output update", out.float() - out0.float(), expected, dtype)
 
 
 def dense_case(b, h, n, group, dtype, config, hint_offset, gen, layout="bhnd", n_keys=None):
@@ -286,6 +323,11 @@ def main():
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator(device=DEV).manual_seed(0)
     print(torch.cuda.get_device_name() if DEV == "cuda" else DEV, torch.__version__, flush=True)
+    if os.environ.get("CHIPMUNK_PARITY_ONLY") == "fp8":  # the fp8 caches alone (a short device call)
+        fp8_cache_case(1, 4, 4608, 192, 768, torch.bfloat16, gen)
+        fp8_hidden_case(4608, torch.bfloat16, gen)
+        print(f"{len(failures)} case(s) off" if failures else "all cases match")
+        sys.exit(1 if failures else 0)
     for dtype in (torch.bfloat16, torch.float16) if DEV == "cuda" else (torch.float16,):
         for group in (192, 128, 256):
             for config in bench_sweeps.sparse_configs(True, group) + [{}]:
@@ -302,6 +344,8 @@ def main():
             mlp_case(700, dtype, config, gen)
         if DEV != "cuda" or torch.cuda.get_device_capability() >= (8, 9):
             fp8_cache_case(1, 4, 4608 if DEV == "cuda" else 300, 192, 768 if DEV == "cuda" else 64, dtype, gen)
+            if DEV == "cuda":
+                fp8_hidden_case(4608, dtype, gen)
     selection_cases(gen)
     print(f"{len(failures)} case(s) off" if failures else "all cases match")
     sys.exit(1 if failures else 0)

@@ -347,6 +347,7 @@ lists)
 fp8)
     # fp8 attention delta caches: WAN2.1-1.3B's template at 8 GiB free (its bf16 caches half streamed
     # from host memory), FLUX bf16 with all memory (bf16 caches fastest of two, and fp8).
+    t=$(within 60) && CHIPMUNK_PARITY_ONLY=fp8 job 0 "$t" fp8_parity python3 bench/gpu_parity.py
     t=$(within 230) && job 0 "$t" wan13b_8gib_fp8 "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
         --sampler uni_pc --dynamic-vram --free-gib 8 --variants "stock,chipmunk fp8,chipmunk+cache fp8" \
         --out "$R/e2e_wan13b_8gib_fp8.json"

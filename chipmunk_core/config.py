@@ -57,8 +57,10 @@ class ChipmunkConfig:
     # steps that can be, per conditioning and MLP-ranking pattern) where ComfyUI's set-up allows it:
     # where one step is little GPU work, the host's launches are what the step waits on.
     cuda_graphs: bool = False
-    # Attention delta caches in float8_e4m3fn with one float32 scale per row (half the bytes; an
-    # Ada/Hopper GPU or newer); off by default until the quality lab measures what they cost.
+    # Attention delta caches and the MLP's hidden caches in float8_e4m3fn with one float32 scale
+    # per row (per unit for the MLP): half the bytes, on an Ada/Hopper GPU or newer. The MLP's
+    # output caches, which every sparse step adds to, keep the model's precision. Off by default
+    # until the quality lab measures what they cost.
     fp8_caches: bool = False
 
     def __post_init__(self):
@@ -129,7 +131,7 @@ class ChipmunkConfig:
             cache += f" (threshold {self.step_cache_threshold:g}, at most {self.step_cache_max_skips} skips in a row)"
         if self.attention_selection == "warmup_steps" and self.sparse_attention:
             schedule += " (key lists chosen on the first ones)"
-        precision = "; fp8 attention caches" if self.fp8_caches and self.sparse_attention else ""
+        precision = "; fp8 caches" if self.fp8_caches and self.sparse else ""
         return (f"attention sparsity {self.attention_sparsity:g}, MLP sparsity {self.mlp_sparsity:g}, {schedule}, "
                 f"first {self.first_dense_layers} layers dense{cache}{precision}")
 

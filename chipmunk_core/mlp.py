@@ -42,7 +42,7 @@ class SparseDeltaMLP(Rows):
     the whole run (or a temporary without one). No copy of a weight outlives the step.
     """
 
-    BATCHED = ("hidden", "out", "block_mean", "_selection", "_x_mean")
+    BATCHED = ("hidden", "hidden_scale", "out", "block_mean", "_selection", "_x_mean")
 
     def __init__(self, storage: torch.device | None = None, fc2_scratch: "TransposeScratch | None" = None):
         self.storage = storage  # where the hidden/output caches live (None: with the computation)
@@ -50,7 +50,8 @@ class SparseDeltaMLP(Rows):
         self.reset()
 
     def reset(self):
-        self.hidden = None      # [B, M, N] post-activation, block order, unit-major
+        self.hidden = None      # [B, M, N] post-activation, block order, unit-major (model dtype, or fp8)
+        self.hidden_scale = None  # [B, M] float32 unit scales of an fp8 hidden cache (else None)
         self.out = None         # [B, N, Dout] MLP output as last computed, token order
         self.block_mean = None  # [B, NB, M] fp32 pre-activation mean per row block
         self.signature = None
@@ -66,18 +67,19 @@ class SparseDeltaMLP(Rows):
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
 
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.out, self.block_mean)
+        tensors = (self.hidden, self.hidden_scale, self.out, self.block_mean)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def buffers(self) -> list[torch.Tensor]:
         """The long-lived tensors a sparse step reads or updates in place."""
-        tensors = (self.hidden, self.out, self.block_mean, self._x_mean, *(self._selection or ()))
+        tensors = (self.hidden, self.hidden_scale, self.out, self.block_mean, self._x_mean, *(self._selection or ()))
         return [t for t in tensors if t is not None]
 
     def hidden_in_token_order(self) -> torch.Tensor:
         """The hidden cache as [B, N, M] in the model's token order (for inspection and tests)."""
         inverse = inverse_permutation(self._order.long()).to(self.hidden.device)
-        return self.hidden.transpose(1, 2).index_select(1, inverse)
+        hidden = self.hidden if self.hidden_scale is None else self.hidden.float() * self.hidden_scale[..., None]
+        return hidden.transpose(1, 2).index_select(1, inverse)
 
     def dense_step(self, x, pre_activation, row_order, config: ChipmunkConfig) -> torch.Tensor:
         """Record a dense step from fc1's output; returns the activation for the caller's fc2."""
@@ -86,7 +88,15 @@ class SparseDeltaMLP(Rows):
         self._order = row_order
         blocked = hidden.index_select(1, row_order.long()).transpose(1, 2)
         storage = self.storage or hidden.device
-        self.hidden = reuse_buffer(self.hidden, (batch, n_units, n_tokens), hidden.dtype, storage, hidden.is_cuda)
+        dtype = kernels.FP8 if config.fp8_caches else hidden.dtype
+        self.hidden = reuse_buffer(self.hidden, (batch, n_units, n_tokens), dtype, storage, hidden.is_cuda)
+        if config.fp8_caches:  # one scale per unit, with room for later values (kernels.HIDDEN_HEADROOM)
+            blocked, scale = kernels.quantize_rows(blocked, kernels.HIDDEN_HEADROOM)
+            self.hidden_scale = reuse_buffer(self.hidden_scale, (batch, n_units), torch.float32, storage,
+                                             hidden.is_cuda)
+            self.hidden_scale.copy_(scale, non_blocking=True)
+        else:
+            self.hidden_scale = None
         self.hidden.copy_(blocked, non_blocking=True)
         n_blocks = -(-n_tokens // config.mlp_block)
         self.block_mean = kernels.block_means(
@@ -136,10 +146,12 @@ class SparseDeltaMLP(Rows):
             self._rank_units(x, w1, b1, row_order, config, seeds)
         indices, counts = self._selection
         hidden, out = to_compute(self.hidden, x.device), to_compute(self.out, x.device)
+        scale = None if self.hidden_scale is None else to_compute(self.hidden_scale, x.device)
         result = torch.empty_like(out)  # the caller's copy: the model may change it in place
         w2_t = self._transposed_fc2(w2)
         kernels.sparse_mlp_delta(x, w1, b1, w2_t.t(), indices, counts, row_order, config.mlp_block,
-                                 hidden.transpose(1, 2), out, ACTIVATION, hidden_in_block_order=True, result=result)
+                                 hidden.transpose(1, 2), out, ACTIVATION, hidden_in_block_order=True, result=result,
+                                 hidden_scale=scale)
         if hidden is not self.hidden:  # caches kept off the device: write the updates back
             self.hidden.copy_(hidden, non_blocking=True)
             self.out.copy_(out, non_blocking=True)

@@ -104,7 +104,9 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
 
     def mlp_item(tokens: int):
         blocks = math.ceil(tokens / config.mlp_block)
-        caches = rows * tokens * (dims.mlp_hidden + dims.mlp_out) * element
+        hidden_element = 1 if config.fp8_caches else element  # fp8: a float32 scale per unit besides
+        caches = rows * (tokens * (dims.mlp_hidden * hidden_element + dims.mlp_out * element)
+                         + (dims.mlp_hidden * 4 if config.fp8_caches else 0))
         means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)
         flops = 4.0 * tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from ._dispatch import backend_for
 from ._device import fp8_supported
-from .attention_reference import (FP8, attention_with_column_sums_reference, column_sparse_attention_reference,
-                                  quantize_rows, sampled_column_sums_reference)
+from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
+                                  sampled_column_sums_reference)
+from .fp8 import FP8, quantize_rows
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
 from .index_lists import (ForcedColumns, build_index_lists_reference, check_index_dtype, forced_columns, index_dtype,
                           list_width, rank_units_reference, selection_size)
-from .mlp_reference import block_means_reference, sparse_mlp_delta_reference, transpose_into_reference
+from .mlp_reference import HIDDEN_HEADROOM, block_means_reference, sparse_mlp_delta_reference, transpose_into_reference
 
 __all__ = [
     "attention_with_column_sums",
@@ -43,6 +44,7 @@ __all__ = [
     "list_width",
     "quantize_rows",
     "FP8",
+    "HIDDEN_HEADROOM",
     "fp8_supported",
     "index_dtype",
     "selection_size",
@@ -93,20 +95,22 @@ def column_sparse_attention(q, k, v, indices, counts, query_order, group_size, b
 
 
 def sparse_mlp_delta(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
-                     hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False, result=None):
+                     hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False, result=None,
+                     hidden_scale=None):
     """Recompute the listed hidden units per row block and push the change into ``out_cache``.
 
     Updates ``hidden_cache`` and ``out_cache`` in place and, if given, copies the updated output
-    rows into ``result``. See ``sparse_mlp_delta_reference``.
+    rows into ``result``. An fp8 hidden cache comes with one float32 scale per unit
+    (``hidden_scale`` [B, M]). See ``sparse_mlp_delta_reference``.
     """
     if backend_for(x) == "triton":
         from .mlp_triton import sparse_mlp_delta_triton
         return sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                                        hidden_cache, out_cache, activation, hidden_in_block_order=hidden_in_block_order,
-                                       result=result)
+                                       result=result, hidden_scale=hidden_scale)
     return sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                                       hidden_cache, out_cache, activation, hidden_in_block_order=hidden_in_block_order,
-                                      result=result)
+                                      result=result, hidden_scale=hidden_scale)
 
 
 def block_means(t, row_order, block_size, out=None):

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .fp8 import quantize_rows
+
 # Rows of scores materialised at once by the references: bounded memory, not speed.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -61,20 +63,6 @@ def attention_with_column_sums_reference(q, k, v, query_order, group_size, out, 
             hi = min((g + 1) * group_size, stop) - start
             column_sums[:, :, g] = probs[:, :, lo:hi].sum(dim=2)
     return column_sums, lse
-
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` [..., D] as float8_e4m3fn with one float32 scale per row: ``scale = max|row| / 448``
-    (1 for a zero row), so that ``fp8 * scale`` is the row to fp8's 3-bit mantissa. Both kernels
-    round to nearest, ties to even (Triton's interpreter on the CPU may differ by one step)."""
-    values = values.float()
-    amax = values.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (values / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def column_sparse_attention_reference(q, k, v, indices, counts, query_order, group_size, base, out, sign,

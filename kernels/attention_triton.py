@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 
 from ._device import fp8_supported, note_fallback, row_tile, size_class, tensor_descriptors
-from .attention_reference import (FP8, attention_with_column_sums_reference, column_sparse_attention_reference,
+from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
                                   sampled_column_sums_reference)
+from .fp8 import FP8
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
 

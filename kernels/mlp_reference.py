@@ -19,14 +19,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .fp8 import FP8_MAX
+
 ACTIVATIONS = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
 }
 
 
+# An fp8 hidden cache's unit scales leave room for values up to this many times the largest one
+# of the dense step (sparse steps write new values with the same scale).
+HIDDEN_HEADROOM = 8.0
+
+
 def sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                                hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False,
-                               result=None):
+                               result=None, hidden_scale=None):
     """Apply the sparse-delta update in place to ``hidden_cache`` and ``out_cache``.
 
     ``x``: [B, N, Din]; ``w1``: [M, Din]; ``b1``: [M] or None; ``w2``: [Dout, M] (any strides);
@@ -36,6 +43,12 @@ def sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_ord
     ``row_order[p]``) with ``hidden_in_block_order``; ``out_cache``: [B, N, Dout], token order.
     ``result`` ([B, N, Dout], optional) receives a copy of every row of ``out_cache`` the update
     writes (rows of a block with no listed unit are copied unchanged).
+
+    fp8 hidden cache: with ``hidden_scale`` (float32 [B, M], one scale per unit) ``hidden_cache`` is
+    float8_e4m3fn holding ``value / scale``; new values are stored with their unit's scale (clamped
+    to fp8's range), and the change pushed into ``out_cache`` is that of the stored values, so the
+    output cache stays ``act(stored hidden) @ w2^T`` plus the dense step's own rounding: fp8's
+    rounding does not add up over steps.
     """
     act = ACTIVATIONS[activation]
     batch, n_tokens, _ = x.shape
@@ -55,7 +68,14 @@ def sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_ord
                     pre = pre + b1[units].float()
                 new = act(pre)
                 old = hidden_cache[b, hidden_rows[:, None], units[None, :]].float()
-                hidden_cache[b, hidden_rows[:, None], units[None, :]] = new.to(hidden_cache.dtype)
+                if hidden_scale is None:
+                    hidden_cache[b, hidden_rows[:, None], units[None, :]] = new.to(hidden_cache.dtype)
+                else:
+                    unit_scale = hidden_scale[b, units].float()
+                    old = old * unit_scale
+                    stored = (new / unit_scale).clamp(-FP8_MAX, FP8_MAX).to(hidden_cache.dtype)
+                    hidden_cache[b, hidden_rows[:, None], units[None, :]] = stored
+                    new = stored.float() * unit_scale
                 update = (new - old) @ w2f[:, units].T
                 out_cache[b, rows] = (out_cache[b, rows].float() + update).to(out_cache.dtype)
             if result is not None:

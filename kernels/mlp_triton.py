@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import capability_major, l2_bytes, note_fallback, row_tile, size_class
+from ._device import capability_major, fp8_supported, l2_bytes, note_fallback, row_tile, size_class
+from .fp8 import FP8
 from .mlp_reference import sparse_mlp_delta_reference, transpose_into_reference
 
 _ACTIVATION_IDS = {"gelu_tanh": 0}
@@ -71,8 +72,8 @@ def _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, n_col_tiles, band,
 
 
 @triton.jit
-def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s_hm, delta_base, s_dk,
-                 ACTIVATION: tl.constexpr, HIDDEN_OFFSET_TYPE: tl.constexpr):
+def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s_hm, delta_base, s_dk, hscale,
+                 ACTIVATION: tl.constexpr, HIDDEN_OFFSET_TYPE: tl.constexpr, HIDDEN_FP8: tl.constexpr):
     """Activation, change against the hidden cache (updated), change into the scratch."""
     if ACTIVATION == 0:
         new = _gelu_tanh(acc)
@@ -80,9 +81,16 @@ def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s
     # 32-bit offsets where they fit (HIDDEN_OFFSET_TYPE): a tile of 64-bit offsets costs two
     # registers per element and made this epilogue spill more.
     h_offsets = rows.to(HIDDEN_OFFSET_TYPE)[:, None] * s_hn + units.to(HIDDEN_OFFSET_TYPE)[None, :] * s_hm
-    old = tl.load(hidden + h_offsets, mask=mask, other=0.0)
-    tl.store(hidden + h_offsets, new.to(hidden.dtype.element_ty), mask=mask)
-    delta = new - old.to(tl.float32)
+    old = tl.load(hidden + h_offsets, mask=mask, other=0.0).to(tl.float32)
+    if HIDDEN_FP8:  # value / unit scale in fp8; the change is that of the stored values (mlp_reference)
+        unit_scale = tl.load(hscale + units, mask=slots < count, other=1.0)[None, :]
+        old = old * unit_scale
+        stored = tl.minimum(tl.maximum(new / unit_scale, -448.0), 448.0).to(hidden.dtype.element_ty)
+        new = stored.to(tl.float32) * unit_scale
+    else:
+        stored = new.to(hidden.dtype.element_ty)
+    tl.store(hidden + h_offsets, stored, mask=mask)
+    delta = new - old
     # The scratch is padded to whole tiles: unmasked (vectorised) stores; the slots past the
     # count hold finite values that the second kernel never reads.
     tl.store(delta_base + slots[None, :] * s_dk + pos[:, None], delta.to(delta_base.dtype.element_ty))
@@ -90,12 +98,12 @@ def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s
 
 @triton.jit
 def _mlp_delta_up_kernel(
-    X, W1, B1, Hidden, Delta, Idx, Cnt, Order,
-    s_xb, s_xn, s_w1m, s_hb, s_hn, s_hm, s_db, s_dk, s_ib, s_iblk, s_cb,
+    X, W1, B1, Hidden, Delta, Idx, Cnt, Order, HScale,
+    s_xb, s_xn, s_w1m, s_hb, s_hn, s_hm, s_db, s_dk, s_ib, s_iblk, s_cb, s_sb,
     N, D_IN, K_CAP, block_size, n_row_tiles, n_col_tiles, band,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HIDDEN_OFFSET_TYPE: tl.constexpr, HIDDEN_BY_POSITION: tl.constexpr,
+    HIDDEN_OFFSET_TYPE: tl.constexpr, HIDDEN_BY_POSITION: tl.constexpr, HIDDEN_FP8: tl.constexpr,
 ):
     b, unit_tile, first_pos, blk, count = _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, n_col_tiles,
                                                          band, BLOCK_M)
@@ -127,7 +135,7 @@ def _mlp_delta_up_kernel(
         # The hidden cache is addressed by token, or by position in the row order (block order).
         hidden_rows = pos if HIDDEN_BY_POSITION else rows
         _up_epilogue(acc, units, slots, count, hidden_rows, pos, row_valid, Hidden + b * s_hb, s_hn, s_hm,
-                     Delta + b * s_db, s_dk, ACTIVATION, HIDDEN_OFFSET_TYPE)
+                     Delta + b * s_db, s_dk, HScale + b * s_sb, ACTIVATION, HIDDEN_OFFSET_TYPE, HIDDEN_FP8)
 
 
 @triton.jit
@@ -252,7 +260,7 @@ def _fits_int32(t) -> bool:
 
 def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                             hidden_cache, out_cache, activation="gelu_tanh", *, hidden_in_block_order=False,
-                            result=None, config=None):
+                            result=None, hidden_scale=None, config=None):
     """Triton version of ``sparse_mlp_delta_reference`` (same arguments, same in-place updates).
 
     Pass ``w2`` as ``w2_t.t()`` of a cached contiguous ``[M, Dout]`` copy for coalesced loads of
@@ -270,8 +278,16 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     if unit_indices.shape[:2] != (batch, n_blocks) or unit_counts.shape != (batch, n_blocks):
         raise ValueError(f"unit_indices {tuple(unit_indices.shape)} / unit_counts {tuple(unit_counts.shape)} "
                          f"do not match [B, NB] = {(batch, n_blocks)}")
+    fp8 = hidden_cache.dtype == FP8
+    if fp8 != (hidden_scale is not None):
+        raise ValueError(f"hidden_cache is {hidden_cache.dtype}: an fp8 hidden cache needs hidden_scale, and only it does")
+    if fp8 and (hidden_scale.dtype != torch.float32 or tuple(hidden_scale.shape) != (batch, w1.shape[0])
+                or hidden_scale.stride(1) != 1):
+        raise ValueError(f"hidden_scale must be float32 [B, M] = {(batch, w1.shape[0])} with contiguous units")
     reason = None
-    if x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+    if fp8 and not fp8_supported(x.device):
+        reason = "an fp8 hidden cache on a GPU before compute capability 8.9"
+    elif x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
         reason = f"dtype {x.dtype} (the kernels take bf16 or fp16, like the weights)"
     elif block_size % 16:
         reason = f"row block of {block_size} (the kernels need a multiple of 16)"
@@ -281,7 +297,8 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
         note_fallback("sparse_mlp_delta", reason)
         return sparse_mlp_delta_reference(x, w1, b1, w2, unit_indices, unit_counts, row_order, block_size,
                                           hidden_cache, out_cache, activation,
-                                          hidden_in_block_order=hidden_in_block_order, result=result)
+                                          hidden_in_block_order=hidden_in_block_order, result=result,
+                                          hidden_scale=hidden_scale)
     if result is not None and result.stride(2) != 1:
         raise ValueError("result needs a contiguous last dimension")
     k_cap = unit_indices.shape[2]
@@ -317,14 +334,15 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
         grid = (n_row_tiles * n_col_tiles, batch)
         _mlp_delta_up_kernel[grid](
             x, w1, b1 if b1 is not None else w1, hidden_cache, delta, unit_indices, unit_counts, order,
+            hidden_scale if fp8 else delta,  # never read without HIDDEN_FP8
             x.stride(0), x.stride(1), w1.stride(0), hidden_cache.stride(0), hidden_cache.stride(1),
             hidden_cache.stride(2), delta.stride(0), delta.stride(1), unit_indices.stride(0),
-            unit_indices.stride(1), unit_counts.stride(0),
+            unit_indices.stride(1), unit_counts.stride(0), hidden_scale.stride(0) if fp8 else 0,
             n_tokens, d_in, k_cap, block_size, n_row_tiles, n_col_tiles, _band(up, n_row_tiles),
             HAS_BIAS=b1 is not None, ACTIVATION=_ACTIVATION_IDS[activation],
             BLOCK_M=bm, BLOCK_N=up["block_n"], BLOCK_K=up["block_k"], EVEN_K=d_in % up["block_k"] == 0,
             HIDDEN_OFFSET_TYPE=tl.int32 if _fits_int32(hidden_cache[0]) else tl.int64,
-            HIDDEN_BY_POSITION=hidden_in_block_order,
+            HIDDEN_BY_POSITION=hidden_in_block_order, HIDDEN_FP8=fp8,
             num_warps=up["num_warps"], num_stages=up["num_stages"],
         )
     if "down" in stages:

@@ -95,6 +95,10 @@ def test_fp8_attention_caches_take_a_byte_per_value_and_a_scale_per_row():
                   for c in (config, config.replace(fp8_caches=True)))
     assert plain - fp8 == 28 * 2 * 32760 * 12 * (2 * 128 - (128 + 4))  # 28 sparse layers, 2 rows
     assert fp8 < 0.6 * plain
+    flux = resolve_config("flux")
+    plain, fp8 = ({i.kind: i.nbytes for i in layer_items(c, FLUX, 1, FLUX_TOKENS, 2, range(57)) if i.layer == 5}
+                  for c in (flux, flux.replace(fp8_caches=True)))
+    assert plain[MLP] - fp8[MLP] == FLUX_TOKENS * 12288 - 12288 * 4  # hidden: a byte per value, a scale per unit
 
 
 def test_image_caches_are_never_streamed_but_long_video_layers_are():

@@ -434,7 +434,7 @@ def test_fp8_delta_cache_written_and_read_as_the_reference_does(interpreted):
     Triton's interpreter rounds values just below a power of two (120..128 of a row's 448) down to
     the power below instead of up to it: on the CPU a few elements are off by that factor of two;
     the GPU's conversion rounds to nearest (checked bit for bit in bench/gpu_parity.py)."""
-    from chipmunk_pack.kernels.attention_reference import FP8, quantize_rows
+    from chipmunk_pack.kernels.fp8 import FP8, quantize_rows
 
     gen = torch.Generator().manual_seed(31)
     b, h, n, d, group, capacity, dtype = 2, 2, 150, 128, 64, 48, torch.bfloat16
@@ -478,3 +478,49 @@ def test_fp8_delta_cache_written_and_read_as_the_reference_does(interpreted):
     assert_matches(out, expected, dtype, "sparse step from an fp8 cache")
     with pytest.raises(ValueError, match="base_scale"):
         attention.column_sparse_attention_triton(q, k, v, idx, counts, order, group, ref_cache, out, 1.0)
+
+
+def test_fp8_hidden_cache_updated_as_the_reference_does(interpreted):
+    """An fp8 hidden cache (one scale per unit, room for 8x the dense step's values): the kernel
+    stores the recomputed units with their unit's scale, as the reference does (the interpreter's
+    fp8 rounding slips below powers of two, see the attention test), and moves the output cache by
+    exactly the change of the stored values."""
+    from chipmunk_pack.kernels import HIDDEN_HEADROOM, quantize_rows
+
+    gen = torch.Generator().manual_seed(37)
+    b, n, d_in, m, d_out, block, capacity, dtype = 2, 200, 64, 160, 48, 64, 70, torch.bfloat16
+    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
+    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
+    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype)
+    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
+                         for _ in range(b * n_blocks)]).view(b, n_blocks, capacity).short()
+    counts = torch.randint(1, capacity + 1, (b, n_blocks), generator=gen).short()
+    order = torch.randperm(n, generator=gen).int()
+    hidden0 = torch.nn.functional.gelu(torch.randn(b, m, n, generator=gen), approximate="tanh")
+    cache0, scale = quantize_rows(hidden0, HIDDEN_HEADROOM)
+    out0 = torch.randn(b, n, d_out, generator=gen).to(dtype)
+    results = []
+    for fn in (interpreted["mlp_triton"].sparse_mlp_delta_triton, sparse_mlp_delta_reference):
+        cache, out = cache0.clone(), out0.clone()
+        fn(x, w1, b1, w2, units, counts, order, block, cache.transpose(1, 2), out, hidden_in_block_order=True,
+           hidden_scale=scale)
+        results.append((cache, out))
+    (cache, out), (ref_cache, ref_out) = results
+    got, want = cache.float(), ref_cache.float()
+    same = (got - want).abs() <= want.abs() / 8 + 2 ** -9
+    power_of_two = got.abs() == 2 ** got.abs().clamp_min(2 ** -9).log2().round()
+    assert (same | (power_of_two & ((2 * got - want).abs() <= want.abs() / 8))).all()
+    assert same.float().mean() > 0.98
+    assert not torch.equal(cache, cache0)
+    # the output moved by exactly the change of the stored hidden values (whatever their rounding)
+    for new_cache, new_out, what in ((cache, out, "kernel"), (ref_cache, ref_out, "reference")):
+        stored_change = (new_cache.float() - cache0.float()) * scale[..., None]  # [B, M, N], block order
+        expected = torch.zeros(b, n, d_out)
+        expected[:, order.long()] = stored_change.transpose(1, 2) @ w2.float().T
+        assert_matches(new_out.float() - out0.float(), expected, dtype, f"{what}'s output update")
+    with pytest.raises(ValueError, match="hidden_scale"):
+        interpreted["mlp_triton"].sparse_mlp_delta_triton(x, w1, b1, w2, units, counts, order, block,
+                                                          cache0.clone().transpose(1, 2), out0.clone(),
+                                                          hidden_in_block_order=True)
