@@ -94,7 +94,7 @@ def dense_cases(dtype):
 
 def mlp_cases(dtype):
     up_ptrs = {"X": dtype, "W1": dtype, "B1": dtype, "Hidden": dtype, "Delta": dtype, "Idx": "i16", "Cnt": "i16",
-               "Order": "i32"}
+               "Order": "i32", "HScale": "fp32"}
     down_ptrs = {"Delta": dtype, "W2": dtype, "Out": dtype, "Result": dtype, "Idx": "i16", "Cnt": "i16",
                  "Order": "i32"}
     tables = [(size_class, "", parts) for size_class, parts in mt.MLP_CONFIGS.items()]
@@ -102,7 +102,8 @@ def mlp_cases(dtype):
     for size_class, rows_label, parts in tables:
         up, down = parts["up"], parts["down"]
         const = {"HAS_BIAS": True, "ACTIVATION": 0, "BLOCK_M": up["block_m"], "BLOCK_N": up["block_n"],
-                 "BLOCK_K": up["block_k"], "EVEN_K": True, "HIDDEN_OFFSET_TYPE": tl.int32, "HIDDEN_BY_POSITION": True}
+                 "BLOCK_K": up["block_k"], "EVEN_K": True, "HIDDEN_OFFSET_TYPE": tl.int32, "HIDDEN_BY_POSITION": True,
+                 "HIDDEN_FP8": False}
         yield f"mlp up {size_class}{rows_label}", size_class, mt._mlp_delta_up_kernel, up_ptrs, const, up
         const = {"BLOCK_M": down["block_m"], "BLOCK_N": down["block_n"], "BLOCK_K": down["block_k"], "EVEN_N": True,
                  "HAS_RESULT": True}
