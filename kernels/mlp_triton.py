@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import capability_major, fp8_supported, l2_bytes, note_fallback, row_tile, size_class
+from ._device import capability_major, l2_bytes, note_fallback, row_tile, size_class
 from .fp8 import FP8
 from .mlp_reference import sparse_mlp_delta_reference, transpose_into_reference
 
@@ -72,6 +72,37 @@ def _program_tiles(Cnt, s_cb, K_CAP, block_size, n_row_tiles, n_col_tiles, band,
 
 
 @triton.jit
+def _e4m3_encode(x):
+    """float32 values with |x| <= 448 -> (float8_e4m3fn bit patterns as int32, the values they hold),
+    rounded to nearest (ties to even; subnormal ties away from zero), in integer arithmetic: no
+    fp8 conversion instruction (those need sm_89, and in this kernel's tile layout they stored
+    wrong values on an H100)."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    magnitude = bits & 0x7FFFFFFF
+    # normal numbers: the 23-bit mantissa rounded to 3 bits (a carry bumps the exponent)
+    rounded = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) & 0x7FF00000
+    normal_bits = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+    normal_value = rounded.to(tl.float32, bitcast=True)
+    # subnormals (below 2^-6): multiples of 2^-9 (8 of them is 2^-6, the smallest normal's pattern)
+    steps = tl.floor(magnitude.to(tl.float32, bitcast=True) * 512.0 + 0.5)
+    small = magnitude < 0x3C800000  # 2^-6
+    value = tl.where(small, steps * 0.001953125, normal_value)
+    out_bits = tl.where(small, steps.to(tl.int32), normal_bits) | sign
+    return out_bits, tl.where(sign != 0, -value, value)
+
+
+@triton.jit
+def _e4m3_decode(bits):
+    """float8_e4m3fn bit patterns (as int32) -> float32, in integer arithmetic."""
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    value = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+    return tl.where((bits & 0x80) != 0, -value, value)
+
+
+@triton.jit
 def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s_hm, delta_base, s_dk, hscale,
                  ACTIVATION: tl.constexpr, HIDDEN_OFFSET_TYPE: tl.constexpr, HIDDEN_FP8: tl.constexpr):
     """Activation, change against the hidden cache (updated), change into the scratch."""
@@ -81,15 +112,18 @@ def _up_epilogue(acc, units, slots, count, rows, pos, row_valid, hidden, s_hn, s
     # 32-bit offsets where they fit (HIDDEN_OFFSET_TYPE): a tile of 64-bit offsets costs two
     # registers per element and made this epilogue spill more.
     h_offsets = rows.to(HIDDEN_OFFSET_TYPE)[:, None] * s_hn + units.to(HIDDEN_OFFSET_TYPE)[None, :] * s_hm
-    old = tl.load(hidden + h_offsets, mask=mask, other=0.0).to(tl.float32)
-    if HIDDEN_FP8:  # value / unit scale in fp8; the change is that of the stored values (mlp_reference)
+    if HIDDEN_FP8:
+        # The cache holds value / unit scale as float8_e4m3fn bytes (a uint8 view); the change
+        # pushed on is that of the stored values (mlp_reference).
         unit_scale = tl.load(hscale + units, mask=slots < count, other=1.0)[None, :]
-        old = old * unit_scale
-        stored = tl.minimum(tl.maximum(new / unit_scale, -448.0), 448.0).to(hidden.dtype.element_ty)
-        new = stored.to(tl.float32) * unit_scale
+        old = _e4m3_decode(tl.load(hidden + h_offsets, mask=mask, other=0).to(tl.int32)) * unit_scale
+        scaled = tl.minimum(tl.maximum(new / unit_scale, -448.0), 448.0)
+        stored_bits, stored = _e4m3_encode(scaled)
+        tl.store(hidden + h_offsets, stored_bits.to(tl.uint8), mask=mask)
+        new = stored * unit_scale
     else:
-        stored = new.to(hidden.dtype.element_ty)
-    tl.store(hidden + h_offsets, stored, mask=mask)
+        old = tl.load(hidden + h_offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(hidden + h_offsets, new.to(hidden.dtype.element_ty), mask=mask)
     delta = new - old
     # The scratch is padded to whole tiles: unmasked (vectorised) stores; the slots past the
     # count hold finite values that the second kernel never reads.
@@ -285,9 +319,7 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
                 or hidden_scale.stride(1) != 1):
         raise ValueError(f"hidden_scale must be float32 [B, M] = {(batch, w1.shape[0])} with contiguous units")
     reason = None
-    if fp8 and not fp8_supported(x.device):
-        reason = "an fp8 hidden cache on a GPU before compute capability 8.9"
-    elif x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+    if x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
         reason = f"dtype {x.dtype} (the kernels take bf16 or fp16, like the weights)"
     elif block_size % 16:
         reason = f"row block of {block_size} (the kernels need a multiple of 16)"
@@ -333,7 +365,8 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
         n_col_tiles = triton.cdiv(k_cap, up["block_n"])
         grid = (n_row_tiles * n_col_tiles, batch)
         _mlp_delta_up_kernel[grid](
-            x, w1, b1 if b1 is not None else w1, hidden_cache, delta, unit_indices, unit_counts, order,
+            x, w1, b1 if b1 is not None else w1, hidden_cache.view(torch.uint8) if fp8 else hidden_cache, delta,
+            unit_indices, unit_counts, order,
             hidden_scale if fp8 else delta,  # never read without HIDDEN_FP8
             x.stride(0), x.stride(1), w1.stride(0), hidden_cache.stride(0), hidden_cache.stride(1),
             hidden_cache.stride(2), delta.stride(0), delta.stride(1), unit_indices.stride(0),
