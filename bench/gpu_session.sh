@@ -366,7 +366,7 @@ validate)
     t=$(within 130) && job 0 "$t" wan13b_whole "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
         --sampler uni_pc --dynamic-vram --variants "stock,chipmunk+cache" --step-times --out "$R/e2e_wan13b_whole.json"
     t=$(within 70) && job 0 "$t" wan13b_timed "${E2E[@]}" --case wan13b --sizes 832x480x81 --steps 30 --cfg 6 \
-        --sampler uni_pc --dynamic-vram --variants "stock,chipmunk+cache" --timed-steps 6 \
+        --sampler uni_pc --dynamic-vram --variants "stock,chipmunk+cache" --timed-steps 11 \
         --out "$R/e2e_wan13b_timed.json"
     ;;
 wan14b_720)
@@ -374,7 +374,7 @@ wan14b_720)
     # settings (30 steps uni_pc cfg 6), bf16 weights, all memory: a stock run alone is over ten
     # minutes, so each variant times its first steps and the run is estimated from the schedule.
     job 0 "$(within 570)" wan14b_720 "${E2E[@]}" --case wan14b --sizes 1280x720x81 --steps 30 --cfg 6 \
-        --sampler uni_pc --dynamic-vram --timed-steps 6 --variants "${WAN14B_VARIANTS:-stock,chipmunk+cache fp8,chipmunk+cache}" \
+        --sampler uni_pc --dynamic-vram --timed-steps 11 --variants "${WAN14B_VARIANTS:-stock,chipmunk+cache,chipmunk+cache fp8}" \
         --out "$R/e2e_wan14b_720.json"
     ;;
 wan14b_480)
@@ -382,7 +382,7 @@ wan14b_480)
     # (estimated from the first steps); then FLUX bf16 1024x1024 under dynamic VRAM with the sparse
     # steps eager (no CUDA graphs) against graphed, per-step times.
     t=$(within 330) && job 0 "$t" wan14b_480_24 "${E2E[@]}" --case wan14b --sizes 832x480x81 --steps 30 --cfg 6 \
-        --sampler uni_pc --dynamic-vram --weight-dtype fp8_e4m3fn_fast --free-gib 24 --timed-steps 6 \
+        --sampler uni_pc --dynamic-vram --weight-dtype fp8_e4m3fn_fast --free-gib 24 --timed-steps 11 \
         --variants "stock,chipmunk+cache,chipmunk+cache fp8" --out "$R/e2e_wan14b_480_24.json"
     t=$(within 150) && job 0 "$t" flux_eager "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,chipmunk+cache eager" --step-times \
