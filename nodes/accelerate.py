@@ -51,9 +51,10 @@ def _sliders() -> list:
         io.Int.Input("first_dense_layers", default=_FLUX.first_dense_layers, min=0, max=64, display_mode=slider,
                      tooltip="Number of first transformer layers that always run dense."),
         io.Combo.Input("cache_precision", options=list(CACHE_PRECISIONS), default=CACHE_PRECISIONS[0],
-                       tooltip="model: the attention caches keep the model's precision. fp8: they take half the "
-                               "memory (8-bit floats, one scale per row; needs an RTX 40xx, H100 or newer). "
-                               "What fp8 costs in quality is not measured yet."),
+                       tooltip="model: the caches keep the model's precision. fp8: the attention caches and the "
+                               "MLP's hidden caches take half the memory (8-bit floats with float32 scales; needs "
+                               "an RTX 40xx, H100 or newer), a little slower. What fp8 costs in quality is "
+                               "measured on the toy models only."),
     ]
 
 
