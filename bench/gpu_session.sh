@@ -375,7 +375,7 @@ wan14b_720)
     # minutes, so each variant times its first steps and the run is estimated from the schedule.
     # WAN14B_FREE: GiB left free once the model is loaded (on a larger card: 50 is an 80 GB card).
     job 0 "$(within 570)" wan14b_720 "${E2E[@]}" --case wan14b --sizes 1280x720x81 --steps 30 --cfg 6 \
-        --sampler uni_pc --dynamic-vram --free-gib "${WAN14B_FREE:-all}" --timed-steps 11 \
+        --sampler uni_pc --dynamic-vram --free-gib "${WAN14B_FREE:-all}" --timed-steps "${WAN14B_TIMED:-11}" \
         --variants "${WAN14B_VARIANTS:-stock,chipmunk+cache,chipmunk+cache fp8}" \
         --out "$R/e2e_wan14b_720.json"
     ;;
