@@ -385,7 +385,7 @@ wan14b_480)
     # steps eager (no CUDA graphs) against graphed, per-step times.
     t=$(within 330) && job 0 "$t" wan14b_480_24 "${E2E[@]}" --case wan14b --sizes 832x480x81 --steps 30 --cfg 6 \
         --sampler uni_pc --dynamic-vram --weight-dtype fp8_e4m3fn_fast --free-gib 24 --timed-steps 11 \
-        --variants "stock,chipmunk+cache,chipmunk+cache fp8" --out "$R/e2e_wan14b_480_24.json"
+        --variants "${WAN14B_VARIANTS:-stock,chipmunk+cache,chipmunk+cache fp8}" --out "$R/e2e_wan14b_480_24.json"
     t=$(within 150) && job 0 "$t" flux_eager "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,chipmunk+cache eager" --step-times \
         --out "$R/e2e_flux_eager.json"
