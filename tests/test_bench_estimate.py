@@ -6,6 +6,7 @@ the arithmetic reproduces a whole run measured on the GPU."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,11 +16,19 @@ import pytest
 
 from harness import paths
 
-sys.path.insert(0, str(paths.REPO_ROOT / "bench"))
-import e2e_comfy  # noqa: E402
+from chipmunk_pack.chipmunk_core.config import FAMILY_DEFAULTS
 
-e2e_comfy.import_pack()
-from chipmunk_pack.chipmunk_core.config import FAMILY_DEFAULTS  # noqa: E402
+
+def _load_script():
+    """bench/e2e_comfy.py as a module, without putting bench/ on sys.path (its kernels.py would
+    shadow other modules) and without its own registration of the pack (the tests have theirs)."""
+    spec = importlib.util.spec_from_file_location("chipmunk_bench_e2e_comfy", paths.REPO_ROOT / "bench" / "e2e_comfy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+e2e_comfy = _load_script()
 
 
 def _wan(**changes):
