@@ -41,6 +41,7 @@
 #                                       # estimated from each variant's first steps
 #   bash bench/gpu_session.sh wan14b_480 # one GPU: WAN2.1-14B fp8 weights 480p at 24 GiB (estimated), and
 #                                       # FLUX's eager sparse steps under dynamic VRAM
+#   bash bench/gpu_session.sh flux_eager # one GPU: FLUX's sparse steps eager against graphed, dynamic VRAM
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -389,6 +390,12 @@ wan14b_480)
     t=$(within 150) && job 0 "$t" flux_eager "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,chipmunk+cache eager" --step-times \
         --out "$R/e2e_flux_eager.json"
+    ;;
+flux_eager)
+    # FLUX bf16 1024x1024 under dynamic VRAM: the sparse steps eager (no CUDA graphs) against
+    # replayed as graphs and stock, with per-step GPU and host times.
+    job 0 "$(within 240)" flux_eager "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk eager,chipmunk+cache eager" --step-times --out "$R/e2e_flux_eager.json"
     ;;
 suite_corners)
     # The GPU suite after changes that reach GPU paths, with the FLUX fp8 24 GiB corner and
