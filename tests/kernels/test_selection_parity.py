@@ -18,7 +18,7 @@ from chipmunk_pack.kernels.attention_reference import sampled_column_sums_refere
 from chipmunk_pack.kernels.index_lists import build_index_lists_reference, rank_units_reference
 from chipmunk_pack.kernels.mlp_reference import block_means_reference, sparse_mlp_delta_reference
 
-from test_triton_parity import assert_matches
+from test_triton_parity import assert_matches, mlp_inputs
 
 INDEX_CASES = [
     # scores shape, keep, random, pad, forced, ties, kernel configuration
@@ -100,13 +100,8 @@ def test_sampled_column_sums_match(interpreted, n, group, samples, d):
 def test_sparse_mlp_delta_with_hidden_in_block_order_and_result(interpreted):
     b, n, d_in, m, d_out, block, capacity, dtype = 2, 150, 64, 160, 64, 64, 90, torch.bfloat16
     gen = torch.Generator().manual_seed(33)
-    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
-    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
-    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype)
-    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
-    n_blocks = math.ceil(n / block)
-    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
-                         for _ in range(b * n_blocks)]).view(b, n_blocks, capacity).int()
+    x, w1, b1, w2, units = mlp_inputs(gen, b, n, d_in, m, d_out, block, capacity, dtype)
+    n_blocks = units.shape[1]
     counts = torch.randint(1, capacity + 1, (b, n_blocks), generator=gen).int()
     counts[0, 1] = 0  # its rows still reach the result
     order = torch.randperm(n, generator=gen).int()

@@ -31,6 +31,19 @@ def assert_matches(actual, expected, dtype, what):
     assert worst < 8 * TOLERANCE[dtype], f"{what}: worst element off by {worst:.2e} of the largest"
 
 
+def mlp_inputs(gen, b, n, d_in, m, d_out, block, capacity, dtype):
+    """Inputs of a sparse MLP case: x, fc1 (weight, bias), fc2, and per batch row and row block a
+    sorted list of ``capacity`` distinct units (int32)."""
+    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
+    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
+    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype)
+    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
+    n_blocks = math.ceil(n / block)
+    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
+                         for _ in range(b * n_blocks)]).view(b, n_blocks, capacity).int()
+    return x, w1, b1, w2, units
+
+
 def qkv_views(gen, b, h, n, d, dtype, layout):
     """q, k, v as [B, H, N, D]; "bnhd" gives transposed views of [B, N, H, D] buffers (what models hold)."""
     if layout == "bnhd":
@@ -280,13 +293,7 @@ def test_attention_with_column_sums_hint_paths(interpreted, hint_offset, fixed_m
 def test_sparse_mlp_delta_configs(interpreted, config):
     b, n, d_in, m, d_out, block, capacity, dtype = 1, 200, 96, 192, 80, 128, 100, torch.bfloat16
     gen = torch.Generator().manual_seed(23)
-    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
-    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
-    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype)
-    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
-    n_blocks = math.ceil(n / block)
-    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
-                         for _ in range(n_blocks)]).view(b, n_blocks, capacity).int()
+    x, w1, b1, w2, units = mlp_inputs(gen, b, n, d_in, m, d_out, block, capacity, dtype)  # b = 1
     counts = torch.tensor([[capacity, 37]], dtype=torch.int32)
     hidden = torch.randn(b, m, n, generator=gen).to(dtype).transpose(1, 2)  # unit-major
     out = torch.randn(b, n, d_out, generator=gen).to(dtype)
@@ -489,13 +496,8 @@ def test_fp8_hidden_cache_updated_as_the_reference_does(interpreted):
 
     gen = torch.Generator().manual_seed(37)
     b, n, d_in, m, d_out, block, capacity, dtype = 2, 200, 64, 160, 48, 64, 70, torch.bfloat16
-    x = torch.randn(b, n, d_in, generator=gen).to(dtype)
-    w1 = (torch.randn(m, d_in, generator=gen) * d_in ** -0.5).to(dtype)
-    b1 = (0.1 * torch.randn(m, generator=gen)).to(dtype)
-    w2 = (torch.randn(d_out, m, generator=gen) * m ** -0.5).to(dtype)
-    n_blocks = math.ceil(n / block)
-    units = torch.stack([torch.randperm(m, generator=gen)[:capacity].sort().values
-                         for _ in range(b * n_blocks)]).view(b, n_blocks, capacity).short()
+    x, w1, b1, w2, units = mlp_inputs(gen, b, n, d_in, m, d_out, block, capacity, dtype)
+    units, n_blocks = units.short(), units.shape[1]
     counts = torch.randint(1, capacity + 1, (b, n_blocks), generator=gen).short()
     order = torch.randperm(n, generator=gen).int()
     hidden0 = torch.nn.functional.gelu(torch.randn(b, m, n, generator=gen), approximate="tanh")
