@@ -31,7 +31,7 @@ import triton.language as tl
 from ._device import fp8_supported, note_fallback, row_tile, size_class, tensor_descriptors
 from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
                                   sampled_column_sums_reference)
-from .fp8 import FP8
+from .fp8 import check_scales
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
 
@@ -135,7 +135,7 @@ def _column_sparse_attention_kernel(
         base = tl.load(Base + b * s_bb + h * s_bh + rows64 * s_bn + dims[None, :], mask=row_valid[:, None], other=0.0,
                        eviction_policy=STREAM)
         base = base.to(tl.float32)
-        if BASE_FP8:  # one float32 scale per row (see attention_reference.quantize_rows)
+        if BASE_FP8:  # one float32 scale per row (see fp8.quantize_rows)
             base *= tl.load(BaseScale + b * s_bsb + h * s_bsh + rows.to(tl.int64) * s_bsn, mask=row_valid,
                             other=1.0)[:, None]
         result += base
@@ -393,15 +393,6 @@ def _row_strides(scale) -> tuple[int, int, int]:
     return (0, 0, 0) if scale is None else tuple(scale.stride())
 
 
-def _check_fp8_rows(t, scale, name):
-    """An fp8 tensor comes with its row scales ([B, H, N] float32) and only with them."""
-    is_fp8 = t is not None and t.dtype == FP8
-    if is_fp8 != (scale is not None):
-        raise ValueError(f"{name} is {None if t is None else t.dtype}: fp8 rows need {name}_scale and only they do")
-    if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(t.shape[:3])):
-        raise ValueError(f"{name}_scale must be float32 {tuple(t.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
-
-
 def _unsupported(q, k, v, *outputs) -> str | None:
     """Why these kernels do not take q/k/v/outputs (the launchers then use the reference)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -469,8 +460,8 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     if indices.shape[:3] != (batch, heads, n_groups) or counts.shape != (batch, heads, n_groups):
         raise ValueError(f"indices {tuple(indices.shape)} / counts {tuple(counts.shape)} do not match "
                          f"[B, H, G] = {(batch, heads, n_groups)}")
-    _check_fp8_rows(base, base_scale, "base")
-    _check_fp8_rows(out, out_scale, "out")
+    for t, scale, name in ((base, base_scale, "base"), (out, out_scale, "out")):  # row scales [B, H, N]
+        check_scales(t, scale, name, () if t is None else t.shape[:3])
     reason = _unsupported(q, k, v, out, base)
     if reason is None and group_size % 16:
         reason = f"group size {group_size} (the kernel needs a multiple of 16)"

@@ -19,3 +19,14 @@ def quantize_rows(values: torch.Tensor, headroom: float = 1.0) -> tuple[torch.Te
     amax = values.abs().amax(-1)
     scale = torch.where(amax > 0, amax * (headroom / FP8_MAX), torch.ones_like(amax))
     return (values / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def check_scales(values, scale, name: str, shape) -> None:
+    """An fp8 tensor ``values`` comes with its float32 scales (``shape``), and only an fp8 tensor
+    does: else a ValueError naming ``name`` and ``name``_scale (launchers check before any kernel)."""
+    is_fp8 = values is not None and values.dtype == FP8
+    if is_fp8 != (scale is not None):
+        raise ValueError(f"{name} is {None if values is None else values.dtype}: fp8 values need {name}_scale, "
+                         "and only they do")
+    if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(shape)):
+        raise ValueError(f"{name}_scale must be float32 {tuple(shape)}, got {scale.dtype} {tuple(scale.shape)}")

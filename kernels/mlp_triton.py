@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._device import capability_major, l2_bytes, note_fallback, row_tile, size_class
-from .fp8 import FP8
+from .fp8 import check_scales
 from .mlp_reference import sparse_mlp_delta_reference, transpose_into_reference
 
 _ACTIVATION_IDS = {"gelu_tanh": 0}
@@ -312,12 +312,10 @@ def sparse_mlp_delta_triton(x, w1, b1, w2, unit_indices, unit_counts, row_order,
     if unit_indices.shape[:2] != (batch, n_blocks) or unit_counts.shape != (batch, n_blocks):
         raise ValueError(f"unit_indices {tuple(unit_indices.shape)} / unit_counts {tuple(unit_counts.shape)} "
                          f"do not match [B, NB] = {(batch, n_blocks)}")
-    fp8 = hidden_cache.dtype == FP8
-    if fp8 != (hidden_scale is not None):
-        raise ValueError(f"hidden_cache is {hidden_cache.dtype}: an fp8 hidden cache needs hidden_scale, and only it does")
-    if fp8 and (hidden_scale.dtype != torch.float32 or tuple(hidden_scale.shape) != (batch, w1.shape[0])
-                or hidden_scale.stride(1) != 1):
-        raise ValueError(f"hidden_scale must be float32 [B, M] = {(batch, w1.shape[0])} with contiguous units")
+    check_scales(hidden_cache, hidden_scale, "hidden", (batch, w1.shape[0]))  # unit scales [B, M]
+    fp8 = hidden_scale is not None
+    if fp8 and hidden_scale.stride(1) != 1:
+        raise ValueError("hidden_scale needs contiguous units (stride 1 along M)")
     reason = None
     if x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
         reason = f"dtype {x.dtype} (the kernels take bf16 or fp16, like the weights)"
