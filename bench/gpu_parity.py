@@ -124,9 +124,9 @@ def fp8_cache_case(b, h, n, group, capacity, dtype, gen):
     check(label + " read", out, reference, dtype)
 
 
-def fp8_hidden_case(n, dtype, gen, d_in=3072, hidden=12288, d_out=3072, block=128, capacity=3712):
-    """An fp8 hidden cache at FLUX's MLP shape: the stored units are the reference's (bytes equal,
-    or one rounding step apart), and the output moved by exactly the change of the stored values."""
+def mlp_inputs(n, dtype, gen, d_in, hidden, d_out, block, capacity):
+    """A sparse MLP case's x, fc1 (weight, bias) and fc2, and per row block a sorted list of
+    ``capacity`` distinct units in the narrowest integer type (as the pack builds them)."""
     x = torch.randn(1, n, d_in, device=DEV, generator=gen).to(dtype)
     w1 = (torch.randn(hidden, d_in, device=DEV, generator=gen) * d_in ** -0.5).to(dtype)
     b1 = (0.1 * torch.randn(hidden, device=DEV, generator=gen)).to(dtype)
@@ -134,7 +134,14 @@ def fp8_hidden_case(n, dtype, gen, d_in=3072, hidden=12288, d_out=3072, block=12
     n_blocks = math.ceil(n / block)
     units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
                          for _ in range(n_blocks)]).view(1, n_blocks, capacity).to(index_dtype(hidden))
-    counts = torch.full((1, n_blocks), capacity, device=DEV, dtype=index_dtype(hidden))
+    return x, w1, b1, w2, units
+
+
+def fp8_hidden_case(n, dtype, gen, d_in=3072, hidden=12288, d_out=3072, block=128, capacity=3712):
+    """An fp8 hidden cache at FLUX's MLP shape: the stored units are the reference's (bytes equal,
+    or one rounding step apart), and the output moved by exactly the change of the stored values."""
+    x, w1, b1, w2, units = mlp_inputs(n, dtype, gen, d_in, hidden, d_out, block, capacity)
+    counts = torch.full((1, units.shape[1]), capacity, device=DEV, dtype=index_dtype(hidden))
     order = torch.randperm(n, device=DEV, generator=gen).int()
     start = torch.nn.functional.gelu(torch.randn(1, hidden, n, device=DEV, generator=gen), approximate="tanh")
     cache0, scale = quantize_rows(start, HIDDEN_HEADROOM)
@@ -189,14 +196,8 @@ def dense_case(b, h, n, group, dtype, config, hint_offset, gen, layout="bhnd", n
 
 
 def mlp_case(n, dtype, config, gen, d_in=256, hidden=1024, d_out=192, block=128, capacity=300):
-    x = torch.randn(1, n, d_in, device=DEV, generator=gen).to(dtype)
-    w1 = (torch.randn(hidden, d_in, device=DEV, generator=gen) * d_in ** -0.5).to(dtype)
-    b1 = (0.1 * torch.randn(hidden, device=DEV, generator=gen)).to(dtype)
-    w2 = (torch.randn(d_out, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
-    n_blocks = math.ceil(n / block)
-    units = torch.stack([torch.randperm(hidden, device=DEV, generator=gen)[:capacity].sort().values
-                         for _ in range(n_blocks)]).view(1, n_blocks, capacity).to(index_dtype(hidden))
-    counts = torch.randint(1, capacity + 1, (1, n_blocks), device=DEV, generator=gen).to(index_dtype(hidden))
+    x, w1, b1, w2, units = mlp_inputs(n, dtype, gen, d_in, hidden, d_out, block, capacity)
+    counts = torch.randint(1, capacity + 1, (1, units.shape[1]), device=DEV, generator=gen).to(index_dtype(hidden))
     counts[0, -1] = capacity
     h_cache = torch.randn(1, hidden, n, device=DEV, generator=gen).to(dtype).transpose(1, 2)
     o_cache = torch.randn(1, n, d_out, device=DEV, generator=gen).to(dtype)
