@@ -237,7 +237,6 @@ def host_cache_budget() -> int | None:
     """Host bytes the run's streamed caches may take: a share of what ComfyUI finds available in
     system memory (pinned memory cannot be swapped out: taking it all would stall the machine)."""
     import comfy.model_management as mm
-    import torch
 
     try:
         return int(mm.get_free_memory(torch.device("cpu")) * HOST_CACHE_SHARE)
