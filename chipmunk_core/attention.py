@@ -7,6 +7,10 @@ chooses S_g = forced keys + random keys + top-k; one that does not keeps the sto
 takes O from the fastest dense attention (``scaled_dot_product_attention``: cuDNN on Hopper).
 Sparse step: O ~= C + A_S from the current q, k, v. Exact on the dense step by construction.
 
+Folded (``fold=True``): a block that feeds O through a linear map before adding it to another cache
+of its own (FLUX's single blocks: ``linear2`` takes attention and MLP together) keeps ``W C`` there
+instead of C. The dense step hands C back without keeping it, and the sparse steps return A_S alone.
+
 Once the state holds caches for a shape, neither step synchronises with the host or draws from a
 generator, and the long-lived tensors (delta cache, key lists) are refilled in place: the steps can
 be captured in a CUDA graph. Outputs are allocated per call: under a graph they come from its
@@ -52,16 +56,20 @@ class SparseDeltaAttention(Rows):
         self.lse = None    # row log-sum-exp of the last dense step that computed exact column sums
         self.signature = None
         self.kept = 0
+        self.folded = False  # the delta went to the caller's cache (``dense_step(fold=True)``): no delta here
 
     def batch(self) -> int:
-        return 0 if self.delta is None else self.delta.shape[0]
+        return 0 if self.indices is None else self.indices.shape[0]
 
     @staticmethod
     def _signature(q, k):
         return (tuple(q.shape), k.shape[2], q.dtype, q.device)
 
-    def ready_for(self, q, k) -> bool:
-        return self.delta is not None and self.signature == self._signature(q, k)
+    def ready_for(self, q, k, fold: bool = False) -> bool:
+        """Whether a sparse step can follow at this shape, with the delta kept here (``fold`` False)
+        or folded into the caller's cache (True)."""
+        held = self.folded if fold else self.delta is not None
+        return held and self.indices is not None and self.signature == self._signature(q, k)
 
     def nbytes(self) -> int:
         tensors = (self.indices, self.counts, self.delta, self.delta_scale, self.lse)
@@ -89,23 +97,28 @@ class SparseDeltaAttention(Rows):
         return torch.empty(batch, n_tokens, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
 
     def dense_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig, seeds: torch.Tensor,
-                   select: bool = True, forced: torch.Tensor | None = None) -> torch.Tensor:
+                   select: bool = True, forced: torch.Tensor | None = None, fold: bool = False):
         """Dense attention (returned) and a fresh delta cache.
 
         ``seeds``: int64 [B] on q's device, one per batch row (the random keys of a row depend on
         its seed only). ``select=False`` keeps the stored key lists when they fit this shape.
         ``forced``: the key columns every group keeps, when not the layout's (keys a mask dropped
-        are renumbered).
+        are renumbered). ``fold``: the delta is the caller's to keep: returns (dense, delta), both
+        [B, N, H * D] in the model's dtype, and keeps the key lists only.
         """
         batch, heads, n_tokens, head_dim = q.shape
-        ready = self.ready_for(q, k)
+        ready = self.signature == self._signature(q, k) and self.indices is not None
         if select or not ready:
             dense = self._dense_and_new_lists(q, k, v, layout, config, seeds, ready, forced)
         else:
             dense = F.scaled_dot_product_attention(q, k, v)
         indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
-        fp8 = config.fp8_caches
-        delta = reuse_buffer(self.delta, (batch, n_tokens, heads, head_dim), kernels.FP8 if fp8 else q.dtype, q.device)
+        fp8 = config.fp8_caches and not fold  # a folded delta is handed over at once, never stored here
+        if fold:
+            delta = torch.empty((batch, n_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+        else:
+            delta = reuse_buffer(self.delta, (batch, n_tokens, heads, head_dim), kernels.FP8 if fp8 else q.dtype,
+                                 q.device)
         scale = reuse_buffer(self.delta_scale, (batch, n_tokens, heads), torch.float32, q.device) if fp8 else None
         kernels.column_sparse_attention(q, k, v, indices, counts, layout.query_order, config.query_group,
                                         base=dense, out=delta.transpose(1, 2), sign=-1.0,
@@ -113,11 +126,13 @@ class SparseDeltaAttention(Rows):
         storage = self.storage or delta.device
         if self.prefetch is not None:
             self.prefetch.drop(self)  # a copy in flight holds the old cache
-        self.delta = to_storage(delta, storage)
+        self.delta = None if fold else to_storage(delta, storage)
         self.delta_scale = None if scale is None else to_storage(scale, storage)
+        self.folded = fold
         self.indices, self.counts = to_storage(indices, storage), to_storage(counts, storage)
         self.signature = self._signature(q, k)
-        return dense.transpose(1, 2).reshape(batch, n_tokens, heads * head_dim)
+        dense = dense.transpose(1, 2).reshape(batch, n_tokens, heads * head_dim)
+        return (dense, delta.view(batch, n_tokens, heads * head_dim)) if fold else dense
 
     def _dense_and_new_lists(self, q, k, v, layout, config, seeds, ready, forced_keys=None):
         """Dense attention ([B, H, N, D] view) and new key lists in self.indices / self.counts."""
@@ -146,17 +161,19 @@ class SparseDeltaAttention(Rows):
         return dense
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:
+        """C + A_S, or A_S alone where the delta was folded into the caller's cache."""
         batch, heads, n_tokens, head_dim = q.shape
         host = self.host_tensors() if self.prefetch is not None else ()
         if host:
             delta, indices, counts, *scales = self.prefetch.take(self, host, q.device)
             scale = scales[0] if scales else None
         else:
-            delta = to_compute(self.delta, q.device)
+            delta = None if self.delta is None else to_compute(self.delta, q.device)
             indices, counts = to_compute(self.indices, q.device), to_compute(self.counts, q.device)
             scale = None if self.delta_scale is None else to_compute(self.delta_scale, q.device)
         out = self._output(q)
         kernels.column_sparse_attention(
             q, k, v, indices, counts, layout.query_order, config.query_group,
-            base=delta.transpose(1, 2), out=out, sign=1.0, base_scale=None if scale is None else scale.transpose(1, 2))
+            base=None if delta is None else delta.transpose(1, 2), out=out, sign=1.0,
+            base_scale=None if scale is None else scale.transpose(1, 2))
         return out.transpose(1, 2).view(batch, n_tokens, heads * head_dim)

@@ -59,6 +59,7 @@ class SparseDeltaMLP(Rows):
         self._selection = None  # (indices, counts) of the last ranking (buffers reused by the next)
         self._sparse_steps = 0  # sparse steps since the last dense step
         self._x_mean = None     # [B, NB, Din] block means of x, fc1's dtype
+        self.folded = False     # ``out`` also holds the block's attention delta (``fold_in``)
 
     def batch(self) -> int:
         return 0 if self.hidden is None else self.hidden.shape[0]
@@ -109,6 +110,17 @@ class SparseDeltaMLP(Rows):
     def store_output(self, y: torch.Tensor):
         self.out = reuse_buffer(self.out, y.shape, y.dtype, self.storage or y.device, y.is_cuda)
         self.out.copy_(y, non_blocking=True)
+        self.folded = False
+
+    def fold_in(self, delta: torch.Tensor, weight: torch.Tensor):
+        """Add a fresh attention delta ([B, N, K]) to the output cache through the block's linear
+        map ``weight`` ([Dout, K], as it maps the attention): from now on the cache holds it and
+        the attention keeps none (sparse steps update the sum as they update the MLP's part)."""
+        out = to_compute(self.out, delta.device)
+        out.view(-1, out.shape[-1]).addmm_(delta.reshape(-1, delta.shape[-1]), weight.t())
+        if out is not self.out:
+            self.out.copy_(out, non_blocking=True)
+        self.folded = True
 
     def ranks_next_step(self, config: ChipmunkConfig) -> bool:
         """Whether the next sparse step re-ranks the units when it is not told (``rank=None``)."""

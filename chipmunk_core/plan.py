@@ -9,7 +9,9 @@ Memory is given up where it buys the least: every cache is an item with its byte
 sparse steps save (``CostModel``), and items are placed in order of time saved per byte. With FLUX
 at 1024x1024 that keeps attention caches (about 10 us saved per MB and step) before MLP caches
 (about 4 us/MB). No copy of a weight is kept: a sparse MLP step transposes fc2 into one scratch
-buffer of the run (its cost is taken off the MLP's saving). An item goes to host memory only where
+buffer of the run (its cost is taken off the MLP's saving). Where a block feeds attention and MLP
+through one linear map (FLUX's single blocks), the attention delta folds into the MLP's output cache
+when both are kept, and the attention item then costs its key lists alone. An item goes to host memory only where
 copying it over the host link each sparse step costs less than half of what it saves; an image
 layer's step is too short for that, a long video layer's is not.
 
@@ -77,6 +79,7 @@ class CacheItem:
     nbytes: int
     saving: float          # seconds saved per sparse step by holding it
     host_traffic: int = 0  # bytes over the host link per sparse step when it lives there (0: never)
+    folds: int = 0         # an attention item's delta bytes, not needed when its layer's MLP cache is kept too
 
     @property
     def value(self) -> float:
@@ -85,11 +88,12 @@ class CacheItem:
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
                 mlp_layers, cost: CostModel = DEFAULT_COST, image_tokens: int | None = None,
-                image_mlp_layers=frozenset()) -> list[CacheItem]:
+                image_mlp_layers=frozenset(), folded_layers=frozenset()) -> list[CacheItem]:
     """Every cache Chipmunk could keep in this run, ``rows`` batch rows of ``n_tokens`` tokens.
 
     ``image_mlp_layers``: the layers whose MLP sees the image tokens only (``image_tokens`` of
-    them: FLUX's double blocks, whose text has its own MLP), not the joint sequence."""
+    them: FLUX's double blocks, whose text has its own MLP), not the joint sequence.
+    ``folded_layers``: the layers whose attention delta folds into their MLP's output cache."""
     items = []
     attention = None
     if config.sparse_attention:
@@ -118,7 +122,8 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
     image_mlp = mlp_item(image_tokens) if config.sparse_mlp and image_tokens is not None else joint_mlp
     for layer in range(config.first_dense_layers, dims.n_layers):
         if attention:
-            items.append(CacheItem(layer, ATTENTION, *attention))
+            folds = delta if joint_mlp and layer in mlp_layers and layer in folded_layers else 0
+            items.append(CacheItem(layer, ATTENTION, *attention, folds=folds))
         if joint_mlp and layer in mlp_layers:
             items.append(CacheItem(layer, MLP, *(image_mlp if layer in image_mlp_layers else joint_mlp)))
     return items
@@ -135,6 +140,7 @@ class MemoryPlan:
     device_bytes: int = 0
     host_bytes: int = 0
     sized: bool = True  # False: the model's dimensions were not known; every cache with the computation
+    folded: int = 0     # layers whose attention delta lives in their MLP output cache
 
     def where(self, layer: int, kind: str) -> str:
         return self.placement.get((layer, kind), OFF if self.sized else DEVICE)
@@ -158,6 +164,8 @@ class MemoryPlan:
         text = f"caches {self.device_bytes / 2**30:.2f} GiB on the device"
         if self.host_bytes:
             text += f", {self.host_bytes / 2**30:.2f} GiB streamed from host memory"
+        if self.folded:
+            text += f" (the attention deltas of {self.folded} layers folded into their MLP output caches)"
         given_up = self.given_up()
         if given_up:
             budget = "none" if not self.budget else f"{self.budget / 2**30:.2f} GiB"
@@ -179,33 +187,49 @@ def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = DE
     if plan.host_bytes and budget is not None:
         staging = 2 * max(item.nbytes for item in items if plan.where(item.layer, item.kind) == HOST)
         plan = _placed(items, max(0, budget - staging), cost, host_budget)
-        plan = MemoryPlan(plan.placement, budget, host_budget, plan.wanted, plan.device_bytes, plan.host_bytes)
+        plan = MemoryPlan(plan.placement, budget, host_budget, plan.wanted, plan.device_bytes, plan.host_bytes,
+                          folded=plan.folded)
     return plan
 
 
+def folded_bytes(items) -> int:
+    """Bytes of ``items`` when every one is kept (folded deltas not counted)."""
+    return sum(item.nbytes - item.folds for item in items)
+
+
 def _placed(items, budget, cost, host_budget) -> MemoryPlan:
-    wanted = sum(item.nbytes for item in items)
-    placement, device_bytes, host_bytes = {}, 0, 0
+    folds = {item.layer: item.folds for item in items if item.folds}
+    placement, used = {}, {DEVICE: 0, HOST: 0, OFF: 0}
     for item in sorted(items, key=lambda i: (-i.value, i.layer, i.kind)):
-        if budget is None or device_bytes + item.nbytes <= budget:
-            placement[(item.layer, item.kind)] = DEVICE
-            device_bytes += item.nbytes
+        # A folded layer's second cache kept: the attention delta is needed no more, wherever it lives.
+        partner = placement.get((item.layer, MLP if item.kind == ATTENTION else ATTENTION), OFF)
+        fold = folds.get(item.layer, 0) if partner != OFF else 0
+        own = item.nbytes - (fold if item.kind == ATTENTION else 0)
+        credit = {partner: fold} if item.kind == MLP else {}  # taken off where the attention lives
+        if budget is None or used[DEVICE] + own - credit.get(DEVICE, 0) <= budget:
+            where = DEVICE
         elif (item.host_traffic and item.host_traffic / cost.host_bandwidth < cost.stream_share * item.saving
-              and (host_budget is None or host_bytes + item.nbytes <= host_budget)):
-            placement[(item.layer, item.kind)] = HOST
-            host_bytes += item.nbytes
+              and (host_budget is None or used[HOST] + own - credit.get(HOST, 0) <= host_budget)):
+            where = HOST
         else:
-            placement[(item.layer, item.kind)] = OFF
-    return MemoryPlan(placement, budget, host_budget, wanted, device_bytes, host_bytes)
+            where = OFF
+        placement[(item.layer, item.kind)] = where
+        if where != OFF:
+            used[where] += own
+            for place, freed in credit.items():
+                used[place] -= freed
+    folded = sum(1 for layer in folds if OFF not in (placement[(layer, ATTENTION)], placement.get((layer, MLP), OFF)))
+    return MemoryPlan(placement, budget, host_budget, folded_bytes(items), used[DEVICE], used[HOST], folded=folded)
 
 
 def cache_bytes(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, dtype: torch.dtype,
-                mlp_layers=None) -> int:
+                mlp_layers=None, folded_layers=frozenset()) -> int:
     """Bytes of every cache Chipmunk could keep for ``rows`` batch rows of ``n_tokens`` tokens
     (``mlp_layers`` None: every layer's MLP is replaceable)."""
     element = torch.empty((), dtype=dtype).element_size()
     mlp_layers = range(dims.n_layers) if mlp_layers is None else mlp_layers
-    return sum(item.nbytes for item in layer_items(config, dims, rows, n_tokens, element, mlp_layers))
+    return folded_bytes(layer_items(config, dims, rows, n_tokens, element, mlp_layers,
+                                    folded_layers=folded_layers))
 
 
 def quantised(budget: int | None) -> int | None:

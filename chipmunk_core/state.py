@@ -28,8 +28,8 @@ from .layout import JointLayout, SequenceShape, joint_layout
 from .memory import HostPrefetch, ModelDims
 from .mlp import SparseDeltaMLP, TransposeScratch
 from . import plan as plan_module
-from .plan import (DEVICE, HOST, MLP, OFF, CostModel, MemoryPlan, RunPlan, StockReason, layer_items, plan_memory,
-                   quantised, stock_reason)
+from .plan import (DEVICE, HOST, MLP, OFF, CostModel, MemoryPlan, RunPlan, StockReason, folded_bytes, layer_items,
+                   plan_memory, quantised, stock_reason)
 from .schedule import DenseSchedule, StepClock
 from .seeds import row_seeds
 from .step_cache import StepCache, StepCacheSchedule
@@ -147,7 +147,8 @@ class SamplingRun:
 
     def __init__(self, config: ChipmunkConfig, sample_sigmas, seed: int | None, dims: ModelDims | None = None,
                  memory_budget=None, host_budget=None, mlp_layers: frozenset[int] = frozenset(),
-                 image_mlp_layers: frozenset[int] = frozenset(), starts_mid_schedule: bool = False,
+                 image_mlp_layers: frozenset[int] = frozenset(), folded_layers: frozenset[int] = frozenset(),
+                 starts_mid_schedule: bool = False,
                  paged_weights: bool = False, conditionings: int = 1, cost: CostModel | None = None):
         """``dims`` sizes the caches; ``memory_budget(x, rows, wanted) -> bytes | None`` says how many bytes
         of the device the caches may take (asked once, when the run is planned; None: no limit).
@@ -157,6 +158,7 @@ class SamplingRun:
 
         ``mlp_layers``: the layers whose MLP Chipmunk may replace (the fingerprinted ones).
         ``image_mlp_layers``: those of them whose MLP sees the image tokens only (not the text).
+        ``folded_layers``: those whose attention delta folds into the MLP's output cache.
         ``starts_mid_schedule``: the run continues an earlier one (the second half of a split
         sampling): one dense step rebuilds the caches instead of the whole warm-up.
         ``paged_weights``: the host pages the weights in per layer call (``min_sparse_tokens_paged``).
@@ -178,6 +180,7 @@ class SamplingRun:
         self.seed = int(seed or 0)
         self.mlp_layers = mlp_layers
         self.image_mlp_layers = image_mlp_layers
+        self.folded_layers = folded_layers
         self.min_sparse_tokens = max(config.min_sparse_tokens, config.min_sparse_tokens_paged if paged_weights else 0)
         self._caches: dict[tuple, CondCaches] = {}
         self.stats = Counter()
@@ -209,10 +212,10 @@ class SamplingRun:
         reason = stock_reason(self.config, x.device, grid_tokens, self.min_sparse_tokens, paged)
         items = [] if reason or self.dims is None else layer_items(
             self.config, self.dims, rows, n_tokens, x.element_size(), self.mlp_layers, self.cost,
-            image_tokens=grid_tokens, image_mlp_layers=self.image_mlp_layers)
+            image_tokens=grid_tokens, image_mlp_layers=self.image_mlp_layers, folded_layers=self.folded_layers)
         # the MLP's fc2 scratch (one weight's transpose, shared by the run's layers) comes first
         scratch = self.dims.fc2_bytes(x.element_size()) if any(item.kind == MLP for item in items) else 0
-        wanted = sum(item.nbytes for item in items)
+        wanted = folded_bytes(items)
         budget = host = None
         if items and self.memory_budget is not None:
             free = self.memory_budget(x, rows, wanted + scratch)
@@ -477,6 +480,10 @@ class LayerCall:
         self.text_len = text_len
         self.image_len = image_len
         self._layout: JointLayout | None = None
+        # Set by a block that folds the attention delta into a cache of its own (``fold_attention``):
+        # "dense" (this call's block is dense), "sparse" (it holds a folded delta) or None.
+        self.fold: str | None = None
+        self.folded: tuple | None = None  # what the attention did when asked to fold: (kind, delta)
 
     @property
     def n_tokens(self) -> int:
@@ -506,8 +513,8 @@ class LayerCall:
             self.call.caches.layouts.setdefault(id(self._layout), self._layout)
         return self._layout
 
-    def _dense_now(self, state, kind: str, *tensors) -> bool:
-        dense = self.call.dense or not state.ready_for(*tensors)
+    def _dense_now(self, state, kind: str, *tensors, **how) -> bool:
+        dense = self.call.dense or not state.ready_for(*tensors, **how)
         self.call.run.stats[f"{kind} {'dense' if dense else 'sparse'}"] += 1
         return dense
 
@@ -558,15 +565,38 @@ class LayerCall:
             forced = layout.forced_among(value)
         state = self.call.caches.attention_state(self.index)
         n_keys = k.shape[2]
-        if self._dense_now(state, "attention", q, k):
+        fold = self.fold is not None
+        if self._dense_now(state, "attention", q, k, fold=fold) or self.fold == "dense":
             out = state.dense_step(q, k, v, layout, self.config, self.seeds, forced=forced,
-                                   select=selects_keys(self.config, self.call.step))
+                                   select=selects_keys(self.config, self.call.step), fold=fold)
+            if fold:
+                out, delta = out
+                self.folded = ("dense", delta)
         else:
             out = state.sparse_step(q, k, v, layout, self.config)
             self._count("attention", state.kept_keys() * n_tokens, n_keys * n_tokens)
+            if fold:
+                self.folded = ("sparse", None)
         if kwargs.get("skip_output_reshape", False):
             return out.view(batch, n_tokens, heads, head_dim).transpose(1, 2)
         return out
+
+    def folds_attention(self) -> bool:
+        """Whether the plan folds this layer's attention delta into its MLP output cache."""
+        return self.index in self.call.run.folded_layers
+
+    def fold_attention(self, dense: bool):
+        """Ask this layer's next attention call to fold its delta into the caller's cache: dense
+        (``dense``, or the attention holds no folded delta for this shape: the delta comes back in
+        ``folded``), else sparse with the attention restricted to the key lists alone."""
+        self.fold, self.folded = ("dense" if dense else "sparse"), None
+
+    def take_folded(self) -> tuple:
+        """(kind, delta) of the attention call asked to fold, ("stock", None) when Chipmunk did not
+        serve it (the output holds all of the attention); ends the request."""
+        folded = self.folded or ("stock", None)
+        self.fold, self.folded = None, None
+        return folded
 
     # --- MLP -----------------------------------------------------------------------------------
     def serves_mlp(self) -> bool:

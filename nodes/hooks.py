@@ -152,6 +152,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                       host_budget=host_cache_budget,
                       mlp_layers=accelerator.plan.mlp_layers if accelerator.config.sparse_mlp else frozenset(),
                       image_mlp_layers=accelerator.plan.image_mlp_layers,
+                      folded_layers=accelerator.plan.folded_layers,
                       starts_mid_schedule=_starts_mid_schedule(patcher, sigmas),
                       paged_weights=graph_calls.dynamic_vram(patcher),
                       conditionings=_conditionings(guider))

@@ -314,3 +314,68 @@ def test_same_picture_whether_another_model_is_loaded_or_not(flux, pack, monkeyp
     crowded = flux.sample(flux.accelerate(), size)
     assert others() > 0 and not torch.equal(crowded, alone)
     mm.unload_all_models()
+
+
+SPARSE = dict(preset=cm.CUSTOM, attention_sparsity=0.8, mlp_sparsity=0.7, first_dense_layers=0)
+
+
+def test_single_blocks_keep_their_attention_delta_in_the_mlp_output_cache(flux, pack, monkeypatch, caplog):
+    """FLUX's single blocks map attention and MLP through one linear2: their attention delta is kept
+    as linear2 maps it, inside the MLP's output cache (one cache instead of two; sizes in
+    tests/core/test_memory.py). The picture is the one two caches give, and the report says so."""
+    adapters = importlib.import_module(f"{pack}.chipmunk_core.adapters")
+    size = flux.sizes[0]
+    with caplog.at_level(logging.INFO):
+        folded = flux.sample(flux.accelerate(**SPARSE), size, cfg=3.5)
+    report = cm.reports(caplog)[-1]
+    monkeypatch.setattr(adapters.ModelPlan, "folded_layers", property(lambda self: frozenset()))
+    with caplog.at_level(logging.INFO):
+        separate = flux.sample(flux.accelerate(**SPARSE), size, cfg=3.5)
+    assert "folded into their MLP output caches" in report, report
+    assert "folded" not in cm.reports(caplog)[-1]
+    assert cm.step_counts(report)["sparse"] > 0
+    gap = _relative(folded, separate)
+    print(f"folded against separate caches: {gap:.1e}")
+    assert 0 <= gap < 1e-5
+
+
+def test_a_folded_layer_whose_attention_goes_elsewhere_turns_dense_for_that_step(flux, pack, monkeypatch):
+    """When another attention path takes a sparse step of a folded layer (its MLP cache holds the
+    attention delta the full attention already contains), that layer's MLP runs dense for the
+    step instead of adding the delta twice; the picture stays where a sparse run is."""
+    state = importlib.import_module(f"{pack}.chipmunk_core.state")
+    replacements = importlib.import_module(f"{pack}.chipmunk_core.adapters.replacements")
+    size = flux.sizes[0]
+    stock = flux.sample(flux.model, size, cfg=3.5)
+    undisturbed = flux.sample(flux.accelerate(**SPARSE), size, cfg=3.5)
+    serve, taken = state.LayerCall.attention, []
+
+    def once_elsewhere(self, *args, **kwargs):
+        if self.fold == "sparse" and not taken:
+            taken.append(self.index)
+            return None  # ComfyUI's own attention computes it
+        return serve(self, *args, **kwargs)
+
+    monkeypatch.setattr(state.LayerCall, "attention", once_elsewhere)
+    runs, end_call = [], state.SamplingRun.end_call
+    monkeypatch.setattr(state.SamplingRun, "end_call", lambda self, call: (runs.append(self), end_call(self, call)))
+    # That block's update on that step is the stock block's (full attention, dense MLP), not one
+    # with the attention delta counted twice.
+    block_gaps, single_block = [], replacements.single_block
+
+    def checked(block, layer, x, vec, pe, *args, **kwargs):
+        before = x.clone()
+        out = single_block(block, layer, x, vec, pe, *args, **kwargs)
+        if taken and not block_gaps and layer is not None and layer.index == taken[0]:
+            expected = type(block).forward(block, before.clone(), vec=vec, pe=pe)
+            block_gaps.append(_relative(out - before, expected - before))
+        return out
+
+    monkeypatch.setattr(replacements, "single_block", checked)
+    disturbed = flux.sample(flux.accelerate(**SPARSE), size, cfg=3.5)
+    gap, sparse_gap = _relative(disturbed, undisturbed), _relative(undisturbed, stock)
+    print(f"one sparse step of layer {taken[0]} elsewhere: block update against stock {block_gaps[0]:.1e}, "
+          f"picture {gap:.1e} (sparse against stock {sparse_gap:.1e})")
+    assert runs[-1].stats["folded layer made dense"] == 1
+    assert block_gaps[0] < 1e-5
+    assert torch.isfinite(disturbed).all() and 0 < gap < sparse_gap

@@ -55,6 +55,12 @@ class ModelPlan:
         """The layers whose replaced MLP sees the image tokens only (two-stream blocks)."""
         return frozenset(site.layer for site in self.mlp_sites if site.stream == "img")
 
+    @property
+    def folded_layers(self) -> frozenset[int]:
+        """The layers whose attention delta folds into the MLP's output cache (blocks whose
+        replacement feeds attention and MLP through one linear map: FLUX's single blocks)."""
+        return frozenset(site.layer for site in self.mlp_sites if site.kind == "single_block")
+
 
 def _class(module_name: str, class_name: str):
     try:

@@ -245,6 +245,10 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
     else:
         state, order, config = layer.mlp_state("fused"), layer.layout.query_order, layer.config
         dense = layer.mlp_is_dense(state, x_mod)
+        # linear2 takes attention and MLP together, so the attention's delta cache C folds into
+        # the MLP's output cache as linear2(C): one cache instead of two (see attention.py).
+        if layer.folds_attention():
+            layer.fold_attention(dense or not state.folded)
 
     with contextlib.ExitStack() as casts:
         if dense:
@@ -260,6 +264,13 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
             q, k = block.norm(q, k, v)
             attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
         del qkv, q, k, v
+        folded, delta = layer.take_folded() if layer is not None and layer.fold else (None, None)
+        if not dense and state.folded and folded != "sparse":
+            # The MLP's cache holds a folded delta the attention did not use this time (it was dense,
+            # or not Chipmunk's): the MLP goes dense too, so that the two agree again.
+            pre_activation = F.linear(x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:])
+            dense = True
+            layer.call.run.stats["folded layer made dense"] += 1
         if dense and layer is None:
             parts = (block.linear2(torch.cat((attn, state.dense_step(x_mod, pre_activation, order, config)), 2)),)
         else:
@@ -273,6 +284,8 @@ def single_block(block, layer, x, vec, pe, attn_mask=None, modulation_dims=None,
                 mlp_out = state.sparse_step(
                     x_mod, w1[3 * width:], None if b1 is None else b1[3 * width:], w2[:, width:], order, config,
                     layer.seeds)
+            if delta is not None:  # the attention's new delta joins the output cache as linear2 maps it
+                state.fold_in(delta, w2[:, :width])
             parts = (F.linear(attn, w2[:, :width], b2), mlp_out)
     if fused:
         kernels.gated_residual_(x, mod.gate, *parts)

@@ -8,7 +8,7 @@ from chipmunk_pack.chipmunk_core.config import resolve_config
 from chipmunk_pack.chipmunk_core.memory import ModelDims
 from chipmunk_pack.kernels import selection_size
 from chipmunk_pack.chipmunk_core.plan import (
-    ATTENTION, DEVICE, HOST, MLP, OFF, CostModel, cache_bytes, layer_items, plan_memory, quantised,
+    ATTENTION, DEVICE, HOST, MLP, OFF, CostModel, cache_bytes, folded_bytes, layer_items, plan_memory, quantised,
     stock_reason)
 
 HUNYUAN = ModelDims(60, 24, 128, 12288, 3072)
@@ -30,14 +30,17 @@ def test_cache_size_follows_the_method_formula():
 FLUX_IMAGE_TOKENS = 4096  # 1024x1024; the double blocks' MLPs see these only (the text has its own MLP)
 
 
-def _flux_items(rows=1):
-    return layer_items(resolve_config("flux"), FLUX, rows, FLUX_TOKENS, 2, range(57),
-                       image_tokens=FLUX_IMAGE_TOKENS, image_mlp_layers=frozenset(range(19)))
+FLUX_SINGLE = frozenset(range(19, 57))  # single blocks: their attention delta folds into the MLP's output cache
+
+
+def _flux_items(rows=1, config=None):
+    return layer_items(config or resolve_config("flux"), FLUX, rows, FLUX_TOKENS, 2, range(57),
+                       image_tokens=FLUX_IMAGE_TOKENS, image_mlp_layers=frozenset(range(19)), folded_layers=FLUX_SINGLE)
 
 
 def test_everything_on_the_device_when_it_fits_and_without_a_known_budget():
     items = _flux_items()
-    wanted = sum(i.nbytes for i in items)
+    wanted = folded_bytes(items)
     for budget in (None, wanted):
         plan = plan_memory(items, budget)
         assert set(plan.placement.values()) == {DEVICE}
@@ -60,16 +63,37 @@ def test_memory_is_given_up_where_it_buys_least_first():
 
 def test_flux_1024_caches_at_the_defaults_hold_no_weight_copy():
     """FLUX.1-dev 1024x1024, one conditioning, bf16: attention and MLP caches only (the transposed
-    fc2 copies, 3.9 GiB, are gone); the key lists (int16) and row statistics are the rest."""
+    fc2 copies, 3.9 GiB, are gone; the single blocks' attention deltas live in their MLP output
+    caches); the key lists (int16) and row statistics are the rest. At most 8 GiB (fp8: 4.6 GiB)."""
     items = _flux_items()
-    total = sum(i.nbytes for i in items)
+    total = folded_bytes(items)
     mlp_caches = (17 * FLUX_IMAGE_TOKENS + 38 * FLUX_TOKENS) * (12288 + 3072) * 2  # 17 double, 38 single blocks
-    attention_deltas = 55 * FLUX_TOKENS * 24 * 128 * 2
+    attention_deltas = 17 * FLUX_TOKENS * 24 * 128 * 2  # the double blocks' only
     assert mlp_caches + attention_deltas < total < 1.05 * (mlp_caches + attention_deltas)
-    assert total < 8.7 * 2**30
-    joint = sum(i.nbytes for i in layer_items(resolve_config("flux"), FLUX, 1, FLUX_TOKENS, 2, range(57)))
+    assert total < 8 * 2**30 and sum(i.nbytes for i in items) - total == 38 * FLUX_TOKENS * 24 * 128 * 2
+    assert folded_bytes(_flux_items(config=resolve_config("flux", fp8_caches=True))) < 4.61 * 2**30
+    joint = folded_bytes(layer_items(resolve_config("flux"), FLUX, 1, FLUX_TOKENS, 2, range(57),
+                                     folded_layers=FLUX_SINGLE))
     fewer_rows, fewer_blocks = FLUX_TOKENS - FLUX_IMAGE_TOKENS, (FLUX_TOKENS - FLUX_IMAGE_TOKENS) // 128
     assert joint - total == 17 * (fewer_rows * (12288 + 3072) * 2 + fewer_blocks * (12288 * 4 + 3072 * 2))
+
+
+def test_a_folded_delta_is_counted_only_while_its_layer_keeps_no_mlp_cache():
+    """A single block's attention item costs its lists alone next to its MLP cache, its delta too
+    without it; the budget sees what is really allocated."""
+    items = _flux_items()
+    single = {i.kind: i for i in items if i.layer == 30}
+    assert single[ATTENTION].folds == FLUX_TOKENS * 24 * 128 * 2 and single[MLP].folds == 0
+    assert all(i.folds == 0 for i in items if i.layer < 19)
+    full = plan_memory(items, None)
+    assert full.device_bytes == full.wanted == folded_bytes(items)
+    assert full.folded == 38 and "attention deltas of 38 layers folded" in full.describe()
+    for gib in (2, 4, 6, 7.5):
+        plan = plan_memory(items, int(gib * 2**30))
+        expected = sum(i.nbytes - (i.folds if plan.where(i.layer, MLP) != OFF else 0)
+                       for i in items if plan.where(i.layer, i.kind) == DEVICE)
+        assert plan.device_bytes == expected <= gib * 2**30
+        assert plan.given_up().get(MLP, 0) > 0 and ATTENTION not in plan.given_up()
 
 
 def test_key_lists_take_the_narrowest_integer_type():

@@ -231,6 +231,25 @@ def test_dense_step_without_lists_selects_even_when_told_not_to():
     assert state.indices is not None and state.ready_for(q, k)
 
 
+def test_a_folded_delta_is_handed_back_and_sparse_steps_return_the_restricted_attention_alone():
+    """fold=True: the dense step returns (dense, C) and keeps the lists only; a sparse step
+    returns A_S, so that C + A_S is the unfolded state's sparse step, for any linear map of it."""
+    config, layout, (q, k, v), (q2, k2, v2) = _attention_case(batch=2)
+    plain, folded = SparseDeltaAttention(), SparseDeltaAttention()
+    expected = plain.dense_step(q, k, v, layout, config, _seeds(2))
+    out, delta = folded.dense_step(q, k, v, layout, config, _seeds(2), fold=True)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert folded.delta is None and folded.folded and torch.equal(folded.indices, plain.indices)
+    assert folded.nbytes() < plain.nbytes()
+    torch.testing.assert_close(delta, plain.delta.flatten(2), atol=0, rtol=0)
+    assert folded.ready_for(q, k, fold=True) and not folded.ready_for(q, k)
+    assert plain.ready_for(q, k) and not plain.ready_for(q, k, fold=True)
+    w = torch.randn(delta.shape[-1], 24, generator=torch.Generator().manual_seed(3))
+    restricted = folded.sparse_step(q2, k2, v2, layout, config)
+    torch.testing.assert_close(restricted @ w + delta @ w, plain.sparse_step(q2, k2, v2, layout, config) @ w,
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_selection_schedule():
     every = resolve_config("flux", attention_selection="every_dense_step")
     warmup = resolve_config("flux")  # the reference's FLUX choice
