@@ -71,7 +71,7 @@ def launch(fn, config):
         return SKIPPED
 
 
-def sparse_case(b, h, n, group, capacity, dtype, config, gen):
+def sparse_case(b, h, n, group, capacity, dtype, config, gen, with_base=True):
     q, k, v = (torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
     n_groups = math.ceil(n / group)
     idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:capacity].sort().values
@@ -80,14 +80,15 @@ def sparse_case(b, h, n, group, capacity, dtype, config, gen):
     counts.view(-1)[0] = 0
     counts.view(-1)[-1] = capacity
     order = torch.randperm(n, device=DEV, generator=gen).int()
-    base = torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype)
+    base = torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype) if with_base else None  # None: a folded delta
     expected = torch.empty(b, h, n, 128, device=DEV)
     column_sparse_attention_reference(q, k, v, idx, counts, order, group, base, expected, 1.0)
     out = torch.full((b, h, n, 128), float("nan"), device=DEV, dtype=dtype)
     if launch(lambda: column_sparse_attention_triton(q, k, v, idx, counts, order, group, base, out, 1.0,
                                                      config=config), config) is SKIPPED:
         return
-    check(f"sparse attention b{b} h{h} n{n} G={group} {str(dtype)[6:]} {config}", out, expected, dtype)
+    check(f"sparse attention b{b} h{h} n{n} G={group} {str(dtype)[6:]} {config}{'' if with_base else ' no base'}",
+          out, expected, dtype)
 
 
 def fp8_cache_case(b, h, n, group, capacity, dtype, gen):
@@ -333,6 +334,7 @@ def main():
         for group in (192, 128, 256):
             for config in bench_sweeps.sparse_configs(True, group) + [{}]:
                 sparse_case(2, 3, 1000, group, 300, dtype, config, gen)
+            sparse_case(2, 3, 1000, group, 300, dtype, {}, gen, with_base=False)
         for config in bench_sweeps.dense_configs(True) + [{}]:
             for offset in (0.0, 60.0, -60.0, float("inf")):
                 dense_case(1, 2, 700, 192, dtype, config, offset, gen)

@@ -42,6 +42,8 @@
 #   bash bench/gpu_session.sh wan14b_480 # one GPU: WAN2.1-14B fp8 weights 480p at 24 GiB (estimated), and
 #                                       # FLUX's eager sparse steps under dynamic VRAM
 #   bash bench/gpu_session.sh flux_eager # one GPU: FLUX's sparse steps eager against graphed, dynamic VRAM
+#   bash bench/gpu_session.sh fold      # one GPU: tests/gpu, FLUX with the single blocks' attention deltas folded
+#                                       # into their MLP output caches (bf16 and fp8 caches, graphed and eager)
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -390,6 +392,14 @@ wan14b_480)
     t=$(within 150) && job 0 "$t" flux_eager "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "stock,chipmunk,chipmunk eager,chipmunk+cache,chipmunk+cache eager" --step-times \
         --out "$R/e2e_flux_eager.json"
+    ;;
+fold)
+    # The GPU suite, then FLUX bf16 1024x1024 under dynamic VRAM: cache memory and speed with the
+    # single blocks' attention deltas folded into their MLP output caches, and the eager sparse steps.
+    CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$(within 230)" gpu_tests python3 -m pytest tests/gpu -q -rA
+    t=$(within 330) && job 0 "$t" flux_fold "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk eager,chipmunk+cache eager" --step-times \
+        --out "$R/e2e_flux_fold.json"
     ;;
 flux_eager)
     # FLUX bf16 1024x1024 under dynamic VRAM: the sparse steps eager (no CUDA graphs) against
