@@ -12,7 +12,8 @@ parity self-check confirms that the replacement at sparsity 0 gives the stock ou
   Its per-token work (norm and modulation; query/key norms and rotary embedding; the gated
   residual) goes through one-pass kernels (``fused``) where the block's norms are ComfyUI's own
   and a second self-check finds the kernels equal to ComfyUI's operations within bf16 rounding;
-  otherwise through ComfyUI's own operations.
+  otherwise through ComfyUI's own operations. Where the plan folds the layer, ``linear2`` of the
+  attention's delta cache lives in the MLP's output cache (the attention keeps its key lists only).
 
 - "double_block": FLUX's ``DoubleStreamBlock`` (text first), only for its per-token work: the
   same operations in the same order with norms, modulation, query/key norms, rotary embedding and
