@@ -398,7 +398,7 @@ fold)
     # single blocks' attention deltas folded into their MLP output caches, and the eager sparse steps.
     CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$(within 230)" gpu_tests python3 -m pytest tests/gpu -q -rA
     t=$(within 330) && job 0 "$t" flux_fold "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
-        --variants "stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk eager,chipmunk+cache eager" --step-times \
+        --variants "${FOLD_VARIANTS:-stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk eager}" --step-times \
         --out "$R/e2e_flux_fold.json"
     ;;
 flux_eager)
