@@ -199,8 +199,12 @@ def folded_bytes(items) -> int:
 
 def _placed(items, budget, cost, host_budget) -> MemoryPlan:
     folds = {item.layer: item.folds for item in items if item.folds}
+
+    def value(item):  # a folded layer's MLP cache also spares its attention delta (placed first: worth more per byte)
+        return item.saving / max(1, item.nbytes - (folds.get(item.layer, 0) if item.kind == MLP else 0))
+
     placement, used = {}, {DEVICE: 0, HOST: 0, OFF: 0}
-    for item in sorted(items, key=lambda i: (-i.value, i.layer, i.kind)):
+    for item in sorted(items, key=lambda i: (-value(i), i.layer, i.kind)):
         # A folded layer's second cache kept: the attention delta is needed no more, wherever it lives.
         partner = placement.get((item.layer, MLP if item.kind == ATTENTION else ATTENTION), OFF)
         fold = folds.get(item.layer, 0) if partner != OFF else 0

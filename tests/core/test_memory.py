@@ -94,6 +94,9 @@ def test_a_folded_delta_is_counted_only_while_its_layer_keeps_no_mlp_cache():
                        for i in items if plan.where(i.layer, i.kind) == DEVICE)
         assert plan.device_bytes == expected <= gib * 2**30
         assert plan.given_up().get(MLP, 0) > 0 and ATTENTION not in plan.given_up()
+        # a single block's MLP cache also spares its attention delta: the double blocks' go first
+        kept = [layer for layer in range(2, 57) if plan.where(layer, MLP) != OFF]
+        assert all(layer >= 19 for layer in kept) or all(plan.where(layer, MLP) != OFF for layer in FLUX_SINGLE)
 
 
 def test_key_lists_take_the_narrowest_integer_type():
