@@ -379,3 +379,31 @@ def test_a_folded_layer_whose_attention_goes_elsewhere_turns_dense_for_that_step
     assert runs[-1].stats["folded layer made dense"] == 1
     assert block_gaps[0] < 1e-5
     assert torch.isfinite(disturbed).all() and 0 < gap < sparse_gap
+
+
+def test_hunyuan_video_single_blocks_fold_with_padded_text_too(comfy_inprocess, chipmunk_pack_nodes,
+                                                               tiny_models_dir, pack, monkeypatch, caplog):
+    """HunyuanVideo's single blocks fold as FLUX's do where their MLP is sparse (its default MLP
+    sparsity is 0), with the text's padding keys dropped by the attention: the same picture."""
+    from test_accelerate import STEPS, _kind
+    adapters = importlib.import_module(f"{pack}.chipmunk_core.adapters")
+    kind = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "hunyuan_video")
+    positive, negative, latent = kind.inputs(kind.sizes[0])
+    for conditioning in (positive, negative):  # padded to a fixed length, the rest masked
+        tokens = conditioning[0][0].shape[1]
+        mask = torch.ones(1, tokens, dtype=torch.long)
+        mask[:, tokens * 3 // 4:] = 0
+        conditioning[0][1]["attention_mask"] = mask
+
+    def sample(model):  # cfg 1: ComfyUI's HunyuanVideo cannot batch two text masks
+        return comfy_inprocess.ksampler(model, positive, negative, latent, seed=1, steps=STEPS, cfg=1.0)
+
+    with caplog.at_level(logging.INFO):
+        folded = sample(kind.accelerate(**SPARSE))
+    report = cm.reports(caplog)[-1]
+    monkeypatch.setattr(adapters.ModelPlan, "folded_layers", property(lambda self: frozenset()))
+    separate = sample(kind.accelerate(**SPARSE))
+    assert "folded into their MLP output caches" in report and cm.step_counts(report)["sparse"] > 0, report
+    gap = _relative(folded, separate)
+    print(f"HunyuanVideo, padded text: folded against separate caches {gap:.1e}")
+    assert 0 <= gap < 1e-5
