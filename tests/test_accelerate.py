@@ -410,11 +410,12 @@ def test_batch_items_are_independent(flux, wan):
 
 
 # --- HunyuanVideo's padded text ------------------------------------------------------------------
-def test_hunyuan_video_with_padded_text_goes_sparse_and_is_stock_at_sparsity_zero(
-        comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, caplog):
+def hunyuan_with_padded_text(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir):
+    """The tiny HunyuanVideo, and a sampler whose texts are padded to a fixed length with the rest
+    masked, as a text encoder gives them."""
     kind = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "hunyuan_video")
     positive, negative, latent = kind.inputs(kind.sizes[0])
-    for conditioning in (positive, negative):  # a text encoder pads to a fixed length and masks the rest
+    for conditioning in (positive, negative):
         tokens = conditioning[0][0].shape[1]
         mask = torch.ones(1, tokens, dtype=torch.long)
         mask[:, tokens * 3 // 4:] = 0
@@ -423,6 +424,12 @@ def test_hunyuan_video_with_padded_text_goes_sparse_and_is_stock_at_sparsity_zer
     def sample(model):  # cfg 1: ComfyUI's HunyuanVideo cannot batch two text masks (stock fails too)
         return comfy_inprocess.ksampler(model, positive, negative, latent, seed=1, steps=STEPS, cfg=1.0)
 
+    return kind, sample
+
+
+def test_hunyuan_video_with_padded_text_goes_sparse_and_is_stock_at_sparsity_zero(
+        comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, caplog):
+    kind, sample = hunyuan_with_padded_text(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir)
     stock = sample(kind.model)
     assert torch.equal(sample(kind.accelerate(preset=cm.CUSTOM, **cm.DENSE)), stock)
     with caplog.at_level(logging.INFO):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from harness import chipmunk as cm
-from test_accelerate import _relative, flux  # noqa: F401 (the narrow FLUX fixture)
+from test_accelerate import _relative, flux, hunyuan_with_padded_text  # noqa: F401 (flux: the narrow FLUX fixture)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.chipmunk_node]
 
@@ -385,19 +385,8 @@ def test_hunyuan_video_single_blocks_fold_with_padded_text_too(comfy_inprocess, 
                                                                tiny_models_dir, pack, monkeypatch, caplog):
     """HunyuanVideo's single blocks fold as FLUX's do where their MLP is sparse (its default MLP
     sparsity is 0), with the text's padding keys dropped by the attention: the same picture."""
-    from test_accelerate import STEPS, _kind
     adapters = importlib.import_module(f"{pack}.chipmunk_core.adapters")
-    kind = _kind(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir, "hunyuan_video")
-    positive, negative, latent = kind.inputs(kind.sizes[0])
-    for conditioning in (positive, negative):  # padded to a fixed length, the rest masked
-        tokens = conditioning[0][0].shape[1]
-        mask = torch.ones(1, tokens, dtype=torch.long)
-        mask[:, tokens * 3 // 4:] = 0
-        conditioning[0][1]["attention_mask"] = mask
-
-    def sample(model):  # cfg 1: ComfyUI's HunyuanVideo cannot batch two text masks
-        return comfy_inprocess.ksampler(model, positive, negative, latent, seed=1, steps=STEPS, cfg=1.0)
-
+    kind, sample = hunyuan_with_padded_text(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir)
     with caplog.at_level(logging.INFO):
         folded = sample(kind.accelerate(**SPARSE))
     report = cm.reports(caplog)[-1]
