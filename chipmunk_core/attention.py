@@ -65,11 +65,15 @@ class SparseDeltaAttention(Rows):
     def _signature(q, k):
         return (tuple(q.shape), k.shape[2], q.dtype, q.device)
 
+    def _lists_fit(self, q, k) -> bool:
+        """Whether the stored key lists were made at this shape."""
+        return self.indices is not None and self.signature == self._signature(q, k)
+
     def ready_for(self, q, k, fold: bool = False) -> bool:
         """Whether a sparse step can follow at this shape, with the delta kept here (``fold`` False)
         or folded into the caller's cache (True)."""
         held = self.folded if fold else self.delta is not None
-        return held and self.indices is not None and self.signature == self._signature(q, k)
+        return held and self._lists_fit(q, k)
 
     def nbytes(self) -> int:
         tensors = (self.indices, self.counts, self.delta, self.delta_scale, self.lse)
@@ -107,7 +111,7 @@ class SparseDeltaAttention(Rows):
         [B, N, H * D] in the model's dtype, and keeps the key lists only.
         """
         batch, heads, n_tokens, head_dim = q.shape
-        ready = self.signature == self._signature(q, k) and self.indices is not None
+        ready = self._lists_fit(q, k)
         if select or not ready:
             dense = self._dense_and_new_lists(q, k, v, layout, config, seeds, ready, forced)
         else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -80,10 +80,6 @@ class CacheItem:
     saving: float          # seconds saved per sparse step by holding it
     host_traffic: int = 0  # bytes over the host link per sparse step when it lives there (0: never)
     folds: int = 0         # an attention item's delta bytes, not needed when its layer's MLP cache is kept too
-
-    @property
-    def value(self) -> float:
-        return self.saving / max(1, self.nbytes)
 
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
@@ -187,8 +183,7 @@ def plan_memory(items: list[CacheItem], budget: int | None, cost: CostModel = DE
     if plan.host_bytes and budget is not None:
         staging = 2 * max(item.nbytes for item in items if plan.where(item.layer, item.kind) == HOST)
         plan = _placed(items, max(0, budget - staging), cost, host_budget)
-        plan = MemoryPlan(plan.placement, budget, host_budget, plan.wanted, plan.device_bytes, plan.host_bytes,
-                          folded=plan.folded)
+        plan = replace(plan, budget=budget)
     return plan
 
 
@@ -200,16 +195,16 @@ def folded_bytes(items) -> int:
 def _placed(items, budget, cost, host_budget) -> MemoryPlan:
     folds = {item.layer: item.folds for item in items if item.folds}
 
-    def value(item):  # a folded layer's MLP cache also spares its attention delta (placed first: worth more per byte)
+    def value(item):  # time saved per byte; a folded layer's MLP cache also spares its attention delta
         return item.saving / max(1, item.nbytes - (folds.get(item.layer, 0) if item.kind == MLP else 0))
 
-    placement, used = {}, {DEVICE: 0, HOST: 0, OFF: 0}
+    placement, used = {}, {DEVICE: 0, HOST: 0}
     for item in sorted(items, key=lambda i: (-value(i), i.layer, i.kind)):
         # A folded layer's second cache kept: the attention delta is needed no more, wherever it lives.
         partner = placement.get((item.layer, MLP if item.kind == ATTENTION else ATTENTION), OFF)
         fold = folds.get(item.layer, 0) if partner != OFF else 0
         own = item.nbytes - (fold if item.kind == ATTENTION else 0)
-        credit = {partner: fold} if item.kind == MLP else {}  # taken off where the attention lives
+        credit = {partner: fold} if item.kind == MLP and fold else {}  # taken off where the attention lives
         if budget is None or used[DEVICE] + own - credit.get(DEVICE, 0) <= budget:
             where = DEVICE
         elif (item.host_traffic and item.host_traffic / cost.host_bandwidth < cost.stream_share * item.saving
