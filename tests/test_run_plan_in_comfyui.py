@@ -319,20 +319,26 @@ def test_same_picture_whether_another_model_is_loaded_or_not(flux, pack, monkeyp
 SPARSE = dict(preset=cm.CUSTOM, attention_sparsity=0.8, mlp_sparsity=0.7, first_dense_layers=0)
 
 
+def _folded_and_separate(pack, monkeypatch, caplog, sample):
+    """``sample()`` with the plan's folded layers and with none folded, and each run's report."""
+    adapters = importlib.import_module(f"{pack}.chipmunk_core.adapters")
+    runs = []
+    for folding in (True, False):
+        if not folding:
+            monkeypatch.setattr(adapters.ModelPlan, "folded_layers", property(lambda self: frozenset()))
+        with caplog.at_level(logging.INFO):
+            runs.append((sample(), cm.reports(caplog)[-1]))
+    return runs
+
+
 def test_single_blocks_keep_their_attention_delta_in_the_mlp_output_cache(flux, pack, monkeypatch, caplog):
     """FLUX's single blocks map attention and MLP through one linear2: their attention delta is kept
     as linear2 maps it, inside the MLP's output cache (one cache instead of two; sizes in
     tests/core/test_memory.py). The picture is the one two caches give, and the report says so."""
-    adapters = importlib.import_module(f"{pack}.chipmunk_core.adapters")
-    size = flux.sizes[0]
-    with caplog.at_level(logging.INFO):
-        folded = flux.sample(flux.accelerate(**SPARSE), size, cfg=3.5)
-    report = cm.reports(caplog)[-1]
-    monkeypatch.setattr(adapters.ModelPlan, "folded_layers", property(lambda self: frozenset()))
-    with caplog.at_level(logging.INFO):
-        separate = flux.sample(flux.accelerate(**SPARSE), size, cfg=3.5)
+    (folded, report), (separate, separate_report) = _folded_and_separate(
+        pack, monkeypatch, caplog, lambda: flux.sample(flux.accelerate(**SPARSE), flux.sizes[0], cfg=3.5))
     assert "folded into their MLP output caches" in report, report
-    assert "folded" not in cm.reports(caplog)[-1]
+    assert "folded" not in separate_report
     assert cm.step_counts(report)["sparse"] > 0
     gap = _relative(folded, separate)
     print(f"folded against separate caches: {gap:.1e}")
@@ -385,13 +391,9 @@ def test_hunyuan_video_single_blocks_fold_with_padded_text_too(comfy_inprocess, 
                                                                tiny_models_dir, pack, monkeypatch, caplog):
     """HunyuanVideo's single blocks fold as FLUX's do where their MLP is sparse (its default MLP
     sparsity is 0), with the text's padding keys dropped by the attention: the same picture."""
-    adapters = importlib.import_module(f"{pack}.chipmunk_core.adapters")
     kind, sample = hunyuan_with_padded_text(comfy_inprocess, chipmunk_pack_nodes, tiny_models_dir)
-    with caplog.at_level(logging.INFO):
-        folded = sample(kind.accelerate(**SPARSE))
-    report = cm.reports(caplog)[-1]
-    monkeypatch.setattr(adapters.ModelPlan, "folded_layers", property(lambda self: frozenset()))
-    separate = sample(kind.accelerate(**SPARSE))
+    (folded, report), (separate, _) = _folded_and_separate(
+        pack, monkeypatch, caplog, lambda: sample(kind.accelerate(**SPARSE)))
     assert "folded into their MLP output caches" in report and cm.step_counts(report)["sparse"] > 0, report
     gap = _relative(folded, separate)
     print(f"HunyuanVideo, padded text: folded against separate caches {gap:.1e}")
