@@ -180,9 +180,11 @@ def occupy_all_but(gib: float):
     return torch.empty(extra, dtype=torch.uint8, device="cuda") if extra > 0 else None
 
 
-def conditioning(name: str, seed: int, smoke: bool):
+def conditioning(name: str, seed: int, smoke: bool, text_tokens: int = 0):
+    """Random text conditioning of the case's shape (``text_tokens``: its length instead of the case's)."""
     import torch
     tokens, width, pooled, valid = CASES[name][2]
+    tokens = text_tokens or tokens
     if smoke:
         tokens, width, valid = 32, 64, None if valid is None else 24
     generator = torch.Generator().manual_seed(seed)
@@ -351,6 +353,9 @@ def main():
     parser.add_argument("--case", choices=sorted(CASES), required=True)
     parser.add_argument("--sizes", default="1024x1024", help="comma list: WxH (images) or WxHxFRAMES (video)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--text-tokens", type=int, default=0,
+                        help="text conditioning length instead of the case's (FLUX: 512, the T5 length of diffusers and "
+                             "of prompts past 256 tokens; ComfyUI pads FLUX's T5 to 256, so a short prompt gives 256)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--sampler", default="euler", help="ComfyUI sampler name (WAN's template: uni_pc)")
@@ -409,7 +414,7 @@ def main():
         print(f"model patcher: {type(stock).__name__}", flush=True)
     else:
         stock = build(ns.case, ns.device, dtype, ns.smoke, **blocks)
-    pos, neg = conditioning(ns.case, 5, ns.smoke), conditioning(ns.case, 6, ns.smoke)
+    pos, neg = (conditioning(ns.case, seed, ns.smoke, ns.text_tokens) for seed in (5, 6))
     rows = []
     mlp_triton = importlib.import_module("chipmunk_pack.kernels.mlp_triton")
     mlp_tables = (mlp_triton.MLP_CONFIGS["big"], mlp_triton.MLP_LONG_CONFIGS["hopper"])  # what "chipmunk mlp" overrides
@@ -508,7 +513,7 @@ def main():
             vs_graphed = None if graphed is None or not compared else float(
                 (out.float() - graphed.float()).norm() / graphed.float().norm().clamp_min(1e-30))
             rows.append(dict(case=ns.case, size=size, batch=ns.batch, latent=list(shape), steps=ns.steps, cfg=ns.cfg,
-                             sampler=ns.sampler,
+                             sampler=ns.sampler, text_tokens=pos[0][0].shape[1],
                              variant=label, settings=None if config is None else config.describe(),
                              seconds=round(seconds, 3), speedup=round(stock_seconds / seconds, 3),
                              gpu_busy=None if busy is None else round(busy, 3), rel_deviation=deviation,
