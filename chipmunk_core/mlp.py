@@ -68,8 +68,7 @@ class SparseDeltaMLP(Rows):
         return self.hidden is not None and self.signature == (tuple(x.shape), x.dtype, x.device)
 
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.hidden_scale, self.out, self.block_mean)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def buffers(self) -> list[torch.Tensor]:
         """The long-lived tensors a sparse step reads or updates in place."""

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import index_dtype, selection_size
+from ..kernels import index_dtype, list_width, selection_size
 from .config import ChipmunkConfig
 from .memory import ModelDims
 
@@ -107,12 +107,14 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         hidden_element = 1 if config.fp8_caches else element  # fp8: a float32 scale per unit besides
         caches = rows * (tokens * (dims.mlp_hidden * hidden_element + dims.mlp_out * element)
                          + (dims.mlp_hidden * 4 if config.fp8_caches else 0))
-        means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)
+        means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)  # fp32 pre-activation, x
+        width = list_width(dims.mlp_hidden, round(config.mlp_keep * dims.mlp_hidden), config.selection_tile)
+        lists = rows * blocks * (width + 1) * index_dtype(dims.mlp_hidden).itemsize  # unit lists, counts
         flops = 4.0 * tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
         # each sparse step transposes fc2 into the run's scratch (read + write)
         saved = max(0.0, saved - 2 * dims.fc2_bytes(element) / cost.device_bandwidth)
-        return caches + means, saved, 2 * caches  # a sparse step reads and writes them
+        return caches + means + lists, saved, 2 * caches  # a sparse step reads and writes the caches
 
     joint_mlp = mlp_item(n_tokens) if config.sparse_mlp else None
     image_mlp = mlp_item(image_tokens) if config.sparse_mlp and image_tokens is not None else joint_mlp

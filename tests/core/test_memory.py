@@ -1,6 +1,7 @@
 """The run plan's memory part: cache sizes, the order in which caches are given up, host streaming
 only where the cost model says it pays, and budgets that do not move the plan by small amounts."""
 
+import pytest
 import torch
 
 from chipmunk_pack.chipmunk_core import plan as run_plan
@@ -64,18 +65,20 @@ def test_memory_is_given_up_where_it_buys_least_first():
 def test_flux_1024_caches_at_the_defaults_hold_no_weight_copy():
     """FLUX.1-dev 1024x1024, one conditioning, bf16: attention and MLP caches only (the transposed
     fc2 copies, 3.9 GiB, are gone; the single blocks' attention deltas live in their MLP output
-    caches); the key lists (int16) and row statistics are the rest. At most 8 GiB (fp8: 4.6 GiB)."""
+    caches); the key and unit lists (int16) and row statistics are the rest. At most 8 GiB (fp8: 4.62 GiB;
+    4.43 GiB at the 256 text tokens of a short prompt)."""
     items = _flux_items()
     total = folded_bytes(items)
     mlp_caches = (17 * FLUX_IMAGE_TOKENS + 38 * FLUX_TOKENS) * (12288 + 3072) * 2  # 17 double, 38 single blocks
     attention_deltas = 17 * FLUX_TOKENS * 24 * 128 * 2  # the double blocks' only
     assert mlp_caches + attention_deltas < total < 1.05 * (mlp_caches + attention_deltas)
     assert total < 8 * 2**30 and sum(i.nbytes for i in items) - total == 38 * FLUX_TOKENS * 24 * 128 * 2
-    assert folded_bytes(_flux_items(config=resolve_config("flux", fp8_caches=True))) < 4.61 * 2**30
+    assert folded_bytes(_flux_items(config=resolve_config("flux", fp8_caches=True))) < 4.62 * 2**30
     joint = folded_bytes(layer_items(resolve_config("flux"), FLUX, 1, FLUX_TOKENS, 2, range(57),
                                      folded_layers=FLUX_SINGLE))
     fewer_rows, fewer_blocks = FLUX_TOKENS - FLUX_IMAGE_TOKENS, (FLUX_TOKENS - FLUX_IMAGE_TOKENS) // 128
-    assert joint - total == 17 * (fewer_rows * (12288 + 3072) * 2 + fewer_blocks * (12288 * 4 + 3072 * 2))
+    unit_lists = (3712 + 1) * 2  # per row block: 30% of 12288 units rounded up to the tile, and a count (int16)
+    assert joint - total == 17 * (fewer_rows * (12288 + 3072) * 2 + fewer_blocks * (12288 * 4 + 3072 * 2 + unit_lists))
 
 
 def test_a_folded_delta_is_counted_only_while_its_layer_keeps_no_mlp_cache():
@@ -224,3 +227,38 @@ def test_graph_verdict_of_a_call():
     adaptive = config.replace(step_cache="adaptive")
     assert graph_verdict(adaptive, StepCacheSchedule(adaptive, 20, DenseSchedule(adaptive, 20)), 5, sparse,
                          setup()) == ADAPTIVE_CACHE
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_plan_counts_every_byte_a_layer_keeps(fp8):
+    """A layer's items equal what its states hold after dense and sparse steps (delta, key lists,
+    row statistics; hidden and output caches, block means, unit lists and their scratch): the
+    budget is spent on what is really allocated."""
+    import math
+
+    import torch.nn.functional as F
+
+    from chipmunk_pack.chipmunk_core.attention import SparseDeltaAttention
+    from chipmunk_pack.chipmunk_core.layout import joint_layout
+    from chipmunk_pack.chipmunk_core.mlp import SparseDeltaMLP
+
+    config = resolve_config("flux", attention_sparsity=0.6, query_group=16, selection_tile=16, mlp_sparsity=0.5,
+                            mlp_block=16, first_dense_layers=0, fp8_caches=fp8)
+    grid, n_text, batch = (6, 8), 4, 2
+    dims = ModelDims(1, 2, 16, 64, 24)
+    n = math.prod(grid) + n_text
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, dims.heads, n, dims.head_dim, generator=g) for _ in range(3))
+    layout = joint_layout(n_text, grid, math.prod(grid), True, config.query_group, "cpu")
+    seeds = torch.arange(1, batch + 1, dtype=torch.int64)
+    attention = SparseDeltaAttention()
+    attention.dense_step(q, k, v, layout, config, seeds)
+    attention.sparse_step(q, k, v, layout, config)
+    w1, b1 = torch.randn(dims.mlp_hidden, dims.mlp_out, generator=g), torch.randn(dims.mlp_hidden, generator=g)
+    w2 = torch.randn(dims.mlp_out, dims.mlp_hidden, generator=g)
+    x, order = torch.randn(batch, n, dims.mlp_out, generator=g), torch.randperm(n, generator=g).to(torch.int32)
+    mlp = SparseDeltaMLP()
+    mlp.store_output(F.linear(mlp.dense_step(x, F.linear(x, w1, b1), order, config), w2))
+    mlp.sparse_step(x, w1, b1, w2, order, config, seeds)
+    items = {i.kind: i.nbytes for i in layer_items(config, dims, batch, n, 4, range(1))}
+    assert items == {ATTENTION: attention.nbytes(), MLP: mlp.nbytes()}
