@@ -147,9 +147,10 @@ class SparseDeltaAttention(Rows):
                                                  config.attention_score_queries)
         else:
             dense = self._output(q)
-            lse_hint = self.lse if ready and self.lse is not None else None
-            scores, self.lse = kernels.attention_with_column_sums(q, k, v, layout.query_order, config.query_group,
-                                                                  dense, lse_hint)
+            lse_hint = to_compute(self.lse, q.device) if ready and self.lse is not None else None
+            scores, lse = kernels.attention_with_column_sums(q, k, v, layout.query_order, config.query_group,
+                                                             dense, lse_hint)
+            self.lse = to_storage(lse, self.storage or lse.device)  # with the layer's caches (the plan counts it there)
         keep_count = round(config.attention_keep * n_keys)
         forced_keys = layout.forced_keys if forced_keys is None else forced_keys
         forced = kernels.forced_columns(forced_keys, n_keys) if forced_keys.numel() else None

@@ -80,6 +80,8 @@ class CacheItem:
     saving: float          # seconds saved per sparse step by holding it
     host_traffic: int = 0  # bytes over the host link per sparse step when it lives there (0: never)
     folds: int = 0         # an attention item's delta bytes, not needed when its layer's MLP cache is kept too
+    resident: int = 0      # bytes that stay on the compute device wherever the item lives (an MLP's
+    #                        block means and unit lists: each ranking reads and refreshes them)
 
 
 def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: int, element: int,
@@ -114,7 +116,7 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
         # each sparse step transposes fc2 into the run's scratch (read + write)
         saved = max(0.0, saved - 2 * dims.fc2_bytes(element) / cost.device_bandwidth)
-        return caches + means + lists, saved, 2 * caches  # a sparse step reads and writes the caches
+        return caches + means + lists, saved, 2 * caches, 0, means + lists  # a sparse step reads and writes the caches
 
     joint_mlp = mlp_item(n_tokens) if config.sparse_mlp else None
     image_mlp = mlp_item(image_tokens) if config.sparse_mlp and image_tokens is not None else joint_mlp
@@ -210,13 +212,15 @@ def _placed(items, budget, cost, host_budget) -> MemoryPlan:
         if budget is None or used[DEVICE] + own - credit.get(DEVICE, 0) <= budget:
             where = DEVICE
         elif (item.host_traffic and item.host_traffic / cost.host_bandwidth < cost.stream_share * item.saving
-              and (host_budget is None or used[HOST] + own - credit.get(HOST, 0) <= host_budget)):
+              and (host_budget is None or used[HOST] + own - item.resident - credit.get(HOST, 0) <= host_budget)
+              and (budget is None or used[DEVICE] + item.resident <= budget)):
             where = HOST
         else:
             where = OFF
         placement[(item.layer, item.kind)] = where
         if where != OFF:
-            used[where] += own
+            used[where] += own - (item.resident if where == HOST else 0)
+            used[DEVICE] += item.resident if where == HOST else 0
             for place, freed in credit.items():
                 used[place] -= freed
     folded = sum(1 for layer in folds if OFF not in (placement[(layer, ATTENTION)], placement.get((layer, MLP), OFF)))

@@ -262,3 +262,23 @@ def test_the_plan_counts_every_byte_a_layer_keeps(fp8):
     mlp.sparse_step(x, w1, b1, w2, order, config, seeds)
     items = {i.kind: i.nbytes for i in layer_items(config, dims, batch, n, 4, range(1))}
     assert items == {ATTENTION: attention.nbytes(), MLP: mlp.nbytes()}
+
+
+def test_a_streamed_mlp_cache_leaves_its_block_means_and_unit_lists_on_the_device():
+    """An MLP's caches may live in host memory, but the ranking reads and refreshes its block means
+    and unit lists on the device: the plan charges those to the device budget, and streams nothing
+    where they do not fit."""
+    wan14 = ModelDims(40, 40, 128, 13824, 5120)
+    items = layer_items(resolve_config("wan", mlp_sparsity=0.7), wan14, 2, 75600, 2, range(40))
+    mlp = next(i for i in items if i.kind == MLP)
+    blocks = -(-75600 // 128)
+    assert mlp.resident == 2 * blocks * (13824 * 4 + 5120 * 2 + (4160 + 1) * 2)  # fp32 means, x means, int16 lists
+    assert all(i.resident == 0 for i in items if i.kind == ATTENTION)
+    fast_link = CostModel(host_bandwidth=1e12)  # (at real link speeds an MLP cache costs more to copy than it saves)
+    plan = plan_memory(items, 40 * 2**30, fast_link)
+    streamed = [i for i in items if plan.where(i.layer, i.kind) == HOST]
+    assert any(i.kind == MLP for i in streamed)
+    on_device = sum(i.nbytes for i in items if plan.where(i.layer, i.kind) == DEVICE)
+    assert plan.device_bytes == on_device + sum(i.resident for i in streamed) <= 40 * 2**30
+    assert plan.host_bytes == sum(i.nbytes - i.resident for i in streamed)
+    assert plan_memory(items, 0, fast_link).where(mlp.layer, MLP) == OFF  # no device room for its means
