@@ -75,9 +75,14 @@ def sparse_cases(dtype):
     for size_class, configs in at.SPARSE_CONFIGS.items():
         for rows, cfg in configs.items():
             const = {"HEAD_DIM": 128, "BLOCK_M": rows, "BLOCK_N": cfg["block_n"], "HAS_BASE": True,
-                     "STREAM": "evict_first", "BASE_FP8": False, "OUT_FP8": False}
+                     "STREAM": "evict_first", "BASE_FP8": False, "OUT_FP8": False, "PAGED": False, "PAGE_BITS": 16}
             yield f"sparse attention {size_class} rows={rows}", size_class, at._column_sparse_attention_kernel, \
                 ptrs, const, cfg
+        # paged key lists (int16 ids, int32 counts), as WAN's and HunyuanVideo's at 720p are
+        rows, cfg = min(configs.items())  # query groups of 192 (WAN, HunyuanVideo) run rows of 64
+        yield f"sparse attention {size_class} rows={rows}, paged lists", size_class, \
+            at._column_sparse_attention_kernel, {**ptrs, "Cnt": "i32"}, {**const, "BLOCK_M": rows,
+                                                                        "BLOCK_N": cfg["block_n"], "PAGED": True}, cfg
 
 
 def dense_cases(dtype):
@@ -119,15 +124,16 @@ def selection_cases(dtype):
     ptrs = {"Scores": "fp32", "Current": dtype, "Mean": "fp32", "Forced": "u8", "Seeds": "i64", "Idx": "i32",
             "Cnt": "i32"}
     for size_class in ("big", "small"):
-        for label, abs_diff, forced, rand, n_cols in (
-                ("attention keys (FLUX), forced + random", False, True, True, 4608),
-                ("MLP units (FLUX), random, block-mean refresh", True, False, True, 12288),
-                ("attention keys (video length), forced + random", False, True, True, 75600)):
+        for label, abs_diff, forced, rand, n_cols, paged in (
+                ("attention keys (FLUX), forced + random", False, True, True, 4608, False),
+                ("MLP units (FLUX), random, block-mean refresh", True, False, True, 12288, False),
+                ("attention keys (video length), forced + random", False, True, True, 75600, False),
+                ("attention keys (video length), paged lists", False, True, True, 75600, True)):
             in_registers, block_c, warps = it._launch_config(n_cols, {})
             const = {"ABS_DIFF": abs_diff, "HAS_FORCED": forced, "HAS_RANDOM": rand, "BLOCK_C": block_c,
-                     "IN_REGISTERS": in_registers}
-            yield f"index lists {size_class} {label}", size_class, it._select_columns_kernel, ptrs, const, \
-                {"num_warps": warps, "num_stages": 1}
+                     "IN_REGISTERS": in_registers, "PAGED": paged, "PAGE_BITS": 16}
+            yield f"index lists {size_class} {label}", size_class, it._select_columns_kernel, \
+                {**ptrs, "Idx": "i16"} if paged else ptrs, const, {"num_warps": warps, "num_stages": 1}
 
 
 def sampled_cases(dtype):
@@ -192,6 +198,8 @@ def main():
                 except Exception as exc:  # report and go on: the summary says what failed
                     failures += 1
                     print(f"sm_{arch} {dtype} {label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    if os.environ.get("CHIPMUNK_COMPILE_VERBOSE"):
+                        print(exc)
                     continue
                 meta = kernel.metadata
                 smem = meta.shared

@@ -29,7 +29,8 @@ from kernels.attention_reference import (  # noqa: E402
 from kernels.fp8 import FP8, quantize_rows  # noqa: E402
 from kernels.attention_triton import (  # noqa: E402
     attention_with_column_sums_triton, column_sparse_attention_triton, sampled_column_sums_triton)
-from kernels.index_lists import build_index_lists_reference, index_dtype, rank_units_reference  # noqa: E402
+from kernels.index_lists import (  # noqa: E402
+    build_index_lists_reference, index_dtype, rank_units_reference, read_lists)
 from kernels.index_lists_triton import build_index_lists_triton, rank_units_triton  # noqa: E402
 from kernels.mlp_reference import (  # noqa: E402
     HIDDEN_HEADROOM, block_means_reference, sparse_mlp_delta_reference, transpose_into_reference)
@@ -233,6 +234,25 @@ def index_list_case(shape, keep, n_random, forced, gen, ties=False):
                 got, expected)
 
 
+def paged_lists_case(b, h, n, group, keep, dtype, gen):
+    """Paged key lists at a video length (WAN 720p: 75,600 keys): the selection kernel writes the
+    reference's paged lists, and the sparse attention over them equals the attention over the
+    same lists in int32, bit for bit."""
+    scores = torch.rand(b, h, math.ceil(n / group), n, device=DEV, generator=gen)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV, generator=gen)
+    text = torch.arange(512, device=DEV)
+    expected = build_index_lists_reference(scores, keep, keep // 10, text, seeds, 64, paged=True)
+    got = build_index_lists_triton(scores, keep, keep // 10, text, seeds, 64, paged=True)
+    check_equal(f"paged index lists {tuple(scores.shape)} keep {keep}", got, expected)
+    ids, counts = read_lists(*got)
+    q, k, v = (torch.randn(b, n, h, 128, device=DEV, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    order = torch.randperm(n, device=DEV, generator=gen).int()
+    base = torch.randn(b, h, n, 128, device=DEV, generator=gen).to(dtype)
+    wide, paged = (column_sparse_attention_triton(q, k, v, *lists, order, group, base, torch.empty_like(base), 1.0)
+                   for lists in ((ids.int(), counts.int()), got))
+    check_equal(f"sparse attention over paged lists n{n} {str(dtype)[6:]} == over int32 lists", (paged,), (wide,))
+
+
 def rank_units_case(blocks, units, keep, n_random, gen):
     current = torch.randn(1, blocks, units, device=DEV, generator=gen).bfloat16()
     mean = torch.randn(1, blocks, units, device=DEV, generator=gen)
@@ -299,6 +319,7 @@ def selection_cases(gen):
     if big:  # rows longer than one chunk of the kernel (WAN / HunyuanVideo lengths), per-group forced keys
         window = torch.randint(-1, 75600, (4, 3000), device=DEV, generator=gen)
         index_list_case((1, 2, 4, 75600), 7560, 756, window, gen)
+        paged_lists_case(1, 2, 75600, 192, 8316, torch.bfloat16, gen)
     rank_units_case(36 if big else 2, 12288 if big else 300, round(0.3 * (12288 if big else 300)),
                     round(0.05 * (12288 if big else 300)), gen)
     for dtype in (torch.bfloat16, torch.float16):

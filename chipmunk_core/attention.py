@@ -158,11 +158,11 @@ class SparseDeltaAttention(Rows):
         width = kernels.list_width(n_keys, keep_count, config.selection_tile, forced.width if forced else 0)
         out = None
         if (ready and self.indices.device == q.device and self.indices.shape[-1] == width
-                and self.indices.dtype == kernels.index_dtype(n_keys)):
+                and (self.indices.dtype, self.counts.dtype) == kernels.list_dtypes(n_keys, width, paged=True)):
             out = (self.indices, self.counts)  # refill the lists in place (stable addresses)
         self.indices, self.counts = kernels.build_index_lists(
             scores, keep_count=keep_count, random_count=round(config.attention_random_fraction * n_keys),
-            forced=forced, row_seeds=seeds, pad_to=config.selection_tile, out=out)
+            forced=forced, row_seeds=seeds, pad_to=config.selection_tile, out=out, paged=True)
         return dense
 
     def sparse_step(self, q, k, v, layout: JointLayout, config: ChipmunkConfig) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import index_dtype, list_width, selection_size
+from ..kernels import index_dtype, list_dtypes, list_width, selection_size
 from .config import ChipmunkConfig
 from .memory import ModelDims
 
@@ -98,8 +98,8 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         groups = math.ceil(n_tokens / config.query_group)
         kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
         delta = rows * n_tokens * dims.heads * (dims.head_dim + 4 if config.fp8_caches else dims.head_dim * element)
-        index_bytes = index_dtype(n_tokens).itemsize
-        lists = rows * dims.heads * (groups * (kept + 1) * index_bytes + n_tokens * 4)  # lists, counts; fp32 lse
+        ids, counts = (t.itemsize for t in list_dtypes(n_tokens, kept, paged=True))
+        lists = rows * dims.heads * (groups * (kept * ids + counts) + n_tokens * 4)  # lists, counts; fp32 lse
         flops = 4.0 * n_tokens * n_tokens * dims.head_dim * dims.heads * rows
         saved = flops * max(0.0, 1.0 - (kept / n_tokens) / cost.attention_efficiency) / cost.matrix_flops
         attention = (delta + lists, saved, delta + lists)  # a sparse step reads the cache

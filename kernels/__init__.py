@@ -14,6 +14,8 @@ Contract shared by the attention operations
   lists built here take ``index_dtype(N_keys)``, the narrowest that holds them); entries past a
   group's count are ignored. The kernels take the entries in any order; the lists built
   here are ascending (a free by-product of how they are built, and it keeps gathers local).
+  Past int16's range, attention lists built with ``paged=True`` take the paged form (int16 ids,
+  int32 counts; ascending by definition): see ``index_lists.page_lists``.
 - Outputs go into caller-provided views in token order (``out`` may be a transposed view of a
   ``[B, N, H, D]`` buffer so that no copy is needed to hand the result back to the model).
 """
@@ -27,7 +29,7 @@ from .attention_reference import (attention_with_column_sums_reference, column_s
 from .fp8 import FP8, quantize_rows
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
 from .index_lists import (ForcedColumns, build_index_lists_reference, check_index_dtype, forced_columns, index_dtype,
-                          list_width, rank_units_reference, selection_size)
+                          is_paged, list_dtypes, list_width, rank_units_reference, read_lists, selection_size)
 from .mlp_reference import HIDDEN_HEADROOM, block_means_reference, sparse_mlp_delta_reference, transpose_into_reference
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "HIDDEN_HEADROOM",
     "fp8_supported",
     "index_dtype",
+    "list_dtypes",
+    "read_lists",
     "selection_size",
     "backend_for",
     "layer_norm_modulate",
@@ -134,17 +138,19 @@ def transpose_into(src, out):
     return transpose_into_reference(src, out)
 
 
-def build_index_lists(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64, out=None):
+def build_index_lists(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64, out=None,
+                      paged=False):
     """Per row of ``scores`` ([..., R, C]): forced + random + top-scoring columns, ascending.
 
     Returns ``(indices [..., R, K], counts [..., R])``, ``index_dtype(C)`` (into ``out`` if given); see
     ``build_index_lists_reference`` for the exact definition (ties go to the lower column; random
-    columns come from a hash of ``row_seeds[b]``, the row and the column).
+    columns come from a hash of ``row_seeds[b]``, the row and the column). ``paged``: the reader
+    takes the paged form (``column_sparse_attention`` does), used where ``paged_form(C, K)``.
     """
     if backend_for(scores) == "triton":
         from .index_lists_triton import build_index_lists_triton
-        return build_index_lists_triton(scores, keep_count, random_count, forced, row_seeds, pad_to, out)
-    indices, counts = build_index_lists_reference(scores, keep_count, random_count, forced, row_seeds, pad_to)
+        return build_index_lists_triton(scores, keep_count, random_count, forced, row_seeds, pad_to, out, paged=paged)
+    indices, counts = build_index_lists_reference(scores, keep_count, random_count, forced, row_seeds, pad_to, paged)
     return _into(out, indices, counts, scores.shape[-1])
 
 
@@ -190,8 +196,12 @@ def gated_residual_(x, gate, a, b=None, out=None):
 def _into(out, indices, counts, n_columns):
     if out is None:
         return indices, counts
-    check_index_dtype(out[0], n_columns)
-    check_index_dtype(out[1], n_columns)
+    if is_paged(*out) != is_paged(indices, counts):  # (int16 ids with int32 counts read as paged)
+        raise ValueError(f"lists over {n_columns} columns are {indices.dtype} with {counts.dtype} counts; the "
+                         f"buffers given are {out[0].dtype} and {out[1].dtype}")
+    if not is_paged(indices, counts):
+        check_index_dtype(out[0], n_columns)
+        check_index_dtype(out[1], n_columns)
     out[0].copy_(indices)
     out[1].copy_(counts)
     return out

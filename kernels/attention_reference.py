@@ -18,6 +18,7 @@ import math
 import torch
 
 from .fp8 import quantize_rows
+from .index_lists import read_lists
 
 # Rows of scores materialised at once by the references: bounded memory, not speed.
 _CHUNK_ELEMENTS = 1 << 24
@@ -82,11 +83,12 @@ def column_sparse_attention_reference(q, k, v, indices, counts, query_order, gro
     batch, heads, n_tokens, head_dim = q.shape
     scale = head_dim ** -0.5
     order = query_order.long().to(q.device)
+    indices, counts = read_lists(indices, counts)  # (either form: plain or paged)
     capacity = indices.shape[-1]
-    valid = torch.arange(capacity, device=q.device) < counts[..., None].long()  # [B, H, G, K]
+    valid = torch.arange(capacity, device=q.device) < counts[..., None]  # [B, H, G, K]
     for g in range(indices.shape[2]):
         rows = order[g * group_size: min((g + 1) * group_size, n_tokens)]
-        idx = torch.where(valid[:, :, g], indices[:, :, g], 0).long()  # [B, H, K]; entries past the count may be junk
+        idx = torch.where(valid[:, :, g], indices[:, :, g], 0)  # [B, H, K]; entries past the count may be junk
         gather = idx[..., None].expand(-1, -1, -1, head_dim)
         k_sel = torch.gather(k.float(), 2, gather)
         v_sel = torch.gather(v.float(), 2, gather)

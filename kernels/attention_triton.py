@@ -31,7 +31,9 @@ import triton.language as tl
 from ._device import fp8_supported, note_fallback, row_tile, size_class, tensor_descriptors
 from .attention_reference import (attention_with_column_sums_reference, column_sparse_attention_reference,
                                   sampled_column_sums_reference)
+from . import index_lists
 from .fp8 import check_scales
+from .index_lists import is_paged
 
 _LOG2E = 1.4426950408889634  # the kernels write it (and ln 2) as literals: Triton needs constexpr globals
 
@@ -71,13 +73,25 @@ def _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, MASK_COLS:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sparse_last_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, Idx, idx_row, start, count, qk_scale,
-                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _key_ids(stored, slots, first_page, PAGED: tl.constexpr, PAGE_BITS: tl.constexpr):
+    """Key ids (int64) of list entries at ``slots``: as stored, or from the paged form (the low
+    bits, plus one page from the slot ``first_page`` on; see ``index_lists.page_lists``)."""
+    ids = stored.to(tl.int64)
+    if PAGED:
+        ids = (ids & ((1 << PAGE_BITS) - 1)) + tl.where(slots >= first_page, 1 << PAGE_BITS, 0).to(tl.int64)
+    return ids
+
+
+@triton.jit
+def _sparse_last_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, Idx, idx_row, start, count, first_page,
+                          qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr,
+                          PAGE_BITS: tl.constexpr):
     """The partial key tile at the end of a list (slots past the count are masked out)."""
     slots = start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     col_valid = slots < count
-    keys = tl.load(Idx + idx_row + slots, mask=col_valid, other=0).to(tl.int64)
+    keys = _key_ids(tl.load(Idx + idx_row + slots, mask=col_valid, other=0), slots, first_page, PAGED, PAGE_BITS)
+    keys = tl.where(col_valid, keys, 0)
     k = tl.load(K + k_head + keys[:, None] * s_kn + dims[None, :])
     v = tl.load(V + v_head + keys[:, None] * s_vn + dims[None, :])
     acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, col_valid, True)
@@ -93,6 +107,7 @@ def _column_sparse_attention_kernel(
     H, N, K_CAP, group_size, tiles_per_group, sign, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BASE: tl.constexpr, STREAM: tl.constexpr, BASE_FP8: tl.constexpr, OUT_FP8: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -101,7 +116,12 @@ def _column_sparse_attention_kernel(
     group = pid // tiles_per_group
     first_pos = group * group_size + (pid % tiles_per_group) * BLOCK_M
 
-    count = tl.minimum(tl.load(Cnt + b * s_cb + h * s_ch + group * s_cg), K_CAP)
+    count = tl.load(Cnt + b * s_cb + h * s_ch + group * s_cg)
+    first_page = count * 0
+    if PAGED:  # the count's low 16 bits, the first page's size above them
+        first_page = (count >> 16) & 0xFFFF
+        count = count & 0xFFFF
+    count = tl.minimum(count, K_CAP)
     n_full = (count // BLOCK_N) * BLOCK_N
     idx_row = b * s_ib + h * s_ih + group.to(tl.int64) * s_ig
     k_head = b * s_kb + h * s_kh
@@ -120,14 +140,14 @@ def _column_sparse_attention_kernel(
     for start in range(0, n_full, BLOCK_N):
         ahead = start + BLOCK_N + lanes
         keys_next = tl.load(Idx + idx_row + ahead, mask=ahead < n_full, other=0)
-        keys64 = keys.to(tl.int64)
+        keys64 = _key_ids(keys, start + lanes, first_page, PAGED, PAGE_BITS)
         k = tl.load(K + k_head + keys64[:, None] * s_kn + dims[None, :])
         v = tl.load(V + v_head + keys64[:, None] * s_vn + dims[None, :])
         acc, m_i, l_i, p = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, lanes >= 0, False)
         keys = keys_next
     if n_full < count:
         acc, m_i, l_i = _sparse_last_key_tile(q, acc, m_i, l_i, K, V, k_head, v_head, s_kn, s_vn, Idx, idx_row,
-                                              n_full, count, qk_scale, BLOCK_N, HEAD_DIM)
+                                              n_full, count, first_page, qk_scale, BLOCK_N, HEAD_DIM, PAGED, PAGE_BITS)
     # An empty key list leaves l_i == 0 and acc == 0: the group contributes nothing.
     result = sign * (acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
     rows64 = rows[:, None].to(tl.int64)
@@ -479,6 +499,7 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
     cfg = {"stream_hint": True, **tuned[min((t for t in tuned if t >= block_m), default=max(tuned))], **config}
     tiles_per_group = group_size // block_m
     order = query_order.to(device=q.device, dtype=torch.int32)
+    paged = is_paged(indices, counts)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     counts = counts if counts.dtype in (torch.int16, torch.int32) else counts.to(torch.int32)
     base_t = base if base is not None else out  # never read when HAS_BASE is False
@@ -496,7 +517,7 @@ def column_sparse_attention_triton(q, k, v, indices, counts, query_order, group_
         head_dim ** -0.5 * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         HAS_BASE=base is not None, STREAM="evict_first" if cfg["stream_hint"] else "",
-        BASE_FP8=base_scale is not None, OUT_FP8=out_scale is not None,
+        BASE_FP8=base_scale is not None, OUT_FP8=out_scale is not None, PAGED=paged, PAGE_BITS=index_lists.PAGE_BITS,
         **_launch_options(cfg),
     )
     return out

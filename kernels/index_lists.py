@@ -68,6 +68,60 @@ def index_dtype(n_columns: int) -> torch.dtype:
     return torch.int16 if n_columns <= torch.iinfo(torch.int16).max else torch.int32
 
 
+# Paged lists: key lists past int16's range (WAN at 720p: 75,600 keys; HunyuanVideo at 720p:
+# 119,056) stay 16-bit. Each id is stored modulo ``2**PAGE_BITS`` (its low bits, as an int16 bit
+# pattern), and the int32 count of a row carries, above its low 16 bits, how many of the row's ids
+# (ascending) lie in the first page: the ids from that slot on are in the second. So ids below
+# ``2**(PAGE_BITS + 1)`` fit in half the bytes of int32 lists (a list is 4-5x the size of its delta
+# cache's share at 720p). The paged form is recognised by its dtypes: int16 ids with int32 counts.
+# (Tests lower PAGE_BITS to reach it at tiny sizes.)
+PAGE_BITS = 16
+_COUNT_BITS = 16
+
+
+def paged_form(n_columns: int, capacity: int) -> bool:
+    """Whether lists over ``n_columns`` columns of ``capacity`` slots take the paged form."""
+    return 2 ** (PAGE_BITS - 1) <= n_columns <= 2 ** (PAGE_BITS + 1) and capacity < 2 ** _COUNT_BITS
+
+
+def list_dtypes(n_columns: int, capacity: int, paged: bool = False) -> tuple[torch.dtype, torch.dtype]:
+    """(ids, counts) dtypes of lists over ``n_columns`` columns: ``index_dtype`` for both, or with
+    ``paged`` (the reader takes the paged form) int16 ids and int32 counts where ``paged_form``."""
+    if paged and paged_form(n_columns, capacity):
+        return torch.int16, torch.int32
+    return index_dtype(n_columns), index_dtype(n_columns)
+
+
+def is_paged(indices: torch.Tensor, counts: torch.Tensor) -> bool:
+    return indices.dtype == torch.int16 and counts.dtype == torch.int32
+
+
+def page_lists(indices: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged form of ascending lists (``indices`` [..., K] ids below ``2**(PAGE_BITS + 1)``,
+    ``counts`` [...], any integer type): (int16 ids modulo ``2**PAGE_BITS``, int32 counts with the
+    first page's size above their low 16 bits)."""
+    ids, n = indices.long(), counts.long()
+    page = 2 ** PAGE_BITS
+    listed = torch.arange(ids.shape[-1], device=ids.device) < n[..., None]
+    first = ((ids < page) & listed).sum(-1)
+    low = ids % page
+    low = torch.where(low >= 2 ** 15, low - 2 ** 16, low)  # the low 16 bits as an int16 bit pattern
+    packed = n | (first << _COUNT_BITS)
+    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)
+    return low.to(torch.int16), packed.to(torch.int32)
+
+
+def read_lists(indices: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and counts as int64, from lists in either form."""
+    if not is_paged(indices, counts):
+        return indices.long(), counts.long()
+    packed = counts.long() & 0xFFFFFFFF
+    n, first = packed & (2 ** _COUNT_BITS - 1), packed >> _COUNT_BITS
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    ids = (indices.long() & (2 ** PAGE_BITS - 1)) + torch.where(slots >= first[..., None], 2 ** PAGE_BITS, 0)
+    return ids, n
+
+
 def check_index_dtype(t: torch.Tensor, n_columns: int) -> None:
     """Raise unless ``t`` (given lists or counts) can hold ids and counts of ``n_columns`` columns."""
     if t.dtype not in (torch.int16, torch.int32) or torch.iinfo(t.dtype).max < n_columns:
@@ -166,7 +220,8 @@ def as_forced(forced, n_columns: int) -> ForcedColumns | None:
     return forced_columns(forced, n_columns)
 
 
-def build_index_lists_reference(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64):
+def build_index_lists_reference(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64,
+                                paged=False):
     """Pick, per row of ``scores`` ([..., R, C], higher = more important), the columns to recompute.
 
     Every row keeps ``selection_size(C, keep_count, pad_to)`` columns (or all of its forced
@@ -177,7 +232,8 @@ def build_index_lists_reference(scores, keep_count, random_count=0, forced=None,
     row index counts every row dimension after the first), then the best-scoring remaining columns.
     Returns ``(indices, counts)``: ``[..., R, K]`` ascending within each row's count (entries past
     it are 0) and ``[..., R]``, both ``index_dtype(C)``, with ``K = list_width(C, keep_count, pad_to,
-    forced width)``.
+    forced width)``; with ``paged`` (the reader takes that form), ``page_lists`` of them where
+    ``paged_form(C, K)``.
     """
     batch, n_rows, n_cols = split_rows(scores.shape)
     forced = as_forced(forced, n_cols)
@@ -190,7 +246,9 @@ def build_index_lists_reference(scores, keep_count, random_count=0, forced=None,
     lead = scores.shape[:-1]
     dtype = index_dtype(n_cols)
     if capacity == 0:
-        return (torch.zeros(*lead, 0, dtype=dtype, device=device), torch.zeros(lead, dtype=dtype, device=device))
+        id_dtype, count_dtype = list_dtypes(n_cols, capacity, paged)
+        return (torch.zeros(*lead, 0, dtype=id_dtype, device=device),
+                torch.zeros(lead, dtype=count_dtype, device=device))
     keys = score_keys(scores.reshape(batch, n_rows, n_cols))
     if forced is not None:
         mask_rows = forced.mask.shape[0]
@@ -212,7 +270,8 @@ def build_index_lists_reference(scores, keep_count, random_count=0, forced=None,
     columns = torch.arange(n_cols, device=device, dtype=dtype).expand(batch, n_rows, -1)
     indices = torch.zeros(batch, n_rows, capacity + 1, dtype=dtype, device=device)
     indices.scatter_(-1, slot, columns)
-    return indices[..., :capacity].reshape(*lead, capacity), counts.to(dtype).reshape(lead)
+    indices, counts = indices[..., :capacity].reshape(*lead, capacity), counts.to(dtype).reshape(lead)
+    return page_lists(indices, counts) if paged and paged_form(n_cols, capacity) else (indices, counts)
 
 
 def rank_units_reference(current, block_mean, keep_count, random_count=0, row_seeds=None, pad_to=64):

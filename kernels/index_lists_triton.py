@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .index_lists import (ForcedColumns, as_forced, check_index_dtype, index_dtype, list_width, random_budget,
-                          selection_size, split_rows)
+from . import index_lists
+from .index_lists import (ForcedColumns, as_forced, check_index_dtype, is_paged, list_dtypes, list_width, paged_form,
+                          random_budget, selection_size, split_rows)
 
 
 @triton.jit
@@ -149,7 +150,7 @@ def _select_columns_kernel(
     s_srow, s_crow, s_mrow, s_frow, s_irow,
     ROWS, FORCED_ROWS, C, C_BITS, total, capacity, n_random,
     ABS_DIFF: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_RANDOM: tl.constexpr, BLOCK_C: tl.constexpr,
-    IN_REGISTERS: tl.constexpr,
+    IN_REGISTERS: tl.constexpr, PAGED: tl.constexpr, PAGE_BITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // ROWS
@@ -209,6 +210,7 @@ def _select_columns_kernel(
     # Compaction: the chosen columns in ascending order; the MLP's block means refreshed.
     idx_row = Idx + row64 * s_irow
     written = tl.zeros([], dtype=tl.int32)
+    first_page = tl.zeros([], dtype=tl.int32)  # paged lists: how many chosen columns lie below 2**PAGE_BITS
     for c0 in range(0, C, BLOCK_C):
         cols, keys, eligible, forced, rand = _chunk(Scores, Current, Mean, Forced, row_s, row_c, row_m, row_f, c0, C,
                                                     row_key, t_rand, cut_rand, 1, ABS_DIFF, HAS_FORCED, HAS_RANDOM,
@@ -216,7 +218,12 @@ def _select_columns_kernel(
         top = eligible & ((keys > t_top) | ((keys == t_top) & (cols < cut_top)))
         chosen = forced | rand | top
         slots = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(idx_row + slots, cols, mask=chosen)
+        if PAGED:  # the low bits, stored as the int16 bit pattern (index_lists.page_lists)
+            in_page = cols & ((1 << PAGE_BITS) - 1)
+            tl.store(idx_row + slots, tl.where(in_page >= 32768, in_page - 65536, in_page), mask=chosen)
+            first_page += tl.sum((chosen & (cols < (1 << PAGE_BITS))).to(tl.int32), axis=0)
+        else:
+            tl.store(idx_row + slots, cols, mask=chosen)
         written += tl.sum(chosen.to(tl.int32), axis=0)
         if ABS_DIFF:
             cur = tl.load(Current + row_c + cols, mask=chosen, other=0.0).to(tl.float32)
@@ -224,7 +231,10 @@ def _select_columns_kernel(
     for s0 in range(0, capacity, BLOCK_C):
         slots = s0 + tl.arange(0, BLOCK_C)
         tl.store(idx_row + slots, tl.zeros([BLOCK_C], dtype=tl.int32), mask=(slots >= count) & (slots < capacity))
-    tl.store(Cnt + row64, count)
+    if PAGED:  # the first page's size above the count's low 16 bits (as an int32 bit pattern)
+        tl.store(Cnt + row64, (count | (first_page.to(tl.uint32) << 16).to(tl.int32, bitcast=True)))
+    else:
+        tl.store(Cnt + row64, count)
 
 
 # Rows up to this many columns stay in registers across the counting passes (16 warps: 32 keys a
@@ -244,7 +254,7 @@ def _launch_config(n_cols, config):
 
 
 def _launch(scores, current, mean, n_rows_total, rows, n_cols, keep_count, random_count, forced, row_seeds, pad_to,
-            out, lead_shape, device, config):
+            out, lead_shape, device, config, paged=False):
     forced = as_forced(forced, n_cols)
     width = forced.width if forced is not None else 0
     total = selection_size(n_cols, keep_count, pad_to)
@@ -252,17 +262,22 @@ def _launch(scores, current, mean, n_rows_total, rows, n_cols, keep_count, rando
     n_random = random_budget(n_cols, keep_count, random_count, pad_to, width)
     if n_random and row_seeds is None:
         raise ValueError("random columns need row_seeds (int64, one seed per batch row)")
+    paged = paged and paged_form(n_cols, capacity)
     if out is not None:
         indices, counts = out
         if tuple(indices.shape) != (*lead_shape, capacity) or tuple(counts.shape) != tuple(lead_shape):
             raise ValueError(f"out buffers {tuple(indices.shape)}, {tuple(counts.shape)} do not fit "
                              f"{(*lead_shape, capacity)}, {tuple(lead_shape)}")
-        check_index_dtype(indices, n_cols)
-        check_index_dtype(counts, n_cols)
+        if is_paged(indices, counts) != paged:  # (int16 ids with int32 counts read as paged)
+            raise ValueError(f"lists over {n_cols} columns are {'' if paged else 'not '}paged: the buffers "
+                             f"given are {indices.dtype} and {counts.dtype}")
+        if not paged:
+            check_index_dtype(indices, n_cols)
+            check_index_dtype(counts, n_cols)
     else:
-        dtype = index_dtype(n_cols)
-        indices = torch.empty(*lead_shape, capacity, dtype=dtype, device=device)
-        counts = torch.empty(lead_shape, dtype=dtype, device=device)
+        id_dtype, count_dtype = list_dtypes(n_cols, capacity, paged)
+        indices = torch.empty(*lead_shape, capacity, dtype=id_dtype, device=device)
+        counts = torch.empty(lead_shape, dtype=count_dtype, device=device)
     if capacity == 0 or n_rows_total == 0:
         counts.zero_()
         return indices, counts
@@ -281,7 +296,7 @@ def _launch(scores, current, mean, n_rows_total, rows, n_cols, keep_count, rando
         mean.stride(-2) if abs_diff else 0, mask.stride(0) if mask is not None else 0, capacity,
         rows, mask.shape[0] if mask is not None else 1, n_cols, n_cols.bit_length(), total, capacity, n_random,
         ABS_DIFF=abs_diff, HAS_FORCED=mask is not None, HAS_RANDOM=n_random > 0, BLOCK_C=block_c,
-        IN_REGISTERS=in_registers, num_warps=warps,
+        IN_REGISTERS=in_registers, PAGED=paged, PAGE_BITS=index_lists.PAGE_BITS, num_warps=warps,
     )
     return indices, counts
 
@@ -293,14 +308,14 @@ def _rows_view(t, batch, rows, n_cols):
 
 
 def build_index_lists_triton(scores, keep_count, random_count=0, forced=None, row_seeds=None, pad_to=64, out=None,
-                             *, config=None):
+                             *, config=None, paged=False):
     """Triton version of ``build_index_lists_reference`` (same arguments and results); ``out``
     optionally gives the ``(indices, counts)`` buffers to fill. ``config`` (tests, benchmarks):
     ``in_registers``, ``block_c``, ``num_warps``."""
     batch, rows, n_cols = split_rows(scores.shape)
     flat = _rows_view(scores, batch, rows, n_cols)
     return _launch(flat, None, None, batch * rows, rows, n_cols, keep_count, random_count, forced, row_seeds, pad_to,
-                   out, scores.shape[:-1], scores.device, config)
+                   out, scores.shape[:-1], scores.device, config, paged)
 
 
 def rank_units_triton(current, block_mean, keep_count, random_count=0, row_seeds=None, pad_to=64, out=None, *,

@@ -103,7 +103,8 @@ def test_a_folded_delta_is_counted_only_while_its_layer_keeps_no_mlp_cache():
 
 
 def test_key_lists_take_the_narrowest_integer_type():
-    """WAN2.1 at 480p 81 frames (32,760 tokens) keeps int16 key lists; at 720p (75,600) int32."""
+    """WAN2.1 at 480p 81 frames (32,760 tokens) keeps int16 key lists; at 720p (75,600) paged int16
+    lists (int32 counts, which also say where the second page starts); past two pages, int32."""
     wan = ModelDims(30, 12, 128, 8960, 1536)
     config = resolve_config("wan")
 
@@ -112,10 +113,10 @@ def test_key_lists_take_the_narrowest_integer_type():
         delta = n_tokens * 12 * 128 * 2
         return attention.nbytes - delta - 12 * n_tokens * 4  # less the delta cache and fp32 row statistics
 
-    for n_tokens, width in ((32760, 2), (75600, 4)):
+    for n_tokens, width, count_width in ((32760, 2, 2), (75600, 2, 4), (140000, 4, 4)):
         groups = -(-n_tokens // config.query_group)
         kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
-        assert list_bytes(n_tokens) == 12 * groups * (kept + 1) * width
+        assert list_bytes(n_tokens) == 12 * groups * (kept * width + count_width)
 
 
 def test_fp8_attention_caches_take_a_byte_per_value_and_a_scale_per_row():

@@ -231,6 +231,28 @@ def test_dense_step_without_lists_selects_even_when_told_not_to():
     assert state.indices is not None and state.ready_for(q, k)
 
 
+def test_paged_key_lists_give_the_steps_of_plain_lists(monkeypatch):
+    """Past int16's range the state keeps paged lists (here with pages of 32 ids, so that 52 keys
+    need them): dense and sparse steps are those of plain lists, and the lists are refilled in
+    place."""
+    from chipmunk_pack.kernels import index_lists
+
+    config, layout, (q, k, v), (q2, k2, v2) = _attention_case(batch=2)
+    plain = SparseDeltaAttention()
+    expected = (plain.dense_step(q, k, v, layout, config, _seeds(2)), plain.sparse_step(q2, k2, v2, layout, config))
+    monkeypatch.setattr(index_lists, "PAGE_BITS", 5)
+    paged = SparseDeltaAttention()
+    got = (paged.dense_step(q, k, v, layout, config, _seeds(2)), paged.sparse_step(q2, k2, v2, layout, config))
+    assert (paged.indices.dtype, paged.counts.dtype) == (torch.int16, torch.int32)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    ids, counts = index_lists.read_lists(paged.indices, paged.counts)
+    listed = torch.arange(ids.shape[-1]) < counts[..., None]
+    assert torch.equal(ids[listed], plain.indices.long()[listed]) and (ids[listed] >= 32).any()
+    address = paged.indices.data_ptr()
+    paged.dense_step(q2, k2, v2, layout, config, _seeds(2), select=True)
+    assert paged.indices.data_ptr() == address
+
+
 def test_a_folded_delta_is_handed_back_and_sparse_steps_return_the_restricted_attention_alone():
     """fold=True: the dense step returns (dense, C) and keeps the lists only; a sparse step
     returns A_S, so that C + A_S is the unfolded state's sparse step, for any linear map of it."""

@@ -216,6 +216,36 @@ class TestBuildIndexLists:
             build_index_lists(torch.rand(1, 2, 40000), keep_count=64, pad_to=64,
                               out=(torch.empty(1, 2, 64, dtype=torch.int16), torch.empty(1, 2, dtype=torch.int16)))
 
+    def test_paged_lists_hold_two_pages_in_16_bits(self):
+        """Past int16's range, attention lists stay 16-bit: ids modulo 2**16, and the int32 count
+        says, above its low 16 bits, where the second page starts. WAN 720p (75,600 keys) and
+        HunyuanVideo 720p (119,056) take that form; past 131,072 keys, int32."""
+        from chipmunk_pack.kernels import index_lists
+
+        assert index_lists.list_dtypes(75600, 8384, paged=True) == (torch.int16, torch.int32)
+        assert index_lists.list_dtypes(119056, 7168, paged=True) == (torch.int16, torch.int32)
+        assert index_lists.list_dtypes(4608, 768, paged=True) == (torch.int16, torch.int16)  # one page: int16
+        assert index_lists.list_dtypes(140000, 8384, paged=True) == (torch.int32, torch.int32)
+        assert index_lists.list_dtypes(75600, 8384) == (torch.int32, torch.int32)  # a reader of plain lists only
+        ids = torch.tensor([[3, 40000, 65535, 65536, 70001, 131071, 0, 0]])
+        counts = torch.tensor([6])
+        stored, packed = index_lists.page_lists(ids, counts)
+        assert stored.dtype == torch.int16 and packed.dtype == torch.int32
+        assert int(packed) & 0xFFFF == 6 and (int(packed) >> 16) & 0xFFFF == 3  # three ids in the first page
+        back, n = index_lists.read_lists(stored, packed)
+        assert torch.equal(back[:, :6], ids[:, :6]) and int(n) == 6
+        scores = torch.rand(2, 3, 70000, generator=torch.Generator().manual_seed(1))
+        paged = build_index_lists(scores, keep_count=3000, pad_to=64, paged=True)
+        plain = build_index_lists(scores, keep_count=3000, pad_to=64)
+        assert (paged[0].dtype, paged[1].dtype) == (torch.int16, torch.int32) and plain[0].dtype == torch.int32
+        back, n = index_lists.read_lists(*paged)
+        assert torch.equal(back, plain[0].long()) and torch.equal(n, plain[1].long())
+        with pytest.raises(ValueError, match="buffers given"):  # plain buffers for paged lists
+            build_index_lists(scores, keep_count=3000, pad_to=64, paged=True, out=plain)
+        into = build_index_lists(scores, keep_count=3000, pad_to=64, paged=True,
+                                 out=(torch.empty_like(paged[0]), torch.empty_like(paged[1])))
+        assert torch.equal(into[0], paged[0]) and torch.equal(into[1], paged[1])
+
     def test_keep_more_than_exists(self):
         indices, counts = build_index_lists(torch.rand(2, 30), keep_count=1000, pad_to=64)
         assert (counts == 30).all() and torch.equal(indices.long(), torch.arange(30).expand(2, -1))

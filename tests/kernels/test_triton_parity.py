@@ -433,6 +433,51 @@ def test_selection_writes_the_narrowest_lists(interpreted):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@pytest.fixture
+def small_pages(monkeypatch):
+    """Paged lists at tiny sizes: pages of 64 ids, so lists over 32 to 128 columns take the paged
+    form (at the real page size, 32,768 to 131,072)."""
+    from chipmunk_pack.kernels import index_lists
+
+    monkeypatch.setattr(index_lists, "PAGE_BITS", 6)
+    return index_lists
+
+
+@pytest.mark.parametrize("n_cols", [100, 128])
+def test_paged_lists_are_written_and_read_as_the_reference_does(interpreted, small_pages, n_cols):
+    """Key lists past int16's range stay 16-bit (ids modulo the page, the first page's size in the
+    count's high bits): the selection kernel writes the reference's paged lists bit for bit, and
+    the sparse attention over them equals the attention over the same lists in int32."""
+    from chipmunk_pack.kernels.index_lists import build_index_lists_reference, read_lists
+
+    gen = torch.Generator().manual_seed(31)
+    b, h, d, group, dtype = 1, 2, 64, 32, torch.bfloat16
+    n_groups = math.ceil(n_cols / group)
+    scores = torch.rand(b, h, n_groups, n_cols, generator=gen)
+    seeds = torch.tensor([7])
+    forced = torch.arange(4)  # text keys in the first page
+    got = interpreted["index_lists_triton"].build_index_lists_triton(scores, 40, 6, forced, seeds, 16, paged=True)
+    expected = build_index_lists_reference(scores, 40, 6, forced, seeds, 16, paged=True)
+    plain = build_index_lists_reference(scores, 40, 6, forced, seeds, 16)
+    assert (got[0].dtype, got[1].dtype) == (torch.int16, torch.int32)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    ids, counts = read_lists(*got)
+    listed = torch.arange(ids.shape[-1]) < counts[..., None]
+    assert torch.equal(counts, plain[1].long()) and torch.equal(ids[listed], plain[0].long()[listed])
+    assert (ids[listed] >= 64).any() and (ids[listed] < 64).any()  # both pages in use
+
+    q, k, v = qkv_views(gen, b, h, n_cols, d, dtype, "bhnd")
+    order = torch.randperm(n_cols, generator=gen).int()
+    base = torch.randn(b, h, n_cols, d, generator=gen).to(dtype)
+    attention = interpreted["attention_triton"]
+    wide = attention.column_sparse_attention_triton(q, k, v, plain[0].int(), plain[1].int(), order, group, base,
+                                                    torch.empty_like(q), 1.0)
+    paged = attention.column_sparse_attention_triton(q, k, v, *got, order, group, base, torch.empty_like(q), 1.0)
+    assert torch.equal(wide, paged)
+    reference = column_sparse_attention_reference(q, k, v, *got, order, group, base, torch.empty_like(q), 1.0)
+    assert_matches(paged, reference, dtype, "sparse attention over paged lists")
+
+
 def test_fp8_delta_cache_written_and_read_as_the_reference_does(interpreted):
     """fp8 delta caches: the dense step writes float8_e4m3fn rows with a float32 scale each, the
     sparse step reads them back. The kernel's rows are ``quantize_rows`` of what it computes (its
