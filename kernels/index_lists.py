@@ -72,8 +72,8 @@ def index_dtype(n_columns: int) -> torch.dtype:
 # 119,056) stay 16-bit. Each id is stored modulo ``2**PAGE_BITS`` (its low bits, as an int16 bit
 # pattern), and the int32 count of a row carries, above its low 16 bits, how many of the row's ids
 # (ascending) lie in the first page: the ids from that slot on are in the second. So ids below
-# ``2**(PAGE_BITS + 1)`` fit in half the bytes of int32 lists (a list is 4-5x the size of its delta
-# cache's share at 720p). The paged form is recognised by its dtypes: int16 ids with int32 counts.
+# ``2**(PAGE_BITS + 1)`` fit in half the bytes of int32 lists (which at 720p take two thirds of the
+# bytes of the bf16 delta cache). The paged form is recognised by its dtypes: int16 ids with int32 counts.
 # (Tests lower PAGE_BITS to reach it at tiny sizes.)
 PAGE_BITS = 16
 _COUNT_BITS = 16
