@@ -50,7 +50,10 @@
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
 #
 # whl/ is filled on a machine with network (the device machines have none), for the device's Python:
+# (manylinux_2_17 too: without it pip takes comfy-aimdo's pure-Python wheel, which has no native
+# library, and dynamic VRAM never starts)
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       --platform manylinux_2_17_x86_64 \
 #       -d .device/whl comfy-kitchen==0.2.8 comfy-aimdo torchsde trampoline
 # (comfy-kitchen 0.2.8 is the version ComfyUI v0.19.3 names; newer ones carry a ROCm build past the
 # carry limit.)

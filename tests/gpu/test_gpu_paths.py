@@ -51,13 +51,19 @@ def test_replayed_graphs_equal_eager_steps_bit_for_bit(comfy_gpu, flux_gpu):
 
 
 def test_caches_streamed_from_pinned_host_memory_equal_caches_on_the_gpu(comfy_gpu, flux_gpu, monkeypatch):
-    """No device memory for caches and a host link the cost model calls fast: every cache lives in
-    pinned host memory and is streamed; the picture is the one with the caches on the GPU."""
+    """Every cache placed in pinned host memory and streamed (the placement forced: the plan streams
+    no image layer, and an MLP cache only with room on the device for its block means and unit
+    lists); the picture is the one with the caches on the GPU."""
     _, hooks = comfy_gpu
     plan = _module(hooks, "chipmunk_core.plan")
+    state = _module(hooks, "chipmunk_core.state")
     on_gpu = _sample(comfy_gpu, hooks.accelerate(flux_gpu, cuda_graphs=False))
-    monkeypatch.setattr(hooks, "cache_budget", lambda patcher, x, rows, wanted: 0)
-    monkeypatch.setattr(plan, "DEFAULT_COST", plan.CostModel(host_bandwidth=1e15))
+
+    def all_streamed(items, budget, cost=None, host_budget=None):
+        placement = {(item.layer, item.kind): plan.HOST for item in items}
+        return plan.MemoryPlan(placement, budget, host_budget, plan.folded_bytes(items), 0, plan.folded_bytes(items))
+
+    monkeypatch.setattr(state, "plan_memory", all_streamed)
     model = hooks.accelerate(flux_gpu, cuda_graphs=False)
     streamed = _sample(comfy_gpu, model)
     report = _report(hooks, model)
