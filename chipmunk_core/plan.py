@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import index_dtype, list_dtypes, list_width, selection_size
+from ..kernels import list_bytes, list_width, selection_size
 from .config import ChipmunkConfig
 from .memory import ModelDims
 
@@ -98,11 +98,10 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
         groups = math.ceil(n_tokens / config.query_group)
         kept = selection_size(n_tokens, round(config.attention_keep * n_tokens), config.selection_tile)
         delta = rows * n_tokens * dims.heads * (dims.head_dim + 4 if config.fp8_caches else dims.head_dim * element)
-        ids, counts = (t.itemsize for t in list_dtypes(n_tokens, kept, paged=True))
-        lists = rows * dims.heads * (groups * (kept * ids + counts) + n_tokens * 4)  # lists, counts; fp32 lse
+        lists = rows * dims.heads * (groups * list_bytes(n_tokens, kept, paged=True) + n_tokens * 4)  # and fp32 lse
         flops = 4.0 * n_tokens * n_tokens * dims.head_dim * dims.heads * rows
         saved = flops * max(0.0, 1.0 - (kept / n_tokens) / cost.attention_efficiency) / cost.matrix_flops
-        attention = (delta + lists, saved, delta + lists)  # a sparse step reads the cache
+        attention = dict(nbytes=delta + lists, saving=saved, host_traffic=delta + lists)  # a sparse step reads it
 
     def mlp_item(tokens: int):
         blocks = math.ceil(tokens / config.mlp_block)
@@ -111,21 +110,22 @@ def layer_items(config: ChipmunkConfig, dims: ModelDims, rows: int, n_tokens: in
                          + (dims.mlp_hidden * 4 if config.fp8_caches else 0))
         means = rows * blocks * (dims.mlp_hidden * 4 + dims.mlp_out * element)  # fp32 pre-activation, x
         width = list_width(dims.mlp_hidden, round(config.mlp_keep * dims.mlp_hidden), config.selection_tile)
-        lists = rows * blocks * (width + 1) * index_dtype(dims.mlp_hidden).itemsize  # unit lists, counts
+        lists = rows * blocks * list_bytes(dims.mlp_hidden, width)  # unit lists and counts
         flops = 4.0 * tokens * dims.mlp_out * dims.mlp_hidden * rows
         saved = flops * max(0.0, 1.0 - config.mlp_keep / cost.mlp_efficiency) / cost.matrix_flops
         # each sparse step transposes fc2 into the run's scratch (read + write)
         saved = max(0.0, saved - 2 * dims.fc2_bytes(element) / cost.device_bandwidth)
-        return caches + means + lists, saved, 2 * caches, 0, means + lists  # a sparse step reads and writes the caches
+        return dict(nbytes=caches + means + lists, saving=saved, host_traffic=2 * caches,  # read and written
+                    resident=means + lists)
 
     joint_mlp = mlp_item(n_tokens) if config.sparse_mlp else None
     image_mlp = mlp_item(image_tokens) if config.sparse_mlp and image_tokens is not None else joint_mlp
     for layer in range(config.first_dense_layers, dims.n_layers):
         if attention:
             folds = delta if joint_mlp and layer in mlp_layers and layer in folded_layers else 0
-            items.append(CacheItem(layer, ATTENTION, *attention, folds=folds))
+            items.append(CacheItem(layer, ATTENTION, **attention, folds=folds))
         if joint_mlp and layer in mlp_layers:
-            items.append(CacheItem(layer, MLP, *(image_mlp if layer in image_mlp_layers else joint_mlp)))
+            items.append(CacheItem(layer, MLP, **(image_mlp if layer in image_mlp_layers else joint_mlp)))
     return items
 
 
@@ -219,8 +219,9 @@ def _placed(items, budget, cost, host_budget) -> MemoryPlan:
             where = OFF
         placement[(item.layer, item.kind)] = where
         if where != OFF:
-            used[where] += own - (item.resident if where == HOST else 0)
-            used[DEVICE] += item.resident if where == HOST else 0
+            resident = item.resident if where == HOST else 0  # (on the device wherever the item lives)
+            used[where] += own - resident
+            used[DEVICE] += resident
             for place, freed in credit.items():
                 used[place] -= freed
     folded = sum(1 for layer in folds if OFF not in (placement[(layer, ATTENTION)], placement.get((layer, MLP), OFF)))

@@ -28,8 +28,9 @@ from .attention_reference import (attention_with_column_sums_reference, column_s
                                   sampled_column_sums_reference)
 from .fp8 import FP8, quantize_rows
 from .block_ops_reference import gated_residual_reference_, layer_norm_modulate_reference, qk_norm_rope_reference
-from .index_lists import (ForcedColumns, build_index_lists_reference, check_index_dtype, forced_columns, index_dtype,
-                          is_paged, list_dtypes, list_width, rank_units_reference, read_lists, selection_size)
+from .index_lists import (ForcedColumns, build_index_lists_reference, check_list_buffers, forced_columns, index_dtype,
+                          is_paged, list_bytes, list_dtypes, list_width, rank_units_reference, read_lists,
+                          selection_size)
 from .mlp_reference import HIDDEN_HEADROOM, block_means_reference, sparse_mlp_delta_reference, transpose_into_reference
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "HIDDEN_HEADROOM",
     "fp8_supported",
     "index_dtype",
+    "list_bytes",
     "list_dtypes",
     "read_lists",
     "selection_size",
@@ -196,12 +198,7 @@ def gated_residual_(x, gate, a, b=None, out=None):
 def _into(out, indices, counts, n_columns):
     if out is None:
         return indices, counts
-    if is_paged(*out) != is_paged(indices, counts):  # (int16 ids with int32 counts read as paged)
-        raise ValueError(f"lists over {n_columns} columns are {indices.dtype} with {counts.dtype} counts; the "
-                         f"buffers given are {out[0].dtype} and {out[1].dtype}")
-    if not is_paged(indices, counts):
-        check_index_dtype(out[0], n_columns)
-        check_index_dtype(out[1], n_columns)
+    check_list_buffers(*out, n_columns, is_paged(indices, counts))
     out[0].copy_(indices)
     out[1].copy_(counts)
     return out

@@ -92,6 +92,12 @@ def list_dtypes(n_columns: int, capacity: int, paged: bool = False) -> tuple[tor
     return index_dtype(n_columns), index_dtype(n_columns)
 
 
+def list_bytes(n_columns: int, capacity: int, paged: bool = False) -> int:
+    """Bytes of one row's list of ``capacity`` slots and its count (``list_dtypes``)."""
+    ids, counts = list_dtypes(n_columns, capacity, paged)
+    return capacity * ids.itemsize + counts.itemsize
+
+
 def is_paged(indices: torch.Tensor, counts: torch.Tensor) -> bool:
     return indices.dtype == torch.int16 and counts.dtype == torch.int32
 
@@ -127,6 +133,17 @@ def check_index_dtype(t: torch.Tensor, n_columns: int) -> None:
     if t.dtype not in (torch.int16, torch.int32) or torch.iinfo(t.dtype).max < n_columns:
         raise ValueError(f"index lists over {n_columns} columns need {index_dtype(n_columns)} or int32 "
                          f"buffers, got {t.dtype}")
+
+
+def check_list_buffers(indices: torch.Tensor, counts: torch.Tensor, n_columns: int, paged: bool) -> None:
+    """Raise unless buffers given for lists over ``n_columns`` columns hold them in their form:
+    paged (int16 ids, int32 counts) or plain (each wide enough, ``check_index_dtype``)."""
+    if is_paged(indices, counts) != paged:  # (int16 ids with int32 counts are read as paged)
+        raise ValueError(f"lists over {n_columns} columns are {'' if paged else 'not '}paged: the buffers given "
+                         f"are {indices.dtype} and {counts.dtype}")
+    if not paged:
+        check_index_dtype(indices, n_columns)
+        check_index_dtype(counts, n_columns)
 
 
 def list_width(n_columns: int, keep_count: int, pad_to: int, forced_width: int = 0) -> int:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import index_lists
-from .index_lists import (ForcedColumns, as_forced, check_index_dtype, is_paged, list_dtypes, list_width, paged_form,
+from .index_lists import (ForcedColumns, as_forced, check_list_buffers, list_dtypes, list_width, paged_form,
                           random_budget, selection_size, split_rows)
 
 
@@ -268,12 +268,7 @@ def _launch(scores, current, mean, n_rows_total, rows, n_cols, keep_count, rando
         if tuple(indices.shape) != (*lead_shape, capacity) or tuple(counts.shape) != tuple(lead_shape):
             raise ValueError(f"out buffers {tuple(indices.shape)}, {tuple(counts.shape)} do not fit "
                              f"{(*lead_shape, capacity)}, {tuple(lead_shape)}")
-        if is_paged(indices, counts) != paged:  # (int16 ids with int32 counts read as paged)
-            raise ValueError(f"lists over {n_cols} columns are {'' if paged else 'not '}paged: the buffers "
-                             f"given are {indices.dtype} and {counts.dtype}")
-        if not paged:
-            check_index_dtype(indices, n_cols)
-            check_index_dtype(counts, n_cols)
+        check_list_buffers(indices, counts, n_cols, paged)
     else:
         id_dtype, count_dtype = list_dtypes(n_cols, capacity, paged)
         indices = torch.empty(*lead_shape, capacity, dtype=id_dtype, device=device)
