@@ -38,7 +38,7 @@ def sizes(settings, dims, image, text, rows, doubles, element):
     items = layer_items(settings, dims, rows, image + text, element, range(dims.n_layers), image_tokens=image,
                         image_mlp_layers=frozenset(range(doubles)),
                         folded_layers=frozenset(range(doubles, dims.n_layers)) if doubles else frozenset())
-    return [sum(i.nbytes - (i.folds if kind == ATTENTION else 0) for i in items if i.kind == kind) / 2**30
+    return [sum(i.nbytes - i.folds for i in items if i.kind == kind) / 2**30
             for kind in (ATTENTION, MLP)]
 
 
