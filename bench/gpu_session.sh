@@ -45,6 +45,7 @@
 #   bash bench/gpu_session.sh fold      # one GPU: tests/gpu, FLUX with the single blocks' attention deltas folded
 #                                       # into their MLP output caches (bf16 and fp8 caches, graphed and eager;
 #                                       # 512 text tokens, then 256 as ComfyUI pads the template's prompt)
+#   bash bench/gpu_session.sh fold_rows # one GPU: fold's FLUX rows alone (no GPU suite)
 #   bash bench/gpu_session.sh hunyuan   # one GPU: HunyuanVideo 720p, 49 frames, stock and Chipmunk + step cache
 #   bash bench/gpu_session.sh retrain   # one GPU: both toy DiTs train on from lab/models
 #                                       # (lab/train.py --resume; autoencoders, classifier kept)
@@ -405,6 +406,14 @@ fold)
         --variants "${FOLD_VARIANTS:-stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk eager}" --step-times \
         --out "$R/e2e_flux_fold.json"
     # The same at the length ComfyUI gives the template's short prompt (T5 padded to 256 tokens).
+    t=$(within 150) && job 0 "$t" flux_fold_256 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --text-tokens 256 --variants "stock,chipmunk,chipmunk fp8" --out "$R/e2e_flux_fold_256.json"
+    ;;
+fold_rows)
+    # The FLUX rows of \`fold\` without the GPU suite, for a call with little device time left.
+    t=$(within 330) && job 0 "$t" flux_fold "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
+        --variants "${FOLD_VARIANTS:-stock,chipmunk,chipmunk+cache,chipmunk fp8}" --step-times \
+        --out "$R/e2e_flux_fold.json"
     t=$(within 150) && job 0 "$t" flux_fold_256 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --text-tokens 256 --variants "stock,chipmunk,chipmunk fp8" --out "$R/e2e_flux_fold_256.json"
     ;;
