@@ -399,21 +399,17 @@ wan14b_480)
         --out "$R/e2e_flux_eager.json"
     ;;
 fold)
-    # The GPU suite, then FLUX bf16 1024x1024 under dynamic VRAM: cache memory and speed with the
-    # single blocks' attention deltas folded into their MLP output caches, and the eager sparse steps.
+    # The GPU suite, then (falling through to fold_rows) FLUX bf16 1024x1024 under dynamic VRAM: cache
+    # memory and speed with the single blocks' attention deltas folded into their MLP output caches,
+    # and the eager sparse steps.
     CHIPMUNK_COMFYUI_DIR=$COMFY job 0 "$(within 230)" gpu_tests python3 -m pytest tests/gpu -q -rA
+    ;&
+fold_rows)
+    # fold's FLUX rows alone (a call with little device time left; FOLD_VARIANTS narrows them).
     t=$(within 330) && job 0 "$t" flux_fold "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --variants "${FOLD_VARIANTS:-stock,chipmunk,chipmunk+cache,chipmunk fp8,chipmunk eager}" --step-times \
         --out "$R/e2e_flux_fold.json"
     # The same at the length ComfyUI gives the template's short prompt (T5 padded to 256 tokens).
-    t=$(within 150) && job 0 "$t" flux_fold_256 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
-        --text-tokens 256 --variants "stock,chipmunk,chipmunk fp8" --out "$R/e2e_flux_fold_256.json"
-    ;;
-fold_rows)
-    # The FLUX rows of \`fold\` without the GPU suite, for a call with little device time left.
-    t=$(within 330) && job 0 "$t" flux_fold "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
-        --variants "${FOLD_VARIANTS:-stock,chipmunk,chipmunk+cache,chipmunk fp8}" --step-times \
-        --out "$R/e2e_flux_fold.json"
     t=$(within 150) && job 0 "$t" flux_fold_256 "${E2E[@]}" --case flux --sizes 1024x1024 --steps 20 --dynamic-vram \
         --text-tokens 256 --variants "stock,chipmunk,chipmunk fp8" --out "$R/e2e_flux_fold_256.json"
     ;;
